@@ -1,0 +1,1 @@
+"""geovote: the embed stage."""

@@ -1,0 +1,1 @@
+"""geovote: the finetune stage."""

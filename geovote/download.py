@@ -1,0 +1,186 @@
+"""Download OSV-5M from the Hugging Face hub, whole or in part, then unzip and verify it.
+
+    python -m geovote.download --out data/osv5m                      # everything (~200 GB)
+    python -m geovote.download --out data/osv5m --split test         # the test split only
+    python -m geovote.download --out data/osv5m --train-archives 2   # test + the first 2 train archives
+    python -m geovote.download --out data/osv5m --no-download        # unzip and verify what is there
+
+Downloads are resumable (the hub client skips complete files and resumes partial ones). Each archive
+`images/<split>/NN.zip` is unzipped in place, like OSV-5M's own script; a marker `NN.zip.done` records a
+finished extraction, so a rerun skips it, and the archive is then deleted (unless --keep-archives) and
+not downloaded again. Finally the images found are counted against the split's CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from geovote.data import DataError, index_images, iter_csv_batches, split_csv
+from geovote.paths import data_root
+
+REPO_ID = "osv5m/osv5m"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CONNECT_TIMEOUT_S = 3.0  # offline must fail fast: the hub client alone retries for ~45 s
+DONE_SUFFIX = ".done"
+
+
+class OfflineError(RuntimeError):
+    pass
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT)
+
+
+def check_online(endpoint: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise OfflineError, within `timeout_s`, unless a TCP connection to the hub opens."""
+    endpoint = endpoint or hub_endpoint()
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise OfflineError("HF_HUB_OFFLINE is set: unset it to download OSV-5M from the hub")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise OfflineError(
+            f"cannot reach the Hugging Face hub at {endpoint} ({e.__class__.__name__}: {e}). "
+            "Downloading OSV-5M needs a network connection; offline, use the bundled sample "
+            "(python -m geovote.sample) or a copy of OSV-5M made elsewhere (--no-download)."
+        ) from None
+
+
+def select_files(repo_files: list[str], splits: tuple[str, ...], train_archives: int | None) -> list[str]:
+    """The repo files to fetch: each split's CSV and its image archives (train: the first N if asked)."""
+    chosen = []
+    for split in splits:
+        if f"{split}.csv" in repo_files:
+            chosen.append(f"{split}.csv")
+        zips = sorted(f for f in repo_files
+                      if f.startswith(f"images/{split}/") and f.endswith(".zip"))
+        if split == "train" and train_archives is not None:
+            zips = zips[:train_archives]
+        chosen += zips
+    return chosen
+
+
+def download(out: Path, splits: tuple[str, ...], train_archives: int | None, workers: int = 8) -> list[str]:
+    """Fetch the chosen files into `out`, skipping archives already extracted. Returns what was asked."""
+    check_online()
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo_files = HfApi(endpoint=hub_endpoint()).list_repo_files(REPO_ID, repo_type="dataset")
+    wanted = select_files(repo_files, splits, train_archives)
+    todo = [f for f in wanted if not (out / (f + DONE_SUFFIX)).exists()]
+    if todo:
+        snapshot_download(repo_id=REPO_ID, repo_type="dataset", local_dir=out, allow_patterns=todo,
+                          max_workers=workers)
+    return wanted
+
+
+def _safe_members(zf: zipfile.ZipFile, dest: Path) -> list[zipfile.ZipInfo]:
+    """Refuse archives that would write outside `dest` (absolute paths, '..')."""
+    members = zf.infolist()
+    for m in members:
+        p = PurePosixPath(m.filename)
+        if p.is_absolute() or ".." in p.parts:
+            raise DataError(f"{zf.filename}: member {m.filename!r} would be written outside {dest}")
+    return members
+
+
+def extract_archives(root: Path, split: str, keep_archives: bool = False) -> tuple[int, int]:
+    """Unzip every `images/<split>/*.zip` in place. Returns (archives extracted now, already done)."""
+    folder = root / "images" / split
+    done_now = skipped = 0
+    for zpath in sorted(folder.glob("*.zip")) if folder.is_dir() else []:
+        marker = zpath.with_name(zpath.name + DONE_SUFFIX)
+        if marker.exists():
+            skipped += 1
+        else:
+            try:
+                with zipfile.ZipFile(zpath) as zf:
+                    zf.extractall(folder, members=_safe_members(zf, folder))
+            except zipfile.BadZipFile as e:
+                raise DataError(f"{zpath} is not a complete zip archive ({e}); delete it and rerun "
+                                "to download it again") from None
+            marker.write_text("extracted\n")  # written only once every member is on disk
+            done_now += 1
+        if not keep_archives:
+            zpath.unlink()
+    return done_now, skipped
+
+
+@dataclass
+class Verification:
+    split: str
+    csv_rows: int
+    images: int
+    missing: int  # CSV ids with no image
+    extra: int  # images with no CSV row
+
+    def summary(self) -> str:
+        line = (f"{self.split}: {self.csv_rows:,} rows in {self.split}.csv, {self.images:,} images; "
+                f"{self.missing:,} rows without an image, {self.extra:,} images without a row")
+        return line + ("" if self.missing or self.extra else " (complete)")
+
+
+def verify(root: Path, split: str) -> Verification:
+    """Count images on disk against the CSV's ids (streamed: bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    images = index_images(root, split).column("id")
+    csv_path = split_csv(root, split)
+    rows = missing = 0
+    found_ids = []
+    for batch in iter_csv_batches(csv_path, ["id"]):
+        ids = batch.column("id")
+        rows += len(ids)
+        have = pc.is_in(ids, value_set=images)
+        missing += len(ids) - pc.sum(have).as_py() if len(ids) else 0
+        found_ids.append(ids.filter(have))
+    matched = pa.chunked_array(found_ids, pa.string()).unique() if found_ids else pa.array([], pa.string())
+    return Verification(split, rows, len(images), missing, len(images) - len(matched))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m geovote.download", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="data folder (default: data/osv5m)")
+    ap.add_argument("--split", choices=["all", "train", "test"], default="all")
+    ap.add_argument("--train-archives", type=int, default=None, metavar="N",
+                    help="fetch only the first N train image archives (the full set is ~200 GB)")
+    ap.add_argument("--keep-archives", action="store_true", help="keep the zips after extraction")
+    ap.add_argument("--no-download", action="store_true", help="only unzip and verify what is there")
+    ap.add_argument("--workers", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.train_archives is not None and args.train_archives < 1:
+        ap.error("--train-archives must be at least 1")
+    out = args.out or data_root() / "osv5m"
+    splits = ("train", "test") if args.split == "all" else (args.split,)
+    try:
+        if not args.no_download:
+            out.mkdir(parents=True, exist_ok=True)
+            wanted = download(out, splits, args.train_archives, args.workers)
+            print(f"downloaded {len(wanted)} files of {REPO_ID} into {out}", file=sys.stderr)
+        for split in splits:
+            now, before = extract_archives(out, split, args.keep_archives)
+            print(f"{split}: extracted {now} archives ({before} done before)", file=sys.stderr)
+            print(verify(out, split).summary())
+    except OfflineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

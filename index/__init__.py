@@ -1,0 +1,1 @@
+"""geovote: the index stage."""

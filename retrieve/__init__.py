@@ -1,0 +1,1 @@
+"""geovote: the retrieve stage."""
