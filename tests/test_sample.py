@@ -1,0 +1,112 @@
+"""The bundled sample: real Blue Marble crops, OSV-5M layout, held-out places >= 1 km from train."""
+import csv
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geovote.cells import QuadTree
+from geovote.data import read_split
+from geovote.geo import haversine_km
+from geovote.geocode import reverse_geocode_keys
+from geovote.sample import (TILE_PX, blue_marble, ensure_sample, generate, lonlat_to_px, plain_crop,
+                            view_crop)
+
+
+@pytest.fixture(scope="module")
+def mosaic():
+    return blue_marble()
+
+
+def test_layout_columns_and_counts(sample_root):
+    for split, n in (("train", 2000), ("val", 200), ("test", 200)):
+        s = read_split(sample_root, split, columns=["country", "unique_city", "quadtree_10_500"])
+        assert len(s) == n and not s.report.rejected
+    with open(sample_root / "train.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:11] == ["id", "latitude", "longitude", "country", "region", "sub-region", "city",
+                           "unique_country", "unique_region", "unique_sub-region", "unique_city"]
+    # quadtree_10_<n> for the sizes that split 2,000 training points, and no others
+    assert header[11:] == ["quadtree_10_500", "quadtree_10_1000"]
+
+
+def test_heldout_places_are_at_least_1km_from_every_train_place(sample_root):
+    train = read_split(sample_root, "train", check_images=False)
+    ids = set(train.ids)
+    for split in ("val", "test"):
+        s = read_split(sample_root, split, check_images=False)
+        d = haversine_km(s.lat_deg[:, None], s.lon_deg[:, None], train.lat_deg[None], train.lon_deg[None])
+        assert d.min() >= 1.0
+        assert not ids & set(s.ids)
+
+
+def test_place_keys_and_quadtree_columns(sample_root):
+    s = read_split(sample_root, "test", columns=["unique_country", "unique_city", "quadtree_10_500"])
+    keys = reverse_geocode_keys(s.lat_deg, s.lon_deg)
+    np.testing.assert_array_equal(s.column("unique_country"), keys["unique_country"])
+    np.testing.assert_array_equal(s.column("unique_city"), keys["unique_city"])
+    train = read_split(sample_root, "train", check_images=False, columns=["quadtree_10_500"])
+    tree = QuadTree.load(sample_root / "quadtree_10_500.npz")
+    np.testing.assert_array_equal(tree.assign_leaf(train.lat_deg, train.lon_deg),
+                                  train.column("quadtree_10_500"))
+    np.testing.assert_array_equal(tree.assign_leaf(s.lat_deg, s.lon_deg), s.column("quadtree_10_500"))
+    assert tree.count[tree.leaves].sum() == 2000
+
+
+def test_train_images_are_the_plain_crops(sample_root, mosaic):
+    s = read_split(sample_root, "train")
+    for i in range(0, 2000, 400):
+        img = np.asarray(Image.open(s.image_paths()[i]))
+        assert img.shape == (TILE_PX, TILE_PX, 3)
+        want = plain_crop(mosaic, s.lat_deg[i], s.lon_deg[i]).astype(float)
+        assert np.abs(img - want).mean() < 4  # JPEG quality 90
+
+
+def test_test_images_are_other_views(sample_root, mosaic):
+    s = read_split(sample_root, "test")
+    diffs = []
+    for i in range(0, 200, 20):
+        img = np.asarray(Image.open(s.image_paths()[i])).astype(float)
+        assert img.shape == (TILE_PX, TILE_PX, 3)
+        diffs.append(np.abs(img - plain_crop(mosaic, s.lat_deg[i], s.lon_deg[i])).mean())
+    assert np.mean(diffs) > 4  # rotated, scaled, jittered: not the plain crop
+
+
+def test_crops_wrap_at_the_antimeridian_and_reflect_at_the_poles(mosaic):
+    h, w = mosaic.shape[:2]
+    x, y = lonlat_to_px(0.0, 180.0, h, w)
+    assert (x, y) == (w, h / 2)
+    crop = plain_crop(mosaic, 0.0, 180.0)  # centred on the seam: half from each edge
+    np.testing.assert_array_equal(crop[:, :32], mosaic[h // 2 - 32:h // 2 + 32, w - 32:])
+    np.testing.assert_array_equal(crop[:, 32:], mosaic[h // 2 - 32:h // 2 + 32, :32])
+    crop = plain_crop(mosaic, 90.0, 0.0)  # the north pole: rows above row 0 mirror rows below it
+    np.testing.assert_array_equal(crop[:32][::-1], crop[32:])
+    np.testing.assert_array_equal(crop[32:], mosaic[:32, w // 2 - 32:w // 2 + 32])
+
+
+def test_unrotated_view_is_the_plain_crop(mosaic):
+    for lat, lon in ((48.85, 2.35), (-33.9, 151.2), (0.0, 180.0), (89.9, 10.0)):
+        np.testing.assert_array_equal(view_crop(mosaic, lat, lon, 0.0, 1.0, (0.0, 0.0)),
+                                      plain_crop(mosaic, lat, lon))
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_generation_is_deterministic_and_ensure_is_idempotent(tmp_path):
+    a = generate(tmp_path / "a", 300, 30, 30, seed=7, quiet=True)
+    b = generate(tmp_path / "b", 300, 30, 30, seed=7, quiet=True)
+    assert _digest(a) == _digest(b)
+    assert _digest(generate(tmp_path / "c", 300, 30, 30, seed=8, quiet=True)) != _digest(a)
+    before = (a / "train.csv").stat().st_mtime_ns
+    assert ensure_sample(a, n_train=300, n_val=30, n_test=30, seed=7) == a
+    assert (a / "train.csv").stat().st_mtime_ns == before  # already there: not regenerated
+    ensure_sample(a, n_train=301, n_val=30, n_test=30, seed=7)  # made differently: regenerated
+    assert len(read_split(a, "train")) == 301
