@@ -106,3 +106,12 @@ def test_reading_without_images(tmp_path):
     assert len(read_split(root, "train")) == 0
     split = read_split(root, "train", check_images=False)
     assert len(split) == 1 and "path" not in split.table.column_names
+
+
+def test_every_extra_copy_of_an_id_is_rejected_and_the_first_kept(tmp_path):
+    rows = [["b", 1.0, 1.0, "FR", "first b"], ["a", 2.0, 2.0, "FR", "a"], ["b", 3.0, 3.0, "FR", "x"],
+            ["c", 4.0, 4.0, "FR", "c"], ["b", 5.0, 5.0, "FR", "x"], ["a", 6.0, 6.0, "FR", "x"]]
+    split = read_split(_dataset(tmp_path / "ds", rows), "train", columns=["city"])
+    assert list(split.ids) == ["b", "a", "c"] and list(split.column("city")) == ["first b", "a", "c"]
+    with open(split.report.rejects_path, newline="") as f:
+        assert sorted(int(r["row"]) for r in csv.DictReader(f)) == [2, 4, 5]
