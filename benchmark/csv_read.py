@@ -39,7 +39,8 @@ def _chunk(rng: np.random.Generator, start: int, n: int) -> pa.Table:
         "id": s(ids), "latitude": lat, "longitude": lon,
         # real thumbnail URLs are long signed links, most of a row's ~600 bytes
         "thumb_original_url": s(np.char.add(np.char.add(
-            "https://scontent.example.net/m1/v0.1/thumb-orig/AQ", rng.integers(10**17, 10**18, n).astype(str)),
+            "https://scontent.example.net/m1/v0.1/thumb-orig/AQ",
+            rng.integers(10**17, 10**18, n).astype(str)),
             "?stp=s1024x768&_nc_cat=1&ccb=1-7&_nc_sid=201f8b&_nc_ohc=Xy2kQ7mZtF8AX9aBcDe&_nc_ht=scontent"
             "&oh=00_AYCqLKs8hUvV2m3nR4t5W6x7Y8z9A0b1C2d3E4f5G6h7I8&oe=65A1B2C3")),
         "sequence": s(np.char.add("seq_", rng.integers(10**17, 10**18, n).astype(str))),
@@ -52,7 +53,8 @@ def _chunk(rng: np.random.Generator, start: int, n: int) -> pa.Table:
         "land_cover": rng.integers(0, 11, n), "climate": rng.integers(0, 30, n),
         "soil": rng.integers(0, 15, n), "road_index": rng.uniform(0, 8, n),
         "drive_side": rng.integers(0, 2, n), "dist_sea": rng.uniform(0, 10, n),
-        **{f"quadtree_10_{k}": rng.integers(0, 10**4, n) for k in (500, 1000, 2500, 5000, 12500, 25000, 50000)},
+        **{f"quadtree_10_{k}": rng.integers(0, 10**4, n)
+           for k in (500, 1000, 2500, 5000, 12500, 25000, 50000)},
         "unique_country": s(cc),
         "unique_region": s(np.char.add(np.char.add(region, "_"), cc)),
         "unique_sub-region": s(np.char.add(np.char.add(sub, "_"), np.char.add(np.char.add(region, "_"), cc))),

