@@ -1,0 +1,101 @@
+"""Embedding shards: the files between `embed` and `index`.
+
+A shard folder holds `shard-NNNNN.parquet` files with columns
+    id (string), latitude, longitude (float64, degrees),
+    embedding (fixed_size_list<halffloat>[dim], L2-normalised)
+and a `manifest.json` (backbone, preprocessing, dim, rows, dataset, config, code version) written by the
+embedding stage. Readers go shard by shard, so memory is bounded by one shard.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+SHARD_GLOB = "shard-*.parquet"
+
+
+class ShardError(Exception):
+    pass
+
+
+@dataclass
+class Shard:
+    ids: np.ndarray  # (n,) object array of str
+    lat_deg: np.ndarray  # (n,) float64
+    lon_deg: np.ndarray  # (n,) float64
+    embedding: np.ndarray  # (n, dim) float16
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def shard_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("latitude", pa.float64()), ("longitude", pa.float64()),
+                      ("embedding", pa.list_(pa.float16(), dim))])
+
+
+def write_shard(path: str | Path, ids, lat_deg, lon_deg, embedding: np.ndarray) -> None:
+    """Write one shard atomically (to a temporary name, then renamed)."""
+    emb = np.ascontiguousarray(embedding, dtype=np.float16)
+    n, dim = emb.shape
+    flat = pa.array(emb.reshape(-1), pa.float16())
+    table = pa.Table.from_arrays(
+        [pa.array(list(ids), pa.string()), pa.array(lat_deg, pa.float64()), pa.array(lon_deg, pa.float64()),
+         pa.FixedSizeListArray.from_arrays(flat, dim)], schema=shard_schema(dim))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    tmp.rename(path)
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    paths = sorted(Path(folder).glob(SHARD_GLOB))
+    if not paths:
+        raise ShardError(f"no embedding shards ({SHARD_GLOB}) in {folder}")
+    return paths
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"no {MANIFEST} in {folder}: not a finished embedding run")
+    return json.loads(path.read_text())
+
+
+def read_shard(path: str | Path, rows: np.ndarray | None = None) -> Shard:
+    table = pq.read_table(path)
+    if rows is not None:
+        table = table.take(pa.array(rows))
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    return Shard(
+        ids=table.column("id").to_numpy(zero_copy_only=False),
+        lat_deg=table.column("latitude").to_numpy(),
+        lon_deg=table.column("longitude").to_numpy(),
+        embedding=emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim),
+    )
+
+
+def iter_shards(folder: str | Path) -> Iterator[Shard]:
+    for path in shard_paths(folder):
+        yield read_shard(path)
+
+
+def shard_sizes(folder: str | Path) -> tuple[list[int], int]:
+    """Rows in each shard (from parquet metadata, without reading data) and the dimension."""
+    sizes, dim = [], None
+    for path in shard_paths(folder):
+        f = pq.ParquetFile(path)
+        sizes.append(f.metadata.num_rows)
+        d = f.schema_arrow.field("embedding").type.list_size
+        if dim is not None and d != dim:
+            raise ShardError(f"{path}: dimension {d}, other shards have {dim}")
+        dim = d
+    return sizes, dim

@@ -1,0 +1,149 @@
+"""The FAISS index: search against brute force, alignment of coordinates and ids, every refusal."""
+import json
+
+import numpy as np
+import pytest
+
+from geovote.shards import write_shard
+from index.store import GeoIndex, IndexError_, build_index, choose_factory, exact_search_torch
+from index.synthetic import clustered_vectors
+
+DIM = 64
+
+
+def _shards(folder, vectors, per_shard=3000, backbone="test-backbone"):
+    folder.mkdir(parents=True)
+    n = len(vectors)
+    rng = np.random.default_rng(1)
+    lat, lon = rng.uniform(-90, 90, n), rng.uniform(-180, 180, n)
+    ids = np.array([f"img{i:06d}" for i in range(n)], dtype=object)
+    for j, start in enumerate(range(0, n, per_shard)):
+        sl = slice(start, start + per_shard)
+        write_shard(folder / f"shard-{j:05d}.parquet", ids[sl], lat[sl], lon[sl], vectors[sl])
+    (folder / "manifest.json").write_text(json.dumps({"backbone": backbone, "dim": vectors.shape[1],
+                                                      "rows": n}))
+    return ids, lat, lon
+
+
+def _brute(vectors16, queries, k):
+    sim = queries @ vectors16.astype(np.float32).T
+    rows = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sim, rows, 1), rows
+
+
+def test_choose_factory():
+    assert choose_factory(10_000, 512) == "Flat"
+    assert choose_factory(1_000_000, 512) == "IVF1024_HNSW32,PQ64x4fs"
+    assert choose_factory(200_000, 512) == "IVF512,PQ64x4fs"
+    assert choose_factory(5_000_000, 768) == "IVF2048_HNSW32,PQ96x4fs"
+
+
+def test_exact_index_equals_brute_force_and_keeps_coordinates(tmp_path):
+    vectors = clustered_vectors(7000, DIM, n_clusters=50, latent_dim=8, seed=0)
+    ids, lat, lon = _shards(tmp_path / "shards", vectors)
+    info = build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
+    assert info["factory"] == "Flat" and info["count"] == 7000 and info["backbone"] == "test-backbone"
+    idx = GeoIndex(tmp_path / "index")
+    queries = clustered_vectors(50, DIM, n_clusters=50, latent_dim=8, seed=0)  # same distribution
+    res = idx.search(queries, k=10)
+    b_sim, b_rows = _brute(vectors.astype(np.float16), queries, 10)
+    assert (res.rows == b_rows).mean() > 0.99  # ties in fp16 may swap neighbours of equal score
+    np.testing.assert_allclose(res.similarity, b_sim, atol=2e-3)
+    # coordinates and ids travel with each row
+    np.testing.assert_array_equal(res.ids, ids[res.rows])
+    np.testing.assert_array_equal(res.lat_deg, lat[res.rows])
+    np.testing.assert_array_equal(res.lon_deg, lon[res.rows])
+
+
+def test_ivfpq_with_rerank_matches_brute_force(tmp_path):
+    both = clustered_vectors(60_200, DIM, n_clusters=200, latent_dim=12, seed=2)
+    vectors, queries = both[:60_000], both[60_000:]  # queries from the same distribution, not in the index
+    ids, lat, lon = _shards(tmp_path / "shards", vectors, per_shard=25_000)
+    info = build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
+    assert info["factory"] == "IVF256,PQ8x4fs"
+    idx = GeoIndex(tmp_path / "index")
+    v32 = vectors.astype(np.float16).astype(np.float32)
+    _, b_rows = _brute(vectors.astype(np.float16), queries, 10)
+    recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, b_rows)])  # noqa: E731
+    reranked = idx.search(queries, k=10, nprobe=32)
+    pq_only = idx.search(queries, k=10, nprobe=32, rerank=False)
+    assert recall(reranked.rows) > recall(pq_only.rows) + 0.2  # exact re-ranking is what buys the recall
+    assert np.all(np.diff(reranked.similarity, axis=1) <= 1e-6)  # best first
+    # re-ranked similarities are the exact fp16 inner products, and the best of the shortlist
+    exact = np.einsum("qkd,qd->qk", v32[reranked.rows], queries)
+    np.testing.assert_allclose(reranked.similarity, exact, atol=1e-4)
+    cand = idx.search(queries, k=100, nprobe=32, rerank=False).rows
+    best_of_cand = -np.sort(-np.einsum("qcd,qd->qc", v32[cand], queries), axis=1)[:, :10]
+    np.testing.assert_allclose(reranked.similarity, best_of_cand, atol=1e-4)
+    np.testing.assert_array_equal(reranked.ids, ids[reranked.rows])
+    np.testing.assert_array_equal(reranked.lat_deg, lat[reranked.rows])
+    np.testing.assert_array_equal(reranked.lon_deg, lon[reranked.rows])
+    # every list probed and a long shortlist: the exact answer
+    assert recall(idx.search(queries, k=10, nprobe=256, shortlist=200).rows) >= 0.97
+
+
+def test_torch_exact_search_equals_brute_force():
+    vectors = clustered_vectors(3000, DIM, n_clusters=30, latent_dim=8, seed=4)
+    queries = clustered_vectors(20, DIM, n_clusters=30, latent_dim=8, seed=5)
+    sim, rows = exact_search_torch(vectors, queries, k=5, device="cpu", batch=7)
+    b_sim, b_rows = _brute(vectors, queries, 5)
+    np.testing.assert_allclose(sim, b_sim, atol=1e-5)
+    assert (rows == b_rows).mean() > 0.99
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idx")
+    _shards(root / "shards", clustered_vectors(500, DIM, n_clusters=10, latent_dim=4, seed=6))
+    build_index(root / "shards", root / "index", log=lambda *_: None)
+    return root / "index"
+
+
+def test_refusals(small_index, tmp_path):
+    idx = GeoIndex(small_index)
+    with pytest.raises(IndexError_, match="dimension 32 does not match the index's 64"):
+        idx.search(np.ones((1, 32)), k=3)
+    q = np.ones((2, DIM))
+    q[1, 3] = np.nan
+    with pytest.raises(IndexError_, match="NaN"):
+        idx.search(q, k=3)
+    with pytest.raises(IndexError_, match="all zeros"):
+        idx.search(np.zeros(DIM), k=3)
+    with pytest.raises(IndexError_, match="embedded with 'other'"):
+        idx.search(np.ones(DIM), k=3, backbone="other")
+    assert idx.search(np.ones(DIM), k=3, backbone="test-backbone").rows.shape == (1, 3)
+    # more neighbours asked than vectors: the rest are marked missing
+    res = idx.search(np.ones(DIM), k=600)
+    assert (res.rows[0] >= 0).sum() == 500 and res.ids[0, -1] == "" and np.isnan(res.lat_deg[0, -1])
+
+
+def test_incomplete_or_foreign_folders_are_refused(small_index, tmp_path):
+    import shutil
+
+    with pytest.raises(IndexError_, match="no index folder"):
+        GeoIndex(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(small_index, broken)
+    (broken / "latitude.npy").unlink()
+    with pytest.raises(IndexError_, match="incomplete: missing latitude.npy"):
+        GeoIndex(broken)
+    old = tmp_path / "old"
+    shutil.copytree(small_index, old)
+    info = json.loads((old / "index.json").read_text())
+    info["version"] = 0
+    (old / "index.json").write_text(json.dumps(info))
+    with pytest.raises(IndexError_, match="version 0"):
+        GeoIndex(old)
+    info["version"], info["count"] = 1, 499
+    (old / "index.json").write_text(json.dumps(info))
+    with pytest.raises(IndexError_, match="499"):
+        GeoIndex(old)
+
+
+def test_bad_shards_are_refused(tmp_path):
+    v = clustered_vectors(100, DIM, seed=7)
+    v[5, 0] = np.nan
+    _shards(tmp_path / "shards", v)
+    with pytest.raises(IndexError_, match="NaN"):
+        build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
+    assert not (tmp_path / "index").exists()
