@@ -1,6 +1,6 @@
 """Reading a 5M-row, ~3 GB OSV-5M train.csv: time and peak memory, ours against reading it whole.
 
-    python -m benchmark.csv_read [--rows 5000000] [--workdir /tmp/geovote-csv]
+    python -m benchmark.csv_read [--rows 5000000] [--workdir DIR]   (default: the system temp dir)
 
 Generates an OSV-5M-shaped CSV (all 37 columns, realistic widths) once, then measures in fresh
 processes, side by side:
@@ -15,6 +15,7 @@ import argparse
 import json
 import resource
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmark.csv_read", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=5_000_000)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/geovote-csv"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "geovote-csv")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
