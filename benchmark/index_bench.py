@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--shortlists", type=int, nargs="+", default=[10],
+                    help="re-rank shortlist factors to sweep at nprobe 16 (candidates = factor x k)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "geovote-index-bench")
     args = ap.parse_args(argv)
     import faiss
@@ -77,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             qps = len(queries) / (time.perf_counter() - t0)
             name = f"ours {info['factory']} nprobe {nprobe}" + (", re-ranked x10" if rerank else ", PQ order")
             rows.append((name, build_s, ram_b, disk_b, recall_at(res.rows, truth), qps))
+    for shortlist in args.shortlists:
+        if shortlist == info["shortlist"]:
+            continue
+        idx.search(queries[:100], 10, nprobe=16, shortlist=shortlist)
+        t0 = time.perf_counter()
+        res = idx.search(queries, 10, nprobe=16, shortlist=shortlist)
+        qps = len(queries) / (time.perf_counter() - t0)
+        name = f"ours {info['factory']} nprobe 16, re-ranked x{shortlist}"
+        rows.append((name, build_s, ram_b, disk_b, recall_at(res.rows, truth), qps))
     print(f"{args.n:,} clustered {args.dim}-d vectors, {len(queries):,} queries in one batch")
     print(f"{'method':<58} {'build s':>8} {'RAM B/vec':>10} {'disk B/vec':>11} {'recall@10':>10} {'q/s':>9}")
     for name, b, ram, disk, rec, qps in rows:
