@@ -212,8 +212,12 @@ class _Rejects:
         if self.path is None:
             return
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", newline="", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "w", newline="", encoding="utf-8")
+            except OSError as e:
+                raise DataError(f"cannot write the rejects file {self.path} ({e}); "
+                                "pass another rejects path") from None
             self._writer = csv.writer(self._file)
             self._writer.writerow(["row", ID, "reason", "text"])
             self.report.rejects_path = self.path

@@ -115,3 +115,10 @@ def test_every_extra_copy_of_an_id_is_rejected_and_the_first_kept(tmp_path):
     assert list(split.ids) == ["b", "a", "c"] and list(split.column("city")) == ["first b", "a", "c"]
     with open(split.report.rejects_path, newline="") as f:
         assert sorted(int(r["row"]) for r in csv.DictReader(f)) == [2, 4, 5]
+
+
+def test_an_unwritable_rejects_path_is_a_clear_error(tmp_path):
+    root = _dataset(tmp_path / "ds", [["1", 95.0, 2.0, "FR", "x"]])
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write the rejects file"):
+        read_split(root, "train", rejects_path=tmp_path / "file" / "rejects.csv")
