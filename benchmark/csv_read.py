@@ -7,7 +7,8 @@ processes, side by side:
   - ours: `geovote.data.read_table` streaming the columns a stage needs (id and coordinates; or those
     and the four unique_* keys), validating every row;
   - whole: `pyarrow.csv.read_csv` of the whole file, the obvious alternative (pandas would be larger).
-Peak memory is the child process's maximum resident set size.
+Peak memory is the child process's maximum resident set size. Then the CSV block size (`--blocks-mib`):
+streaming alone, the most Arrow memory in flight, since pyarrow parses several blocks ahead.
 """
 from __future__ import annotations
 
@@ -80,6 +81,17 @@ def make_csv(path: Path, rows: int) -> None:
 
 def _child(mode: str, path: str) -> None:
     t0 = time.perf_counter()
+    if mode.startswith("stream-"):  # streaming alone: Arrow memory in flight for one block size
+        from geovote.data import REQUIRED_COLUMNS, iter_csv_batches
+
+        rows, in_flight = 0, 0
+        for batch in iter_csv_batches(Path(path), [*REQUIRED_COLUMNS, *KEY_COLUMNS],
+                                      block_bytes=int(mode.split("-")[1])):
+            rows += batch.num_rows
+            in_flight = max(in_flight, pa.total_allocated_bytes())
+        print(json.dumps({"mode": mode, "rows": rows, "seconds": time.perf_counter() - t0,
+                          "in_flight_mib": in_flight / 2**20}))
+        return
     if mode.startswith("ours"):
         from geovote.data import read_table
 
@@ -105,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "geovote-csv")
+    ap.add_argument("--blocks-mib", type=int, nargs="*", default=[1, 4, 16],
+                    help="CSV block sizes to compare, streaming alone")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -128,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak memory ours ({name}) / whole: {r['peak_mib'] / whole['peak_mib']:.2f}; "
               f"/ file size: {r['peak_mib'] * 2**20 / path.stat().st_size:.2f}; "
               f"speed ours / whole: {whole['seconds'] / r['seconds']:.1f}x")
+    if args.blocks_mib:
+        print(f"\nstreaming id, lat, lon, 4 keys alone, by CSV block size\n{'block':>8} {'seconds':>8} "
+              f"{'Arrow MiB in flight':>20}")
+        for mib in args.blocks_mib:
+            r = measure(f"stream-{mib << 20}", path)
+            print(f"{mib:>5} MiB {r['seconds']:>8.1f} {r['in_flight_mib']:>20,.0f}")
     return 0
 
 

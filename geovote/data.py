@@ -31,11 +31,11 @@ ID, LAT, LON = "id", "latitude", "longitude"
 REQUIRED_COLUMNS = (ID, LAT, LON)
 NULL_VALUES = ["", "NaN", "nan"]  # not "NA": that is Namibia
 # pyarrow parses blocks of this size, several ahead on its threads: memory is bounded by it, not the
-# file. Measured on a 1M-row OSV-5M csv: 1 MiB blocks peak at 35 MiB and are fastest; 16 MiB, 386 MiB.
+# file. Smaller blocks hold less in flight and were no slower (python -m benchmark.csv_read).
 CSV_BLOCK_BYTES = 1 << 20
 IMAGE_SUFFIX = ".jpg"
 
-# Column types where guessing goes wrong: ids are strings, cell ids integers, place keys strings.
+# Column types where guessing goes wrong: ids and place keys are strings ("NA", digit-only ids).
 _KNOWN_TYPES: dict[str, pa.DataType] = {
     ID: pa.string(),
     LAT: pa.string(),  # parsed to float by us, so that one bad value rejects a row, not the file

@@ -69,10 +69,8 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_shard(path: str | Path, rows: np.ndarray | None = None) -> Shard:
+def read_shard(path: str | Path) -> Shard:
     table = pq.read_table(path)
-    if rows is not None:
-        table = table.take(pa.array(rows))
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
     return Shard(

@@ -8,7 +8,7 @@ Index folder (all arrays row-aligned with FAISS ids 0..N-1):
     index.json         version, factory, metric, dim, count, nprobe, shortlist, embedding manifest
 
 Why re-rank: PQ codes order neighbours poorly (recall@10 0.34 against exact search on 1M vectors with
-IVF1024,PQ64, REFERENCE.md); re-scoring a shortlist of `shortlist_factor * k` candidates exactly from
+IVF1024,PQ64, REFERENCE.md); re-scoring a shortlist of `shortlist * k` candidates exactly from
 the fp16 copy brings it near 1. The copy is memory-mapped: it costs disk, and RAM only as the page cache
 allows.
 """
