@@ -1,22 +1,26 @@
 """A FAISS index over embedding shards that keeps every vector's coordinates and id.
 
 Index folder (all arrays row-aligned with FAISS ids 0..N-1):
-    index.faiss        the FAISS index (inner product on L2-normalised vectors)
-    vectors.f16.npy    an fp16 copy of the vectors, memory-mapped, for exact re-ranking
+    index.faiss        the FAISS index (inner product on L2-normalised vectors), loaded into RAM
+    refine.faiss       an fp16 copy of the vectors (a FAISS IndexScalarQuantizer QT_fp16), memory-mapped,
+                       for exact re-ranking; also readable by numpy (`GeoIndex.vectors`)
     latitude.npy, longitude.npy   float64 degrees, memory-mapped
     ids.npy            image ids, fixed-width bytes, memory-mapped
     index.json         version, factory, metric, dim, count, nprobe, shortlist, embedding manifest
 
 Why re-rank: PQ codes order neighbours poorly (recall@10 0.34 against exact search on 1M vectors with
 IVF1024,PQ64, REFERENCE.md); re-scoring a shortlist of `shortlist * k` candidates exactly from
-the fp16 copy brings it near 1. The copy is memory-mapped: it costs disk, and RAM only as the page cache
-allows.
+the fp16 copy brings it near 1. FAISS's IndexRefine does the re-scoring in C++ (15x the numpy gather +
+einsum it replaced, benchmark/index_bench.py). The copy is memory-mapped (faiss.IO_FLAG_MMAP_IFC): it
+costs disk, and RAM only as the page cache allows. refine.faiss is written by streaming the shards
+straight into FAISS's file layout, so the build never holds every vector in memory.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +29,14 @@ import numpy as np
 
 from geovote.shards import read_manifest, read_shard, shard_paths, shard_sizes
 
-INDEX_VERSION = 1
-FILES = ("index.faiss", "index.json", "vectors.f16.npy", "latitude.npy", "longitude.npy", "ids.npy")
+INDEX_VERSION = 2
+FILES = ("index.faiss", "index.json", "refine.faiss", "latitude.npy", "longitude.npy", "ids.npy")
 EXACT_MAX_VECTORS = 50_000  # below this an exact (flat) search is fast enough and needs no training
 HNSW_COARSE_FROM = 1_000_000  # from here the coarse quantizer itself is searched with HNSW
 TRAIN_PER_LIST = 100  # training vectors per IVF list (FAISS warns below 39)
 TRAIN_MAX = 256 * 1024
 DEFAULT_NPROBE = 16
-DEFAULT_SHORTLIST = 10  # candidates re-ranked = SHORTLIST * k
+DEFAULT_SHORTLIST = 30  # candidates re-ranked = SHORTLIST * k (1M: recall@10 0.985, docs/BENCHMARKS.md)
 ADD_BATCH = 65_536
 
 
@@ -44,13 +48,16 @@ def choose_factory(n_vectors: int, dim: int) -> str:
     """FAISS factory string for `n_vectors` vectors of `dim` dimensions.
 
     Exact for small sets. Else IVF with ~sqrt(N) lists (a power of two: 1M -> 1024) and 4-bit fast-scan
-    PQ with dim/8 sub-quantizers (512-d: 32 B a vector), HNSW on the coarse centroids from 1M vectors.
+    PQ with dim/4 sub-quantizers (512-d: 64 B a vector), HNSW on the coarse centroids from 1M vectors.
+    Why dim/4: at 1M clustered 512-d vectors, PQ128x4fs re-ranked x30 reaches recall@10 0.985, where
+    PQ64x4fs needs x50 for 0.99 at less than half the speed, and 8-bit PQ64 is 2-3x slower to scan
+    (docs/BENCHMARKS.md).
     """
     if n_vectors <= EXACT_MAX_VECTORS:
         return "Flat"
     nlist = 2 ** int(round(math.log2(math.sqrt(n_vectors))))
     coarse = f"IVF{nlist}_HNSW32" if n_vectors >= HNSW_COARSE_FROM else f"IVF{nlist}"
-    m = max(1, dim // 8)
+    m = max(1, dim // 4)
     while dim % m:
         m -= 1
     return f"{coarse},PQ{m}x4fs"
@@ -63,6 +70,25 @@ class SearchResult:
     ids: np.ndarray  # (Q, k) object array of str ("" where missing)
     lat_deg: np.ndarray  # (Q, k) float64 (NaN where missing)
     lon_deg: np.ndarray
+
+
+def _fp16_header(dim: int, n: int) -> bytes:
+    """The bytes FAISS writes before the codes of an IndexScalarQuantizer(dim, QT_fp16, inner product)
+    holding n vectors: its empty serialisation with ntotal (bytes 8-16) and the codes' byte count (the
+    last 8) set. Checked against faiss.write_index byte for byte in tests/test_index.py."""
+    import faiss
+
+    empty = faiss.serialize_index(faiss.IndexScalarQuantizer(
+        dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)).tobytes()
+    zero = struct.pack("<q", 0)
+    if empty[:4] != b"IxSQ" or empty[8:16] != zero or empty[-8:] != zero:
+        raise IndexError_("this FAISS version writes IndexScalarQuantizer in an unknown layout")
+    return empty[:8] + struct.pack("<q", n) + empty[16:-8] + struct.pack("<Q", n * dim * 2)
+
+
+def _fp16_vectors(path: Path, dim: int, n: int) -> np.ndarray:
+    """The vectors in refine.faiss as a read-only (n, dim) float16 memory map."""
+    return np.memmap(path, np.dtype("<f2"), "r", offset=len(_fp16_header(dim, n)), shape=(n, dim))
 
 
 def _ids_width(paths: list[Path]) -> int:
@@ -98,23 +124,26 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
-    # 1. copy shards into row-aligned memory maps: vectors (fp16), coordinates, ids
-    vectors = np.lib.format.open_memmap(tmp / "vectors.f16.npy", "w+", np.float16, (n, dim))
+    # 1. stream the shards into row-aligned files: fp16 vectors (FAISS layout), coordinates, ids
     lat = np.lib.format.open_memmap(tmp / "latitude.npy", "w+", np.float64, (n,))
     lon = np.lib.format.open_memmap(tmp / "longitude.npy", "w+", np.float64, (n,))
     ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", f"S{_ids_width(paths)}", (n,))
-    row = 0
-    for path, size in zip(paths, sizes):
-        s = read_shard(path)
-        if len(s) != size:
-            raise IndexError_(f"{path}: {len(s)} rows, its metadata said {size}")
-        if not np.all(np.isfinite(s.embedding)):
-            raise IndexError_(f"{path}: embeddings with NaN or infinite values")
-        vectors[row:row + size] = s.embedding
-        lat[row:row + size], lon[row:row + size] = s.lat_deg, s.lon_deg
-        ids[row:row + size] = np.char.encode(s.ids.astype(str), "utf-8")
-        row += size
-    for a in (vectors, lat, lon, ids):
+    header = _fp16_header(dim, n)
+    with open(tmp / "refine.faiss", "wb") as f:
+        f.write(header)
+        row = 0
+        for path, size in zip(paths, sizes):
+            s = read_shard(path)
+            if len(s) != size:
+                raise IndexError_(f"{path}: {len(s)} rows, its metadata said {size}")
+            if not np.all(np.isfinite(s.embedding)):
+                raise IndexError_(f"{path}: embeddings with NaN or infinite values")
+            f.write(np.ascontiguousarray(s.embedding, dtype="<f2").tobytes())
+            lat[row:row + size], lon[row:row + size] = s.lat_deg, s.lon_deg
+            ids[row:row + size] = np.char.encode(s.ids.astype(str), "utf-8")
+            row += size
+    vectors = _fp16_vectors(tmp / "refine.faiss", dim, n)
+    for a in (lat, lon, ids):
         a.flush()
     t_copy = time.perf_counter()
 
@@ -144,10 +173,29 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
     return info
 
 
-class GeoIndex:
-    """An opened index folder. `search(queries, k)` -> SearchResult."""
+def _gpu_device(device: str) -> str | None:
+    """'cuda' when `device` asks for it (or 'auto' and torch sees a GPU), else None."""
+    if device == "cpu":
+        return None
+    import torch
 
-    def __init__(self, folder: str | Path):
+    if torch.cuda.is_available():
+        return "cuda"
+    if device != "auto":
+        raise IndexError_(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return None
+
+
+class GeoIndex:
+    """An opened index folder. `search(queries, k)` -> SearchResult.
+
+    device: 'auto' (default: CUDA when torch sees a GPU), 'cpu' or 'cuda'. On CUDA the fp16 vectors are
+    loaded on the GPU once and every search is exact (fp16 matmul + top-k): faster than IVF-PQ there, and
+    the faiss-gpu-cu12 wheel has no Hopper kernels (REFERENCE.md). A FAISS GPU build, when installed and
+    seeing a GPU, takes over the exact (Flat) index instead.
+    """
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
         import faiss
 
         self.folder = Path(folder)
@@ -161,7 +209,7 @@ class GeoIndex:
             raise IndexError_(f"{self.folder} was built by index version {self.info.get('version')}; this "
                               f"code reads version {INDEX_VERSION}: rebuild it")
         self.dim, self.count = int(self.info["dim"]), int(self.info["count"])
-        self.vectors = np.load(self.folder / "vectors.f16.npy", mmap_mode="r")
+        self.vectors = _fp16_vectors(self.folder / "refine.faiss", self.dim, self.count)
         self.lat = np.load(self.folder / "latitude.npy", mmap_mode="r")
         self.lon = np.load(self.folder / "longitude.npy", mmap_mode="r")
         self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")
@@ -175,6 +223,20 @@ class GeoIndex:
             raise IndexError_(f"{self.folder}: FAISS index has {self.index.ntotal} x {self.index.d}, "
                               f"index.json says {self.count} x {self.dim}")
         self.exact = self.info["factory"] == "Flat"
+        # the re-rank copy stays on disk: FAISS maps it, and reads only the candidates' rows
+        self.refine = faiss.read_index(str(self.folder / "refine.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        if self.refine.ntotal != self.count:
+            raise IndexError_(f"{self.folder}: refine.faiss holds {self.refine.ntotal} vectors, "
+                              f"index.json says {self.count}")
+        self.refined = faiss.IndexRefine(self.index, self.refine)
+        self.device = _gpu_device(device)
+        self._gpu_vectors = None
+        if self.device is not None:
+            import torch
+
+            self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self.vectors)).to(self.device)
+        elif self.exact and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            self.index = faiss.index_cpu_to_all_gpus(self.index)
 
     @property
     def backbone(self) -> str | None:
@@ -205,30 +267,19 @@ class GeoIndex:
         k = int(k)
         if k < 1:
             raise IndexError_(f"k must be at least 1, got {k}")
-        if self.exact:
+        if self._gpu_vectors is not None:
+            sim, rows = exact_search_torch(self._gpu_vectors, q, k, device=self.device)
+        elif self.exact:
             sim, rows = self.index.search(q, k)
         else:
-            nprobe = nprobe or self.info["nprobe"]
-            params = faiss.SearchParametersIVF(nprobe=nprobe)
-            n_cand = k * (shortlist or self.info["shortlist"]) if rerank else k
-            sim, rows = self.index.search(q, n_cand, params=params)
+            ivf = faiss.SearchParametersIVF(nprobe=int(nprobe or self.info["nprobe"]))
             if rerank:
-                sim, rows = self._rerank(q, rows, k)
+                shortlist = int(shortlist or self.info["shortlist"])
+                params = faiss.IndexRefineSearchParameters(k_factor=shortlist, base_index_params=ivf)
+                sim, rows = self.refined.search(q, k, params=params)
+            else:
+                sim, rows = self.index.search(q, k, params=ivf)
         return self._result(sim, rows)
-
-    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates, from the fp16 copy; keep the best k."""
-        valid = cand >= 0
-        vecs = self.vectors[np.where(valid, cand, 0).reshape(-1)]  # (Q*C, dim) fp16 gather
-        vecs = vecs.reshape(cand.shape[0], cand.shape[1], self.dim).astype(np.float32)
-        sim = np.einsum("qcd,qd->qc", vecs, q)
-        sim[~valid] = -np.inf
-        k_eff = min(k, cand.shape[1])
-        top = np.argpartition(-sim, k_eff - 1, axis=1)[:, :k_eff]
-        top_sim = np.take_along_axis(sim, top, 1)
-        order = np.argsort(-top_sim, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, 1)
-        return np.take_along_axis(sim, top, 1), np.take_along_axis(cand, top, 1)
 
     def _result(self, sim: np.ndarray, rows: np.ndarray) -> SearchResult:
         rows = rows.astype(np.int64)
@@ -250,7 +301,8 @@ def exact_search_torch(vectors, queries, k: int, device: str | None = None, batc
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    base = torch.as_tensor(np.asarray(vectors), device=device).to(dtype)  # (N, d)
+    base = vectors if torch.is_tensor(vectors) else torch.as_tensor(np.asarray(vectors))
+    base = base.to(device=device, dtype=dtype)  # (N, d); no copy when already there
     out_sim, out_rows = [], []
     for start in range(0, len(queries), batch):
         q = torch.as_tensor(np.asarray(queries[start:start + batch], np.float32), device=device).to(dtype)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from geovote.shards import write_shard
-from index.store import GeoIndex, IndexError_, build_index, choose_factory, exact_search_torch
+from index.store import INDEX_VERSION, GeoIndex, IndexError_, build_index, choose_factory, exact_search_torch
 from index.synthetic import clustered_vectors
 
 DIM = 64
@@ -33,9 +33,23 @@ def _brute(vectors16, queries, k):
 
 def test_choose_factory():
     assert choose_factory(10_000, 512) == "Flat"
-    assert choose_factory(1_000_000, 512) == "IVF1024_HNSW32,PQ64x4fs"
-    assert choose_factory(200_000, 512) == "IVF512,PQ64x4fs"
-    assert choose_factory(5_000_000, 768) == "IVF2048_HNSW32,PQ96x4fs"
+    assert choose_factory(1_000_000, 512) == "IVF1024_HNSW32,PQ128x4fs"
+    assert choose_factory(200_000, 512) == "IVF512,PQ128x4fs"
+    assert choose_factory(5_000_000, 768) == "IVF2048_HNSW32,PQ192x4fs"
+
+
+def test_refine_file_is_what_faiss_itself_writes(tmp_path):
+    """refine.faiss is streamed by hand in FAISS's layout; it must be byte for byte faiss.write_index's."""
+    import faiss
+
+    vectors = clustered_vectors(700, DIM, seed=3)
+    _shards(tmp_path / "shards", vectors, per_shard=300)
+    build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
+    sq = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    sq.add(vectors.astype(np.float16).astype(np.float32))
+    faiss.write_index(sq, str(tmp_path / "reference.faiss"))
+    assert (tmp_path / "index" / "refine.faiss").read_bytes() == (tmp_path / "reference.faiss").read_bytes()
+    np.testing.assert_array_equal(GeoIndex(tmp_path / "index").vectors, vectors.astype(np.float16))
 
 
 def test_exact_index_equals_brute_force_and_keeps_coordinates(tmp_path):
@@ -60,7 +74,7 @@ def test_ivfpq_with_rerank_matches_brute_force(tmp_path):
     vectors, queries = both[:60_000], both[60_000:]  # queries from the same distribution, not in the index
     ids, lat, lon = _shards(tmp_path / "shards", vectors, per_shard=25_000)
     info = build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
-    assert info["factory"] == "IVF256,PQ8x4fs"
+    assert info["factory"] == "IVF256,PQ16x4fs"
     idx = GeoIndex(tmp_path / "index")
     v32 = vectors.astype(np.float16).astype(np.float32)
     _, b_rows = _brute(vectors.astype(np.float16), queries, 10)
@@ -72,7 +86,7 @@ def test_ivfpq_with_rerank_matches_brute_force(tmp_path):
     # re-ranked similarities are the exact fp16 inner products, and the best of the shortlist
     exact = np.einsum("qkd,qd->qk", v32[reranked.rows], queries)
     np.testing.assert_allclose(reranked.similarity, exact, atol=1e-4)
-    cand = idx.search(queries, k=100, nprobe=32, rerank=False).rows
+    cand = idx.search(queries, k=10 * idx.info["shortlist"], nprobe=32, rerank=False).rows
     best_of_cand = -np.sort(-np.einsum("qcd,qd->qc", v32[cand], queries), axis=1)[:, :10]
     np.testing.assert_allclose(reranked.similarity, best_of_cand, atol=1e-4)
     np.testing.assert_array_equal(reranked.ids, ids[reranked.rows])
@@ -134,7 +148,7 @@ def test_incomplete_or_foreign_folders_are_refused(small_index, tmp_path):
     (old / "index.json").write_text(json.dumps(info))
     with pytest.raises(IndexError_, match="version 0"):
         GeoIndex(old)
-    info["version"], info["count"] = 1, 499
+    info["version"], info["count"] = INDEX_VERSION, 499
     (old / "index.json").write_text(json.dumps(info))
     with pytest.raises(IndexError_, match="499"):
         GeoIndex(old)
