@@ -1,0 +1,144 @@
+"""From each query's k nearest training images to one location: kNN voting over cells, then refinement.
+
+Pure numpy, vectorised over a batch of queries. Inputs per query: the neighbours' similarities, their
+locations (degrees) and their cell ids at each level, coarse to fine (from a QuadTree or H3; the index
+stores them per training row, so voting never recomputes a cell).
+
+    w_j      = softmax(sim_j / T) over the valid neighbours
+    level 0  : the cell with the most weight wins; the next level only counts neighbours inside it, ...
+    refine   : inside the final cell, the neighbour location with the highest weighted kernel density
+               (Gaussian kernel, bandwidth h km, over *all* neighbours, so support just across the cell's
+               border counts), then a few mean-shift steps: the answer sits on a density peak, not on a
+               mean that can fall in the sea between two cities.
+    confidence: the share of the weight within 2h km of the answer.
+    alternatives: the same peak inside each runner-up cell of the first level, scored by its vote.
+
+Also the simple variants: 1-NN and the weighted spherical mean of the k neighbours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from geovote.geo import EARTH_RADIUS_KM, chord_for_km, latlon_to_unit, unit_to_latlon
+
+
+@dataclass
+class VoteParams:
+    k: int = 50  # neighbours used (the first k of those searched)
+    temperature: float = 0.05  # T of softmax(sim / T)
+    bandwidth_km: float = 50.0  # h: kernel of the refinement and radius (2h) of the confidence
+    levels: tuple[int, ...] = (0, 1, 2)  # which of the cell table's levels vote, coarse to fine
+    mean_shift_steps: int = 3
+    n_alternatives: int = 3
+
+
+@dataclass
+class Prediction:
+    lat_deg: np.ndarray  # (Q,)
+    lon_deg: np.ndarray
+    confidence: np.ndarray  # (Q,) in [0, 1]
+    alt_lat_deg: np.ndarray  # (Q, A) runner-up peaks (NaN where fewer)
+    alt_lon_deg: np.ndarray
+    alt_score: np.ndarray  # (Q, A) vote share of each runner-up cell (0 where none)
+
+
+def softmax_weights(sim: np.ndarray, temperature: float) -> np.ndarray:
+    """(Q, k) softmax over valid (finite) similarities; invalid neighbours get weight 0."""
+    sim = np.asarray(sim, np.float64)
+    valid = np.isfinite(sim)
+    z = np.where(valid, sim / temperature, -np.inf)
+    top = np.max(z, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(valid, np.exp(z - top), 0.0)
+    total = e.sum(1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def one_nn(sim, lat_deg, lon_deg) -> tuple[np.ndarray, np.ndarray]:
+    best = np.argmax(np.where(np.isfinite(sim), sim, -np.inf), axis=1)[:, None]
+    return np.take_along_axis(lat_deg, best, 1)[:, 0], np.take_along_axis(lon_deg, best, 1)[:, 0]
+
+
+def weighted_mean(sim, lat_deg, lon_deg, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    w = softmax_weights(sim, temperature)
+    xyz = latlon_to_unit(np.nan_to_num(lat_deg), np.nan_to_num(lon_deg))
+    return unit_to_latlon(np.einsum("qk,qkc->qc", w, xyz))
+
+
+def _cell_votes(cells: np.ndarray, w: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """(Q, k): total allowed weight in each neighbour's cell."""
+    same = cells[:, :, None] == cells[:, None, :]
+    return np.einsum("qij,qj->qi", same, w * allowed)
+
+
+def _peak(xyz: np.ndarray, w: np.ndarray, kernel: np.ndarray, candidate: np.ndarray, bandwidth_km: float,
+          steps: int) -> np.ndarray:
+    """(Q, 3) unit vector of the density peak among candidate neighbours, refined by mean shift."""
+    density = np.einsum("qij,qj->qi", kernel, w)
+    start = np.argmax(np.where(candidate, density, -1.0), axis=1)
+    point = xyz[np.arange(len(xyz)), start]
+    inv_two_h2 = 1.0 / (2.0 * (bandwidth_km / EARTH_RADIUS_KM) ** 2)
+    for _ in range(steps):  # mean shift on the sphere: weighted mean of kernel-weighted neighbours
+        d2 = np.sum((xyz - point[:, None]) ** 2, axis=2)  # chord^2 ~ angle^2 at these scales
+        kw = w * np.exp(-d2 * inv_two_h2)
+        moved = np.einsum("qk,qkc->qc", kw, xyz)
+        norm = np.linalg.norm(moved, axis=1, keepdims=True)
+        point = np.where(norm > 1e-12, moved / np.maximum(norm, 1e-12), point)
+    return point
+
+
+def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
+         params: VoteParams) -> Prediction:
+    """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L)."""
+    k = min(params.k, sim.shape[1])
+    sim, lat, lon = sim[:, :k], np.asarray(lat_deg[:, :k], float), np.asarray(lon_deg[:, :k], float)
+    cells = np.asarray(cells)[:, :k][:, :, list(params.levels)]
+    valid = np.isfinite(sim) & np.isfinite(lat)
+    sim = np.where(valid, sim, -np.inf)
+    w = softmax_weights(sim, params.temperature)
+    q = len(sim)
+    xyz = latlon_to_unit(np.where(valid, lat, 0.0), np.where(valid, lon, 0.0))
+    d2 = np.maximum(2.0 - 2.0 * np.einsum("qic,qjc->qij", xyz, xyz), 0.0)
+    kernel = np.exp(-d2 / (2.0 * (params.bandwidth_km / EARTH_RADIUS_KM) ** 2))
+
+    allowed = valid.copy()
+    first_votes = None
+    for level in range(cells.shape[2]):
+        votes = _cell_votes(cells[:, :, level], w, allowed)
+        if first_votes is None:
+            first_votes = votes
+        best = np.argmax(np.where(allowed, votes, -1.0), axis=1)
+        winner = cells[np.arange(q), best, level]
+        allowed &= cells[:, :, level] == winner[:, None]
+    point = _peak(xyz, w, kernel, allowed, params.bandwidth_km, params.mean_shift_steps)
+    lat_out, lon_out = unit_to_latlon(point)
+    near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
+    confidence = np.sum(w * near, axis=1)
+
+    # alternatives: runner-up cells of the first level, best first
+    n_alt = params.n_alternatives
+    alt_lat = np.full((q, n_alt), np.nan)
+    alt_lon = np.full((q, n_alt), np.nan)
+    alt_score = np.zeros((q, n_alt))
+    if n_alt and cells.shape[2]:
+        first = cells[:, :, 0]
+        top_first = first[np.arange(q), np.argmax(np.where(valid, first_votes, -1.0), 1)]
+        taken = ~valid | (first == top_first[:, None])
+        for a in range(n_alt):
+            score = np.where(taken, -1.0, first_votes)
+            best = np.argmax(score, axis=1)
+            has = score[np.arange(q), best] > 0
+            if not has.any():
+                break
+            cell = first[np.arange(q), best]
+            members = (first == cell[:, None]) & ~taken
+            p = _peak(xyz, w, kernel, members, params.bandwidth_km, params.mean_shift_steps)
+            la, lo = unit_to_latlon(p)
+            alt_lat[has, a], alt_lon[has, a] = la[has], lo[has]
+            alt_score[has, a] = score[np.arange(q), best][has]
+            taken |= members
+    none = ~valid.any(1)
+    lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
+    return Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score)

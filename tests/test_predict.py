@@ -1,0 +1,125 @@
+"""The voting predictor against a plain per-query loop, and on hand-made neighbourhoods."""
+import math
+
+import numpy as np
+import pytest
+
+from geovote.cells import H3Cells
+from geovote.geo import haversine_km
+from retrieve.predict import VoteParams, one_nn, softmax_weights, vote, weighted_mean
+
+R = 6371.0
+
+
+def _brute_vote(sim, lat, lon, cells, p: VoteParams):
+    """One query at a time, with dicts and math: the definition the vectorised code must match."""
+    out = []
+    for s, la, lo, c in zip(sim, lat, lon, cells):
+        n = min(p.k, len(s))
+        idx = [i for i in range(n) if math.isfinite(s[i]) and math.isfinite(la[i])]
+        if not idx:
+            out.append((math.nan, math.nan, 0.0))
+            continue
+        top = max(s[i] for i in idx)
+        e = {i: math.exp((s[i] - top) / p.temperature) for i in idx}
+        tot = sum(e.values())
+        w = {i: e[i] / tot for i in idx}
+        members = list(idx)
+        for level in p.levels:
+            votes = {}
+            for i in members:
+                votes[c[i][level]] = votes.get(c[i][level], 0.0) + w[i]
+            best = max(members, key=lambda i, v=votes, lv=level: (v[c[i][lv]], -i))  # ties: first
+            members = [i for i in members if c[i][level] == c[best][level]]
+
+        chord2 = {(i, j): (2 * R * math.sin(haversine_km(la[i], lo[i], la[j], lo[j]) / (2 * R))) ** 2
+                  for i in idx for j in idx}
+        density = {i: sum(w[j] * math.exp(-chord2[i, j] / (2 * p.bandwidth_km ** 2)) for j in idx)
+                   for i in members}
+        start = max(members, key=lambda i: (density[i], -i))
+        pt = np.array([math.cos(math.radians(la[start])) * math.cos(math.radians(lo[start])),
+                       math.cos(math.radians(la[start])) * math.sin(math.radians(lo[start])),
+                       math.sin(math.radians(la[start]))])
+        xyz = {j: np.array([math.cos(math.radians(la[j])) * math.cos(math.radians(lo[j])),
+                            math.cos(math.radians(la[j])) * math.sin(math.radians(lo[j])),
+                            math.sin(math.radians(la[j]))]) for j in idx}
+        for _ in range(p.mean_shift_steps):
+            m = sum(w[j] * math.exp(-np.sum((xyz[j] - pt) ** 2) * R * R / (2 * p.bandwidth_km ** 2)) * xyz[j]
+                    for j in idx)
+            pt = m / np.linalg.norm(m)
+        plat, plon = math.degrees(math.asin(pt[2])), math.degrees(math.atan2(pt[1], pt[0]))
+        conf = sum(w[j] for j in idx if haversine_km(plat, plon, la[j], lo[j]) <= 2 * p.bandwidth_km)
+        out.append((plat, plon, conf))
+    return np.array(out)
+
+
+def _neighbourhoods(q, k, seed, centers):
+    """Neighbours scattered around a few centres each (so votes and peaks are not trivial)."""
+    rng = np.random.default_rng(seed)
+    c = np.array(centers)
+    pick = rng.integers(0, len(c), (q, k))
+    lat = np.clip(c[pick, 0] + rng.normal(0, 0.6, (q, k)), -89.9, 89.9)
+    lon = (c[pick, 1] + rng.normal(0, 0.6, (q, k)) + 180) % 360 - 180
+    sim = np.sort(rng.uniform(0.2, 0.9, (q, k)), axis=1)[:, ::-1]
+    return sim, lat, lon
+
+
+@pytest.mark.parametrize("centers", [
+    [(48.85, 2.35), (35.7, 139.7), (-33.9, 151.2)],  # cities far apart
+    [(-17.0, 179.8), (-17.5, -179.7), (64.0, -179.9)],  # straddling the antimeridian
+    [(89.5, 0.0), (89.2, 120.0), (-89.4, 45.0)],  # near the poles
+])
+def test_vote_matches_brute_force(centers):
+    sim, lat, lon = _neighbourhoods(40, 30, seed=abs(int(centers[0][0])), centers=centers)
+    sim[3, 5:] = -np.inf  # a query with only 5 neighbours found
+    lat[3, 5:] = lon[3, 5:] = np.nan
+    cells_sys = H3Cells((1, 2, 3))
+    cells = cells_sys.assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(40, 30, 3)
+    params = VoteParams(k=25, temperature=0.1, bandwidth_km=80.0, levels=(0, 1, 2), mean_shift_steps=2)
+    got = vote(sim, lat, lon, cells, params)
+    want = _brute_vote(sim, lat, lon, cells.tolist(), params)
+    dist = haversine_km(got.lat_deg, got.lon_deg, want[:, 0], want[:, 1])
+    assert np.all(dist < 0.01), dist.max()
+    np.testing.assert_allclose(got.confidence, want[:, 2], atol=1e-6)
+
+
+def test_vote_picks_the_dense_city_not_the_mean_between_two():
+    # 3 neighbours in Paris, 2 (slightly more similar each) in Tokyo: the vote is Paris; the weighted mean
+    # of the five lands in Siberia, thousands of km from both
+    lat = np.array([[48.85, 48.86, 48.84, 35.68, 35.69]])
+    lon = np.array([[2.35, 2.36, 2.34, 139.69, 139.70]])
+    sim = np.array([[0.80, 0.79, 0.78, 0.82, 0.81]])
+    cells = H3Cells((1, 3)).assign(lat[0], lon[0])[None]
+    p = VoteParams(k=5, temperature=1.0, bandwidth_km=25, levels=(0, 1), n_alternatives=2)
+    pred = vote(sim, lat, lon, cells, p)
+    assert haversine_km(pred.lat_deg[0], pred.lon_deg[0], 48.85, 2.35) < 2
+    assert haversine_km(pred.alt_lat_deg[0, 0], pred.alt_lon_deg[0, 0], 35.685, 139.695) < 2
+    w = softmax_weights(sim, 1.0)[0]
+    assert pred.confidence[0] == pytest.approx(w[:3].sum())
+    assert pred.alt_score[0, 0] == pytest.approx(w[3:].sum())
+    assert np.isnan(pred.alt_lat_deg[0, 1]) and pred.alt_score[0, 1] == 0  # no third place
+    mlat, mlon = weighted_mean(sim, lat, lon, 1.0)
+    assert haversine_km(mlat[0], mlon[0], 48.85, 2.35) > 2000
+    nlat, nlon = one_nn(sim, lat, lon)
+    assert (nlat[0], nlon[0]) == (35.68, 139.69)
+
+
+def test_antimeridian_cluster_stays_at_the_antimeridian():
+    lat = np.array([[-17.0, -17.1, -16.9, -17.05]])
+    lon = np.array([[179.95, -179.95, 179.9, -179.9]])
+    sim = np.full((1, 4), 0.5)
+    cells = H3Cells((0, 2)).assign(lat[0], lon[0])[None]
+    pred = vote(sim, lat, lon, cells, VoteParams(k=4, levels=(0,), bandwidth_km=30))
+    assert abs(abs(pred.lon_deg[0]) - 180) < 0.2
+    mlat, mlon = weighted_mean(sim, lat, lon, 0.05)
+    assert abs(abs(mlon[0]) - 180) < 0.2
+
+
+def test_softmax_weights_and_empty_queries():
+    w = softmax_weights(np.array([[1.0, 0.0, -np.inf], [-np.inf, -np.inf, -np.inf]]), 0.5)
+    np.testing.assert_allclose(w[0], [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1), 0.0])
+    np.testing.assert_array_equal(w[1], 0)
+    sim = np.full((1, 3), -np.inf)
+    nan = np.full((1, 3), np.nan)
+    pred = vote(sim, nan, nan, np.zeros((1, 3, 1), np.int64), VoteParams(k=3, levels=(0,)))
+    assert np.isnan(pred.lat_deg[0]) and pred.confidence[0] == 0
