@@ -1,37 +1,285 @@
-"""Index a dataset: embeddings, then the FAISS index.
+"""Index a dataset: embed its images into shards, then build the FAISS index.
 
-    python -m embed.build                      # the bundled sample (generated on first use)
-    python -m embed.build --data ROOT --split train
+    python -m embed.build                                   # the bundled sample, the bundled model
+    python -m embed.build --data data/osv5m --model vit-l-14-datacomp --splits train test
+    torchrun --nproc-per-node 8 -m embed.build --data data/osv5m --model vit-l-14-datacomp
 
-For now this prepares and validates the dataset and stops there: the embedding stage (issue #3) and
-the index (issue #4) are not built yet, and it says so rather than pretend.
+Output (default `<data>/geovote/<model>/`):
+    embeddings/<split>/shard-NNNNN.parquet   id, latitude, longitude, embedding (fp16, L2-normalised)
+    embeddings/<split>/manifest.json          backbone, preprocessing, dim, rows, dataset, config, version
+    embeddings/<split>/failures.csv           images that could not be embedded, with the reason
+    index/                                    the FAISS index over the train split (index.store)
+
+Resumable: shard NNNNN holds rows [NNNNN * shard_rows, ...) of the split's valid rows and is written
+atomically, so a rerun embeds only the shards that are missing. Under torchrun rank r embeds the shards
+s with s % world == r, and rank 0 writes the manifest and the index once all are there.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import json
+import re
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from embed.images import DEFAULT_MAX_PIXELS, ImageFailure, open_rgb
+from embed.models import BackboneError, load_backbone
+from geovote.config import ConfigError, add_config_args, load_config
 from geovote.data import DataError, read_split
-from geovote.sample import ensure_sample
+from geovote.shards import MANIFEST, ShardError, shard_paths, write_shard
+from index.store import IndexError_
+
+PLAN = "plan.json"
+FAILURES = "failures.csv"
+
+
+@dataclass
+class EmbedConfig:
+    data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample (generated on first use)
+    splits: tuple[str, ...] = ("train",)
+    model: str = "default"  # see embed.models
+    out: str = ""  # "" = <data>/geovote/<model>
+    batch_size: int = 256
+    workers: int = 2  # DataLoader decoding processes (0: decode in the main process)
+    shard_rows: int = 16384
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    index: bool = True  # build the FAISS index over the train split
+    index_factory: str = ""  # "" = chosen from the data (index.store.choose_factory)
+    throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
+
+
+def model_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name if Path(name).is_dir() else name).strip("-")
+
+
+def code_version() -> str:
+    import geovote
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{geovote.__version__}+{rev}" if rev else geovote.__version__
+
+
+class ShardDataset:
+    """Row -> (row, image tensor, reason). A failed image is a zero tensor and a non-empty reason."""
+
+    def __init__(self, paths: list[Path], transform, image_size: int, max_pixels: int):
+        self.paths, self.transform = paths, transform
+        self.image_size, self.max_pixels = image_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        import torch
+
+        try:
+            x = self.transform(open_rgb(self.paths[row], self.image_size, self.max_pixels))
+            return row, x, ""
+        except ImageFailure as e:
+            return row, torch.zeros(3, self.image_size, self.image_size), str(e)
+
+
+def shard_batches(shards: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of rows that never straddle a shard: shards as (start, stop) row ranges."""
+    return [list(range(b, min(b + batch_size, stop))) for start, stop in shards
+            for b in range(start, stop, batch_size)]
+
+
+def _plan(split, backbone, cfg: EmbedConfig, root: Path) -> dict:
+    ids_hash = hashlib.sha256("\n".join(split.ids.astype(str)).encode()).hexdigest()[:16]
+    return {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
+            "split": split.name, "rows": len(split), "ids_sha256": ids_hash, "shard_rows": cfg.shard_rows}
+
+
+def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, rank: int = 0, world: int = 1,
+                log=print) -> dict | None:
+    """Embed one split into `out_dir`. Returns the manifest (rank 0), after all ranks finish."""
+    import torch
+    from torch.nn import functional as F
+
+    from geovote import distributed
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(split, backbone, cfg, root)
+    plan_path = out_dir / PLAN
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            changed = [k for k in plan if old.get(k) != plan[k]]
+            raise DataError(f"{out_dir} holds an earlier run with a different {', '.join(changed)}; "
+                            "use another --out or delete it")
+    elif rank == 0:
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    n = len(split)
+    n_shards = max(1, -(-n // cfg.shard_rows))
+    mine = [s for s in range(n_shards) if s % world == rank]
+    todo = [s for s in mine if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    if len(todo) < len(mine):
+        log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
+    device = distributed.local_device()
+    cuda = device.startswith("cuda")
+    model = backbone.model.to(device).eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ids, lat, lon = split.ids.astype(str), split.lat_deg, split.lon_deg
+    paths = split.image_paths()
+    ranges = [(s * cfg.shard_rows, min(n, (s + 1) * cfg.shard_rows)) for s in todo]
+    dataset = ShardDataset(paths, backbone.transform(), backbone.image_size, cfg.max_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=shard_batches(ranges, cfg.batch_size),
+                                         num_workers=cfg.workers, pin_memory=cuda,
+                                         prefetch_factor=4 if cfg.workers else None)
+    n_todo = sum(b - a for a, b in ranges)
+    writer = ThreadPoolExecutor(1)  # parquet writes overlap the next batches' compute
+    pending = []
+    buf: dict[int, list] = {}
+    done_rows = {s: 0 for s in todo}
+    t0 = time.perf_counter()
+    n_failed = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_todo, unit="img", desc=f"embed {split.name}", disable=rank != 0 or n_todo == 0,
+               mininterval=1.0, file=sys.stderr)
+    with torch.inference_mode():
+        for rows, x, reasons in loader:
+            rows = rows.numpy()
+            ok = np.array([r == "" for r in reasons])
+            emb = np.zeros((0, backbone.dim), np.float16)
+            if ok.any():
+                xb = x[torch.from_numpy(ok)].to(device, non_blocking=True)
+                if cuda:
+                    xb = xb.to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    emb = F.normalize(model(xb).float(), dim=1).cpu().numpy().astype(np.float16)
+            shard = int(rows[0]) // cfg.shard_rows
+            failed = [(ids[r], str(paths[r]), why) for r, why in zip(rows, reasons) if why]
+            n_failed += len(failed)
+            buf.setdefault(shard, []).append((rows[ok], emb, failed))
+            done_rows[shard] += len(rows)
+            start, stop = shard * cfg.shard_rows, min(n, (shard + 1) * cfg.shard_rows)
+            if done_rows[shard] == stop - start:
+                pending.append(writer.submit(_write_shard, out_dir, shard, buf.pop(shard), ids, lat, lon,
+                                             backbone.dim))
+            bar.update(len(rows))
+            if cfg.throttle_s:
+                time.sleep(cfg.throttle_s)
+    bar.close()
+    for f in pending:
+        f.result()  # re-raises a failed write
+    writer.shutdown()
+    elapsed = time.perf_counter() - t0
+    distributed.barrier()
+    if rank != 0:
+        return None
+    return _finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
+
+
+def _write_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int) -> None:
+    rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    emb = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float16)
+    failed = [f for p in parts for f in p[2]]
+    fail_path = out_dir / f"shard-{shard:05d}.failures.csv"
+    tmp = fail_path.with_name(fail_path.name + ".partial")
+    with open(tmp, "w", newline="") as f:  # before the shard: a finished shard always has its failures
+        w = csv.writer(f)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(failed)
+    tmp.replace(fail_path)
+    write_shard(out_dir / f"shard-{shard:05d}.parquet", ids[rows], lat[rows], lon[rows], emb)
+
+
+def _finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
+                  n_failed_now: int, elapsed: float, log) -> dict:
+    import pyarrow.parquet as pq
+
+    missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    if missing:
+        raise DataError(f"{out_dir}: shards {missing[:5]} missing after the run")
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(out_dir))
+    failures = []
+    for s in range(n_shards):
+        with open(out_dir / f"shard-{s:05d}.failures.csv", newline="") as f:
+            failures += list(csv.reader(f))[1:]
+    with open(out_dir / FAILURES, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(failures)
+    if rows + len(failures) != plan["rows"]:
+        raise DataError(f"{out_dir}: {rows} embedded + {len(failures)} failed != {plan['rows']} rows")
+    manifest = {**plan, "rows": rows, "failures": len(failures), "valid_rows": plan["rows"],
+                "n_shards": n_shards, "preprocessing": backbone.preprocessing(),
+                "config": asdict(cfg), "code_version": code_version(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    rate = n_embedded_now / elapsed if elapsed > 0 else 0.0
+    reasons: dict[str, int] = {}
+    for f in failures:
+        key = f[2].split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    why = f" ({', '.join(f'{v} {k}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    log(f"{plan['split']}: {rows:,} images embedded, {len(failures):,} failed{why}; "
+        f"this run {n_embedded_now:,} images in {elapsed:.1f} s ({rate:,.0f} img/s) -> {out_dir}")
+    return manifest
+
+
+def run(cfg: EmbedConfig, log=print) -> Path:
+    """Embed every split of `cfg`, then index train. Returns the output folder."""
+    from geovote import distributed
+    from geovote.sample import ensure_sample
+
+    rank, world = distributed.init()
+    root = Path(cfg.data) if cfg.data else ensure_sample()
+    backbone = load_backbone(cfg.model)
+    out = Path(cfg.out) if cfg.out else root / "geovote" / model_slug(cfg.model)
+    for name in cfg.splits:
+        split = read_split(root, name, rejects_path=out / f"rejects-{name}.csv")
+        if rank == 0:
+            log(split.report.summary())
+        embed_split(split, backbone, out / "embeddings" / name, cfg, root, rank, world, log)
+    if cfg.index and "train" in cfg.splits and rank == 0:
+        from index.store import build_index
+
+        build_index(out / "embeddings" / "train", out / "index", factory=cfg.index_factory or None, log=log)
+    distributed.barrier()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m embed.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=None,
-                    help="dataset root in OSV-5M layout (default: the bundled sample)")
-    ap.add_argument("--split", default="train")
+    ap.add_argument("--data", help="dataset root in OSV-5M layout (default: the bundled sample)")
+    ap.add_argument("--splits", nargs="+", help="splits to embed (default: train)")
+    ap.add_argument("--model", help="backbone name or checkpoint folder (default: the bundled model)")
+    ap.add_argument("--out", help="output folder (default: <data>/geovote/<model>)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--workers", type=int)
+    add_config_args(ap)
     args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("data", "model", "out", "batch_size", "workers"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.splits:
+        overrides.append(f"splits={json.dumps(args.splits)}")
     try:
-        root = args.data if args.data is not None else ensure_sample()
-        split = read_split(root, args.split)
-    except DataError as e:
+        cfg = load_config(EmbedConfig, args.config, overrides)
+        out = run(cfg)
+    except (ConfigError, DataError, BackboneError, ShardError, IndexError_) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(split.report.summary())
-    print(f"embed.build: {len(split):,} images of {root}/{args.split} are ready to embed; "
-          "stopping here: the embedding stage is not built yet (issue #3).")
+    print(f"done: {out}")
     return 0
 
 

@@ -1,0 +1,57 @@
+"""Opening images for embedding: every mode converted to RGB, large JPEGs decoded at reduced size, and
+every failure turned into a reason instead of an exception."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 100_000_000  # after JPEG draft reduction; beyond this an image is refused
+
+
+class ImageFailure(Exception):
+    """An image that cannot be embedded; the message is the reason recorded in failures.csv."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit greyscale rescaled (not clipped), alpha composited on white,
+    CMYK, palette and greyscale converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            lo, hi = float(np.nanmin(arr, initial=0)), float(np.nanmax(arr, initial=1))
+            arr, top = (arr - lo), max(hi - lo, 1e-12)
+        img = Image.fromarray(np.clip(np.nan_to_num(arr) * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path, min_side_px: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `path` as RGB. JPEGs larger than needed are decoded at 1/2, 1/4 or 1/8 scale (PIL draft),
+    keeping both sides >= `min_side_px`, which is what the model input needs anyway."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            img = Image.open(path)
+            img.draft("RGB", (min_side_px, min_side_px))  # no-op for non-JPEGs
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageFailure(f"too large: {w}x{h} pixels (limit {max_pixels:,})")
+            img.load()
+            return to_rgb(img)
+    except ImageFailure:
+        raise
+    except FileNotFoundError:
+        raise ImageFailure("file not found") from None
+    except Image.DecompressionBombError as e:
+        raise ImageFailure(f"too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageFailure("not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        raise ImageFailure(f"unreadable: {e}") from None
