@@ -215,7 +215,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.data) if cfg.data else ensure_sample()
-    train_split, val_split = read_split(root, "train"), read_split(root, "val")
+    extra = ("unique_region",) if cfg.region_weight > 0 else ()
+    train_split, val_split = read_split(root, "train", columns=extra), read_split(root, "val")
     t_lat, t_lon = train_split.lat_deg, train_split.lon_deg
 
     # model
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             sched.step()
             state["step"] += 1
             seen += len(x) * world
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         rate = seen / (time.perf_counter() - t0)
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else None,
