@@ -15,25 +15,11 @@ from PIL import Image
 
 from embed.build import main as embed_main
 from embed.images import ImageFailure, open_rgb, to_rgb
-from embed.models import BackboneError, _finish, build_tower, load_backbone, save_checkpoint
+from embed.models import BackboneError, load_backbone
 from geovote.shards import read_manifest, read_shard, shard_paths
 from index.store import GeoIndex
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARCH = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                                             "head_width": 16}}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A checkpoint folder with a tiny random ViT: the code path of every finetune checkpoint."""
-    import torch
-
-    torch.manual_seed(0)
-    bb = _finish("tiny", build_tower(TINY_ARCH), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), {})
-    return save_checkpoint(tmp_path_factory.mktemp("models") / "tiny", bb, TINY_ARCH, "tiny", {"base": "test"})
-
-
 def test_checkpoint_round_trip(tiny_model):
     import torch
 

@@ -1,0 +1,117 @@
+"""Choose the voting parameters (k, T, cells and levels, bandwidth) on the validation split, never on test,
+and store them with the index (retrieve.json).
+
+    python -m retrieve.tune                              # the sample's index and its val split
+    python -m retrieve.tune --index DIR --data ROOT --split val
+
+The validation images are embedded once (resumable) beside the index. One search at the largest k serves
+every setting; the grid is small enough to be exhaustive. 1-NN and the weighted mean are scored too.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from geovote.geo import haversine_km
+from geovote.metrics import geoscore
+
+GRID = {
+    "k": (5, 10, 20, 50),
+    "temperature": (0.01, 0.03, 0.1),
+    "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)), ("quadtree", (2, 4, 6))),
+    "bandwidth_km": (10.0, 25.0, 75.0, 200.0),
+}
+
+
+def embed_for_eval(engine, data: Path, split: str, workers: int = 2):
+    """(ids, lat, lon, embeddings float32) of a split, embedded once beside the index."""
+    from embed.build import EmbedConfig, embed_split
+    from geovote.data import read_split
+    from geovote.shards import iter_shards
+
+    s = read_split(data, split, rejects_path=engine.index_dir.parent / f"rejects-{split}.csv")
+    emb_dir = engine.index_dir.parent / "embeddings" / split
+    cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
+    if not (emb_dir / "manifest.json").exists():
+        embed_split(s, engine.backbone, emb_dir, cfg, data, log=lambda m: print(m, file=sys.stderr))
+    shards = list(iter_shards(emb_dir))
+    return (np.concatenate([x.ids for x in shards]), np.concatenate([x.lat_deg for x in shards]),
+            np.concatenate([x.lon_deg for x in shards]),
+            np.concatenate([x.embedding for x in shards]).astype(np.float32))
+
+
+def score(lat, lon, true_lat, true_lon) -> dict:
+    d = haversine_km(lat, lon, true_lat, true_lon)
+    return {"geoscore": float(np.mean(geoscore(d))), "acc_25km": float(np.mean(d < 25)),
+            "median_km": float(np.median(d))}
+
+
+def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print) -> tuple[object, dict, list]:
+    from retrieve.predict import one_nn, vote, weighted_mean
+
+    res = engine.search(emb, max(grid["k"]))
+    trials = []
+    t0 = time.perf_counter()
+    for cells, levels in grid["cells"]:
+        base = replace(engine.params, cells=cells, levels=tuple(levels))
+        table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
+        for k, temp, bw in itertools.product(grid["k"], grid["temperature"], grid["bandwidth_km"]):
+            p = replace(base, k=k, temperature=temp, bandwidth_km=bw)
+            pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, p.vote_params())
+            trials.append((p, score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)))
+    best, best_score = max(trials, key=lambda t: t[1]["geoscore"])
+    baselines = {"1-nn": score(*one_nn(res.similarity, res.lat_deg, res.lon_deg), true_lat, true_lon)}
+    for k in grid["k"]:
+        for temp in grid["temperature"]:
+            s = score(*weighted_mean(res.similarity[:, :k], res.lat_deg[:, :k], res.lon_deg[:, :k], temp),
+                      true_lat, true_lon)
+            if s["geoscore"] > baselines.get("weighted mean", {"geoscore": -1})["geoscore"]:
+                baselines["weighted mean"] = {**s, "k": k, "temperature": temp}
+    log(f"tuned {len(trials)} settings on {len(emb):,} validation images in {time.perf_counter() - t0:.1f} s")
+    return best, {"voting": best_score, **baselines}, trials
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m retrieve.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=None, help="dataset root (default: the sample)")
+    ap.add_argument("--split", default="val")
+    args = ap.parse_args(argv)
+    from embed.models import BackboneError
+    from geovote.data import DataError
+    from geovote.paths import default_sample_root
+    from index.store import IndexError_
+    from retrieve.engine import Engine, save_params
+    from retrieve.query import default_index
+
+    if args.split == "test":
+        print("error: tuning on the test split would make its scores meaningless; use val", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(args.index or default_index())
+        data = args.data or default_sample_root()
+        _, lat, lon, emb = embed_for_eval(engine, data, args.split)
+    except (IndexError_, BackboneError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    best, scores, trials = tune(engine, emb, lat, lon)
+    path = save_params(engine.index_dir, best, {"validation": {"split": args.split, "data": str(data),
+                                                               "images": len(emb), **scores},
+                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
+    for name, s in scores.items():
+        print(f"{name:>14}: GeoScore {s['geoscore']:7.1f}  acc@25km {s['acc_25km']:.3f}  "
+              f"median {s['median_km']:,.0f} km")
+    print(f"chosen: {json.dumps(asdict(best))} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
