@@ -53,6 +53,7 @@ class EmbedConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     index: bool = True  # build the FAISS index over the train split
     index_factory: str = ""  # "" = chosen from the data (index.store.choose_factory)
+    tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
     throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
 
 
@@ -179,7 +180,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         f.result()  # re-raises a failed write
     writer.shutdown()
     elapsed = time.perf_counter() - t0
-    distributed.barrier()
+    if world > 1:  # callers that embed on rank 0 alone (tuning, predictions) pass world=1: no barrier
+        distributed.barrier()
     if rank != 0:
         return None
     return _finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
@@ -251,8 +253,20 @@ def run(cfg: EmbedConfig, log=print) -> Path:
         from index.store import build_index
 
         build_index(out / "embeddings" / "train", out / "index", factory=cfg.index_factory or None, log=log)
+        if cfg.tune and (root / "val.csv").is_file():
+            _tune(out / "index", cfg.model, root, cfg.workers, log)
     distributed.barrier()
     return out
+
+
+def _tune(index_dir: Path, model: str, root: Path, workers: int, log) -> None:
+    from retrieve.engine import Engine
+    from retrieve.tune import tune_and_save
+
+    best, scores, _ = tune_and_save(Engine(index_dir, model=model), root, "val", workers, log)
+    log(f"val: voting GeoScore {scores['voting']['geoscore']:.0f} (1-NN {scores['1-nn']['geoscore']:.0f}, "
+        f"weighted mean {scores['weighted mean']['geoscore']:.0f}) with k={best.k}, T={best.temperature}, "
+        f"{best.cells} levels {best.levels}, bandwidth {best.bandwidth_km:g} km")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,8 +119,8 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = 2) -
     from geovote.data import read_split
     from geovote.shards import iter_shards
 
-    s = read_split(data, split, rejects_path=out.parent / f"rejects-{split}.csv")
-    emb_dir = out.parent / f"embeddings-{split}"
+    s = read_split(data, split, rejects_path=engine.index_dir.parent / f"rejects-{split}.csv")
+    emb_dir = engine.index_dir.parent / "embeddings" / split
     cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
     embed_split(s, engine.backbone, emb_dir, cfg, data, log=lambda m: print(m, file=sys.stderr))
     ids, lat, lon, conf = [], [], [], []

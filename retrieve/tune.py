@@ -78,6 +78,18 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print) -> tuple[object,
     return best, {"voting": best_score, **baselines}, trials
 
 
+def tune_and_save(engine, data: Path, split: str = "val", workers: int = 2, log=print):
+    """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path)."""
+    from retrieve.engine import save_params
+
+    _, lat, lon, emb = embed_for_eval(engine, data, split, workers)
+    best, scores, trials = tune(engine, emb, lat, lon, log=log)
+    path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
+                                                               "images": len(emb), **scores},
+                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
+    return best, scores, path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from geovote.data import DataError
     from geovote.paths import default_sample_root
     from index.store import IndexError_
-    from retrieve.engine import Engine, save_params
+    from retrieve.engine import Engine
     from retrieve.query import default_index
 
     if args.split == "test":
@@ -97,15 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         engine = Engine(args.index or default_index())
-        data = args.data or default_sample_root()
-        _, lat, lon, emb = embed_for_eval(engine, data, args.split)
+        best, scores, path = tune_and_save(engine, args.data or default_sample_root(), args.split)
     except (IndexError_, BackboneError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    best, scores, trials = tune(engine, emb, lat, lon)
-    path = save_params(engine.index_dir, best, {"validation": {"split": args.split, "data": str(data),
-                                                               "images": len(emb), **scores},
-                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
     for name, s in scores.items():
         print(f"{name:>14}: GeoScore {s['geoscore']:7.1f}  acc@25km {s['acc_25km']:.3f}  "
               f"median {s['median_km']:,.0f} km")

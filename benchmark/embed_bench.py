@@ -1,0 +1,132 @@
+"""embed.build's images/s against the model's ceiling and a plain loop, same model, batch and machine.
+
+    python -m benchmark.embed_bench [--model default] [--n 4000] [--batch-size 256] [--workers 2]
+    python -m benchmark.embed_bench --model random:ViT-L-14 --jpeg-size 512x384     # a GPU, street-view size
+
+    ceiling     forward passes only, on tensors decoded and preprocessed beforehand
+    plain loop  PIL open + open_clip preprocess + batched forward, one process, no workers
+    embed.build the real stage (DataLoader workers, JPEG draft decoding, shard writing), end to end
+
+Images: the first --n of the sample's train split, or with --jpeg-size those images re-encoded at that
+size (quality 90) into a temporary dataset, so decoding costs what street-view photos cost.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+
+def _subset(root: Path, n: int, jpeg_size: tuple[int, int] | None, work: Path) -> Path:
+    """A dataset folder holding the first n train rows (images re-encoded when jpeg_size is set)."""
+    import csv
+
+    from PIL import Image
+
+    out = work / "data"
+    (out / "images" / "train").mkdir(parents=True)
+    with open(root / "train.csv") as f:
+        rows = list(csv.DictReader(f))[:n]
+    with open(out / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["id", "latitude", "longitude"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    src = {p.stem: p for p in (root / "images" / "train").rglob("*.jpg")}
+    for r in rows:
+        dst = out / "images" / "train" / f"{r['id']}.jpg"
+        if jpeg_size:
+            Image.open(src[r["id"]]).convert("RGB").resize(jpeg_size, Image.BICUBIC).save(dst, quality=90)
+        else:
+            shutil.copy(src[r["id"]], dst)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmark.embed_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--jpeg-size", default=None, help="WxH: re-encode the images at this size first")
+    args = ap.parse_args(argv)
+    import torch
+    from torch.nn import functional as F
+
+    from embed.build import EmbedConfig, embed_split
+    from embed.images import open_rgb
+    from embed.models import load_backbone
+    from geovote import distributed
+    from geovote.data import read_split
+    from geovote.sample import ensure_sample
+
+    backbone = load_backbone(args.model)
+    device = distributed.local_device()
+    cuda = device.startswith("cuda")
+    model = backbone.model.to(device).eval()
+    size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
+    work = Path(tempfile.mkdtemp(prefix="geovote-embed-bench-"))
+    try:
+        data = _subset(ensure_sample(), args.n, size, work)
+        split = read_split(data, "train", rejects_path=work / "rejects.csv")
+        paths = split.image_paths()
+        tf = backbone.transform()
+
+        def forward(x):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                return F.normalize(model(x.to(device, non_blocking=True)).float(), dim=1).cpu()
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
+        # ceiling: preprocessed tensors in memory, forward only
+        tensors = torch.stack([tf(open_rgb(p, backbone.image_size)) for p in paths])
+        if cuda:
+            tensors = tensors.pin_memory()
+        forward(tensors[:args.batch_size])  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for s in range(0, len(tensors), args.batch_size):
+            forward(tensors[s:s + args.batch_size])
+        sync()
+        ceiling = len(tensors) / (time.perf_counter() - t0)
+        del tensors
+
+        # plain loop: decode + preprocess + forward, in one process
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        for s in range(0, len(paths), args.batch_size):
+            batch = [tf(Image.open(p).convert("RGB")) for p in paths[s:s + args.batch_size]]
+            forward(torch.stack(batch))
+        sync()
+        plain = len(paths) / (time.perf_counter() - t0)
+
+        # embed.build's stage, end to end (shards written)
+        cfg = EmbedConfig(data=str(data), model=args.model, batch_size=args.batch_size, workers=args.workers,
+                          shard_rows=max(args.batch_size, len(paths) // 4), index=False)
+        t0 = time.perf_counter()
+        embed_split(split, backbone, work / "shards", cfg, data, log=lambda *_: None)
+        sync()
+        ours = len(paths) / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{backbone.name} ({backbone.image_size} px), {len(paths):,} images"
+          f"{' re-encoded at ' + args.jpeg_size if size else ''}, batch {args.batch_size}, {where}")
+    print(f"{'method':<40} {'images/s':>10} {'vs ceiling':>11}")
+    rows = (("ceiling: forward only (pre-decoded)", ceiling), ("plain loop (PIL + preprocess)", plain),
+            (f"embed.build ({args.workers} workers)", ours))
+    for name, rate in rows:
+        print(f"{name:<40} {rate:>10,.0f} {rate / ceiling:>10.0%}")
+    print(f"embed.build / plain loop: {ours / plain:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

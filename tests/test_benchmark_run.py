@@ -1,0 +1,60 @@
+"""benchmark.run end to end on the small sample, and its parts against hand computations."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmark.run import METHODS, bootstrap_ci, main as run_main
+from embed.build import main as embed_main
+from geovote.metrics import SCORE_KEYS
+
+
+@pytest.fixture(scope="module")
+def engine_dir(sample_root, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-engine")
+    assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
+                       "--workers", "0"]) == 0
+    return out
+
+
+def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, tmp_path, capsys):
+    from benchmark.score import score_file
+
+    out = tmp_path / "run"
+    assert run_main(["--data", str(sample_root), "--engine", str(engine_dir), "--out", str(out),
+                     "--set", "bootstrap=50", "--set", "head_epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "| geovote |" in printed and "run folder" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == list(METHODS)
+    for m in results["methods"]:
+        assert set(SCORE_KEYS) <= set(m) and m["n"] == 200
+        lo, hi = m["geoscore_ci95"]
+        assert lo <= m["geoscore"] <= hi
+    by = {m["name"]: m for m in results["methods"]}
+    # the oracle is the ceiling of retrieval: no retrieval method is closer on average
+    for name in ("geovote", "1-nn", "knn-mean"):
+        assert by["oracle"]["mean_km"] <= by[name]["mean_km"]
+        assert by["oracle"]["geoscore"] >= by[name]["geoscore"]
+    for f in ("results.csv", "results.md", "accuracy_vs_distance.png", "error_map.png"):
+        assert (out / f).stat().st_size > 0
+    # the predictions files are what benchmark.score reads, and give the same scores
+    again = score_file(out / "predictions" / "hybrid.parquet", sample_root / "test.csv")
+    assert again["geoscore"] == pytest.approx(by["hybrid"]["geoscore"])
+    assert again["acc_country"] == pytest.approx(by["hybrid"]["acc_country"])
+
+
+def test_run_refuses_unknown_methods_and_the_val_split(sample_root, engine_dir, capsys):
+    assert run_main(["--data", str(sample_root), "--engine", str(engine_dir), "--methods", "magic"]) == 2
+    assert "unknown methods ['magic']" in capsys.readouterr().err
+    assert run_main(["--data", str(sample_root), "--engine", str(engine_dir), "--split", "val"]) == 2
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, big = rng.normal(10, 2, 100), rng.normal(10, 2, 10_000)
+    lo, hi = bootstrap_ci(small, 500, 0)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_ci(big, 500, 0)
+    assert hi2 - lo2 < (hi - lo) / 5  # ~ 1 / sqrt(n)
+    assert bootstrap_ci(np.array([np.nan, 1.0, 1.0]), 10, 0) == [1.0, 1.0]
