@@ -44,10 +44,43 @@ def osm_link(lat: float, lon: float, zoom: int = 10) -> str:
     return f"https://www.openstreetmap.org/?mlat={lat:.5f}&mlon={lon:.5f}#map={zoom}/{lat:.5f}/{lon:.5f}"
 
 
+def answers_for_images(engine, images: list, names: list[str], tta: bool = False) -> list[dict]:
+    """PIL images -> answer dicts (the --json keys plus `neighbours`), in order."""
+    from geovote.geocode import reverse_geocode
+
+    emb = engine.embed_images(images)
+    if tta:  # average with the mirrored image's embedding, then renormalise
+        from PIL import ImageOps
+
+        emb = emb + engine.embed_images([ImageOps.mirror(i) for i in images])
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pred, res = engine.locate(emb)
+    place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
+    out = []
+    for i, name in enumerate(names):
+        cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
+                  "score": round(float(pred.confidence[i]), 4)}]
+        for a in range(pred.alt_lat_deg.shape[1]):
+            if np.isfinite(pred.alt_lat_deg[i, a]):
+                cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
+                              "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
+                              "score": round(float(pred.alt_score[i, a]), 4)})
+        out.append({
+            "image": name, "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
+            "confidence": cands[0]["score"], "country": str(place["country"][i]),
+            "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
+            "city": str(place["city"][i]), "candidates": cands,
+            "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
+                            "longitude": float(res.lon_deg[i, j]),
+                            "similarity": round(float(res.similarity[i, j]), 4)}
+                           for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0],
+        })
+    return out
+
+
 def answers(engine, paths: list[Path], tta: bool = False):
     """Yield (path, answer dict or None, error or None), in order, in batches."""
     from embed.images import ImageFailure, open_rgb
-    from geovote.geocode import reverse_geocode
 
     size = engine.backbone.image_size
     for start in range(0, len(paths), BATCH):
@@ -59,35 +92,7 @@ def answers(engine, paths: list[Path], tta: bool = False):
                 ok.append(p)
             except ImageFailure as e:
                 errors[p] = str(e)
-        results = {}
-        if imgs:
-            emb = engine.embed_images(imgs)
-            if tta:  # average with the mirrored image's embedding, then renormalise
-                from PIL import ImageOps
-
-                emb = emb + engine.embed_images([ImageOps.mirror(i) for i in imgs])
-                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-            pred, res = engine.locate(emb)
-            place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
-            for i, p in enumerate(ok):
-                cands = [{"latitude": round(float(pred.lat_deg[i]), 6),
-                          "longitude": round(float(pred.lon_deg[i]), 6),
-                          "score": round(float(pred.confidence[i]), 4)}]
-                for a in range(pred.alt_lat_deg.shape[1]):
-                    if np.isfinite(pred.alt_lat_deg[i, a]):
-                        cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
-                                      "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
-                                      "score": round(float(pred.alt_score[i, a]), 4)})
-                results[p] = {
-                    "image": str(p), "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
-                    "confidence": cands[0]["score"], "country": str(place["country"][i]),
-                    "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
-                    "city": str(place["city"][i]), "candidates": cands,
-                    "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
-                                    "longitude": float(res.lon_deg[i, j]),
-                                    "similarity": round(float(res.similarity[i, j]), 4)}
-                                   for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0],
-                }
+        results = dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta))) if imgs else {}
         for p in chunk:
             yield p, results.get(p), errors.get(p)
 

@@ -12,3 +12,9 @@ fi
 # machines (torch 2.13 with PyPI's torchvision fails to import). Elsewhere any torch >= 2.1 works.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The web app's browser test drives Debian's Chromium through Playwright. Install it where we can
+# (root with apt, as on CI); elsewhere that one test is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi

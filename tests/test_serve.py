@@ -1,0 +1,147 @@
+"""The HTTP API and page: answers, health, OpenAPI, and every kind of bad or hostile upload."""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embed.build import main as embed_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served(sample_root, tiny_model, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from retrieve.engine import Engine
+    from retrieve.serve import create_app
+
+    out = tmp_path_factory.mktemp("serve-engine")
+    assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
+                       "--workers", "0", "--set", "tune=false"]) == 0
+    app = create_app(Engine(out / "index"), max_upload_bytes=200_000, max_pixels=4_000_000)
+    return TestClient(app), out
+
+
+def _jpeg(size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_locate_answers_like_query_json_plus_neighbours(served, sample_root):
+    client, _ = served
+    img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+    r = client.post("/locate", files={"image": (img.name, img.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert {"image", "latitude", "longitude", "confidence", "country", "region", "sub_region", "city",
+            "candidates", "neighbours"} == set(a)
+    assert a["image"] == img.name and len(a["neighbours"]) > 0
+    assert {"id", "latitude", "longitude", "similarity"} == set(a["neighbours"][0])
+
+
+def test_health_openapi_and_page(served):
+    client, _ = served
+    h = client.get("/health").json()
+    assert h["ready"] and h["images"] == 2000 and h["backbone"].startswith("tiny@")
+    spec = client.get("/openapi.json").json()
+    assert {"/locate", "/health"} <= set(spec["paths"])
+    assert "drop" in client.get("/").text.lower()
+    assert client.get("/world.jpg").content[:2] == b"\xff\xd8"
+    assert "fetch(\"/locate\"" in client.get("/app.js").text
+
+
+@pytest.mark.parametrize("name,payload,ctype,status,message", [
+    ("text.jpg", b"<html>not a picture</html>", "image/jpeg", 415, "not an image"),
+    ("empty.jpg", b"", "image/jpeg", 400, "empty"),
+    ("trunc.jpg", _jpeg((400, 300))[:600], "image/jpeg", 422, "unreadable"),
+    ("big.jpg", _jpeg((800, 800)) + b"\0" * 250_000, "image/jpeg", 413, "over the limit"),
+])
+def test_bad_uploads_get_a_clear_4xx(served, name, payload, ctype, status, message):
+    client, _ = served
+    r = client.post("/locate", files={"image": (name, payload, ctype)})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(served):
+    client, _ = served
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, "PNG")  # 25 MP in a few kB
+    assert len(buf.getvalue()) < 200_000
+    r = client.post("/locate", files={"image": ("bomb.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and "too large: 5000x5000" in r.json()["error"]
+
+
+def test_wrong_requests(served):
+    client, _ = served
+    r = client.post("/locate", content=json.dumps({"url": "http://example.com/a.jpg"}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = client.post("/locate", data={"other": "x"}, files={"nothing": ("a.txt", b"x", "text/plain")})
+    assert r.status_code == 400 and "field `image`" in r.json()["error"]
+    r = client.post("/locate")
+    assert r.status_code == 415
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_in_a_real_browser(served, sample_root):
+    from playwright.sync_api import sync_playwright
+
+    _, out = served
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "retrieve.serve", "--index", str(out / "index"),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("document.getElementById('health').textContent.includes('training images')")
+            page.set_input_files("#file", str(img))
+            page.wait_for_selector("#place", timeout=30_000)
+            coords = page.text_content("#coords")
+            lat, lon = (float(v) for v in coords.split(","))
+            assert -90 <= lat <= 90 and -180 <= lon <= 180
+            assert page.locator(".marker.answer").count() == 1
+            assert page.locator(".marker.neighbour").count() > 0
+            assert page.text_content("#confidence").endswith("%")
+            # a bad file shows the server's error on the page
+            bad = img.with_name("not-an-image.txt")
+            page.set_input_files("#file", files=[{"name": "bad.jpg", "mimeType": "image/jpeg",
+                                                  "buffer": b"not an image"}])
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "not an image" in page.text_content("#error")
+            assert not bad.exists()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
