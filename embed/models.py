@@ -5,6 +5,7 @@
     vit-l-14-datacomp       ViT-L-14, datacomp_xl_s13b_b90k: the OSV-5M paper's backbone
     ARCH:TAG                any open_clip pretrained pair, e.g. ViT-B-16:laion2b_s34b_b88k
     random:ARCH             an open_clip architecture (or `default`) with random weights, seeded
+    pixels:N                raw pixels: the image at 4N px, area-averaged to N x N x 3 (a baseline)
     PATH                    a checkpoint folder written by finetune (manifest.json + visual.pt)
 
 Pretrained weights come from the Hugging Face hub through open_clip and are cached there. When they are
@@ -223,6 +224,21 @@ def random_backbone(arch_name: str, seed: int = 0) -> Backbone:
                                                                                   "random": seed})
 
 
+def pixels_backbone(side_px: int) -> Backbone:
+    """`pixels:N`: the image itself, N x N x 3, as the embedding (the raw-pixel kNN baseline)."""
+    import open_clip
+    import torch
+    from torch.nn import functional as F
+
+    class Pixels(torch.nn.Module):
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(x, side_px).flatten(1)
+
+    return Backbone(name=f"pixels:{side_px}", model=Pixels(), image_size=4 * side_px,
+                    mean=tuple(open_clip.OPENAI_DATASET_MEAN), std=tuple(open_clip.OPENAI_DATASET_STD),
+                    dim=3 * side_px * side_px, source={"pixels": side_px})
+
+
 def load_backbone(name: str = "default") -> Backbone:
     """The backbone a name stands for (see the module docstring). Raises BackboneError."""
     if name == "default":
@@ -235,11 +251,16 @@ def load_backbone(name: str = "default") -> Backbone:
         return load_pretrained(arch, tag, name=name, hf_repo=repo)
     if name.startswith("random:"):
         return random_backbone(name.split(":", 1)[1])
+    if name.startswith("pixels:"):
+        try:
+            return pixels_backbone(int(name.split(":", 1)[1]))
+        except ValueError:
+            raise BackboneError(f"pixels:N needs a whole number of pixels, got {name!r}") from None
     path = Path(name)
     if path.is_dir():
         return load_checkpoint(path)
     if ":" in name and not path.exists():
         arch, tag = name.split(":", 1)
         return load_pretrained(arch, tag)
-    known = ", ".join(["default", *ALIASES, "ARCH:TAG", "random:ARCH", "a checkpoint folder"])
+    known = ", ".join(["default", *ALIASES, "ARCH:TAG", "random:ARCH", "pixels:N", "a checkpoint folder"])
     raise BackboneError(f"unknown model {name!r}; expected one of: {known}")

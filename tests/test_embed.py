@@ -200,3 +200,17 @@ def test_torchrun_two_ranks_split_the_shards(sample_root, tiny_model, tmp_path):
     ids = np.concatenate([read_shard(p).ids for p in shard_paths(shards)])
     assert len(set(ids)) == 2000
     assert GeoIndex(out / "index").count == 2000
+
+
+def test_pixels_baseline_backbone():
+    import torch
+
+    bb = load_backbone("pixels:16")
+    assert bb.name == "pixels:16" and bb.dim == 768 and bb.image_size == 64
+    x = torch.zeros(1, 3, 64, 64)
+    x[:, 0, :32] = 1.0  # top half red
+    out = bb.model(x)
+    assert out.shape == (1, 768)
+    assert out[0, :128].sum() == 128 and out[0, 128:256].sum() == 0  # the top 8 of 16 rows
+    with pytest.raises(BackboneError, match="whole number"):
+        load_backbone("pixels:x")
