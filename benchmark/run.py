@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geovote.config import ConfigError, add_config_args, load_config
+from geovote.config import ConfigError, add_config_args, load_config, overrides_from_args
 from geovote.geo import haversine_km, latlon_to_unit, spherical_mean, unit_to_latlon
 from geovote.metrics import ADMIN_LEVELS, SCORE_KEYS, geoscore, score
 
@@ -315,11 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     add_config_args(ap)
     args = ap.parse_args(argv)
-    overrides = list(args.overrides)
-    for key in ("data", "engine", "split", "out", "methods"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = overrides_from_args(args, ("data", "engine", "split", "out", "methods"))
     from embed.models import BackboneError
     from geovote.data import DataError
     from geovote.shards import ShardError

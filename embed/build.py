@@ -32,7 +32,7 @@ import numpy as np
 
 from embed.images import DEFAULT_MAX_PIXELS, ImageFailure, open_rgb
 from embed.models import BackboneError, load_backbone
-from geovote.config import ConfigError, add_config_args, load_config
+from geovote.config import ConfigError, add_config_args, load_config, overrides_from_args
 from geovote.data import DataError, read_split
 from geovote.shards import MANIFEST, ShardError, shard_paths, write_shard
 from index.store import IndexError_
@@ -280,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int)
     add_config_args(ap)
     args = ap.parse_args(argv)
-    overrides = list(args.overrides)
-    for key in ("data", "model", "out", "batch_size", "workers"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    if args.splits:
-        overrides.append(f"splits={json.dumps(args.splits)}")
+    overrides = overrides_from_args(args, ("data", "model", "out", "batch_size", "workers", "splits"))
     try:
         cfg = load_config(EmbedConfig, args.config, overrides)
         out = run(cfg)

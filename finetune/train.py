@@ -345,10 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     args = ap.parse_args(argv)
+    from embed.models import BackboneError
+    from geovote.data import DataError
+
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         state = train(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"best validation GeoScore {state['best']:.0f}; checkpoint: {Path(cfg.out) / 'best'}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -85,3 +86,13 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", type=Path, default=None, help="TOML file of settings")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one setting (repeatable)")
+
+
+def overrides_from_args(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
+    """`--set` overrides, then one `key=value` for each of `keys` given as its own flag (flags win)."""
+    out = list(args.overrides)
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
