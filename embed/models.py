@@ -33,6 +33,40 @@ class BackboneError(Exception):
     pass
 
 
+PIL_FILTERS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
+
+
+class ShortestSideTransform:
+    """Resize the shortest side to `size` (torchvision's rounding), centre-crop `size` x `size`, scale to
+    [0, 1], normalise: open_clip's evaluation transform for resize_mode 'shortest'."""
+
+    def __init__(self, size: int, mean, std, interpolation: str = "bicubic"):
+        import numpy as np
+
+        self.size, self.filter = int(size), PIL_FILTERS[interpolation]
+        self.mean = np.asarray(mean, np.float32)[:, None, None]
+        self.std = np.asarray(std, np.float32)[:, None, None]
+
+    def __call__(self, img):
+        import numpy as np
+        import torch
+
+        w, h = img.size
+        s = self.size
+        if (w, h) != (s, s):
+            if w <= h:
+                new = (s, int(s * h / w))
+            else:
+                new = (int(s * w / h), s)
+            if new != (w, h):
+                img = img.resize(new, self.filter)
+            w, h = img.size
+            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+            img = img.crop((left, top, left + s, top + s))
+        x = np.asarray(img.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((x - self.mean) / self.std)
+
+
 @dataclass
 class Backbone:
     name: str  # identifies architecture and weights; recorded in shard and index manifests
@@ -46,7 +80,11 @@ class Backbone:
     source: dict = field(default_factory=dict)  # how it was made: arch, tag, checkpoint manifest
 
     def transform(self):
-        """PIL image -> normalised tensor, open_clip's evaluation preprocessing."""
+        """PIL image -> normalised tensor, open_clip's evaluation preprocessing. The common case (shortest
+        side resized, centre crop) is done here with PIL and numpy, equal to open_clip's to the float
+        (tested), so answering a query needs neither torchvision nor open_clip imported."""
+        if self.resize_mode == "shortest" and self.interpolation in PIL_FILTERS:
+            return ShortestSideTransform(self.image_size, self.mean, self.std, self.interpolation)
         import open_clip
 
         return open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std,

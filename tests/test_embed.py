@@ -214,3 +214,19 @@ def test_pixels_baseline_backbone():
     assert out[0, :128].sum() == 128 and out[0, 128:256].sum() == 0  # the top 8 of 16 rows
     with pytest.raises(BackboneError, match="whole number"):
         load_backbone("pixels:x")
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 50), (50, 97), (513, 384), (33, 31)])
+def test_our_preprocessing_equals_open_clip(size):
+    import open_clip
+    import torch
+
+    from embed.models import ShortestSideTransform
+
+    img = Image.fromarray(np.random.default_rng(size[0]).integers(0, 255, (size[1], size[0], 3), np.uint8))
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    ref = open_clip.image_transform(64, is_train=False, mean=mean, std=std, resize_mode="shortest",
+                                    interpolation="bicubic")(img)
+    ours = ShortestSideTransform(64, mean, std, "bicubic")(img)
+    assert ours.shape == ref.shape == (3, 64, 64)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
