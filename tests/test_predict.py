@@ -34,9 +34,10 @@ def _brute_vote(sim, lat, lon, cells, p: VoteParams):
 
         chord2 = {(i, j): (2 * R * math.sin(haversine_km(la[i], lo[i], la[j], lo[j]) / (2 * R))) ** 2
                   for i in idx for j in idx}
+        heavy = sorted(members, key=lambda i: (-w[i], i))[:p.n_starts]
         density = {i: sum(w[j] * math.exp(-chord2[i, j] / (2 * p.bandwidth_km ** 2)) for j in idx)
-                   for i in members}
-        start = max(members, key=lambda i: (density[i], -i))
+                   for i in heavy}
+        start = max(heavy, key=lambda i: (density[i], -heavy.index(i)))
         pt = np.array([math.cos(math.radians(la[start])) * math.cos(math.radians(lo[start])),
                        math.cos(math.radians(la[start])) * math.sin(math.radians(lo[start])),
                        math.sin(math.radians(la[start]))])
@@ -75,7 +76,8 @@ def test_vote_matches_brute_force(centers):
     lat[3, 5:] = lon[3, 5:] = np.nan
     cells_sys = H3Cells((1, 2, 3))
     cells = cells_sys.assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(40, 30, 3)
-    params = VoteParams(k=25, temperature=0.1, bandwidth_km=80.0, levels=(0, 1, 2), mean_shift_steps=2)
+    params = VoteParams(k=25, temperature=0.1, bandwidth_km=80.0, levels=(0, 1, 2), mean_shift_steps=2,
+                        n_starts=5)
     got = vote(sim, lat, lon, cells, params)
     want = _brute_vote(sim, lat, lon, cells.tolist(), params)
     dist = haversine_km(got.lat_deg, got.lon_deg, want[:, 0], want[:, 1])
