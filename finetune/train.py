@@ -52,6 +52,9 @@ class TrainConfig:
     crop_scale_min: float = 0.6
     color_jitter: float = 0.2
     hflip: bool = False  # street views carry text and drive sides: no flips by default
+    rotate_deg: float = 0.0  # random rotation up to +-this (reflect-padded first: no empty corners)
+    zoom: float = 0.0  # with rotate_deg: random scale in [1 / (1 + zoom), 1 + zoom]
+    views: int = 1  # augmented views of each image per batch; >1 makes each image its own positive
     workers: int = 1
     grad_checkpointing: bool = True  # on CUDA
     max_minutes: float = 0.0  # stop at the first epoch end past this budget (0: no limit)
@@ -64,26 +67,38 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 class ImageDataset:
-    """(image tensor, row) pairs; every row's targets live in arrays indexed by row."""
+    """(image tensor, row) pairs; every row's targets live in arrays indexed by row. With views > 1 the
+    tensor is (views, 3, H, W): independent augmentations of one image."""
 
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[Path], transform, views: int = 1):
+        self.paths, self.transform, self.views = paths, transform, views
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        import torch
         from PIL import Image
 
         with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB")), i
+            img = img.convert("RGB")
+            if self.views == 1:
+                return self.transform(img), i
+            return torch.stack([self.transform(img) for _ in range(self.views)]), i
 
 
 def train_transform(cfg: TrainConfig, backbone):
     from torchvision import transforms as T
 
-    ops = [T.RandomResizedCrop(backbone.image_size, scale=(cfg.crop_scale_min, 1.0), ratio=(0.9, 1.1),
-                               interpolation=T.InterpolationMode.BICUBIC)]
+    size = backbone.image_size
+    ops = []
+    if cfg.rotate_deg > 0:
+        zoom = (1 / (1 + cfg.zoom), 1 + cfg.zoom) if cfg.zoom > 0 else None
+        ops += [T.Pad(size // 2, padding_mode="reflect"),
+                T.RandomAffine(cfg.rotate_deg, scale=zoom, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(size)]
+    ops.append(T.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(0.9, 1.1),
+                                   interpolation=T.InterpolationMode.BICUBIC))
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
     if cfg.color_jitter > 0:
@@ -247,7 +262,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     params = [{"params": trainable_parameters(visual, cfg.train), "lr": tower_lr},
               {"params": list(head.parameters()), "lr": cfg.lr}]
     opt = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=cfg.weight_decay)
-    loader_ds = ImageDataset(train_split.image_paths(), train_transform(cfg, backbone))
+    loader_ds = ImageDataset(train_split.image_paths(), train_transform(cfg, backbone), cfg.views)
     sampler = (torch.utils.data.DistributedSampler(loader_ds, world, rank, seed=cfg.seed)
                if world > 1 else None)
     loader = torch.utils.data.DataLoader(loader_ds, batch_size=cfg.batch_size, sampler=sampler,
@@ -287,6 +302,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         model.train()
         t0, seen, losses = time.perf_counter(), 0, []
         for x, rows in loader:
+            if x.ndim == 5:  # (B, views, 3, H, W): the views of one image share its targets
+                rows = rows.repeat_interleave(x.shape[1])
+                x = x.flatten(0, 1)
             x = x.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 feat, logits, offsets = ddp(x)
