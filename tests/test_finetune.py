@@ -26,7 +26,8 @@ def _cfg(sample_root, out, **kw):
 
 
 @pytest.mark.parametrize("weights", [dict(hybrid_weight=1.0, retrieval_weight=0.0, region_weight=0.0),
-                                     dict(hybrid_weight=0.0, retrieval_weight=1.0, region_weight=0.0),
+                                     dict(hybrid_weight=0.0, retrieval_weight=1.0, region_weight=0.0,
+                                          views=2, rotate_deg=180.0, zoom=0.25),
                                      dict(hybrid_weight=0.0, retrieval_weight=0.0, region_weight=1.0)])
 def test_each_objective_changes_the_tower_and_writes_a_loadable_checkpoint(sample_root, tmp_path, weights):
     out = tmp_path / "run"
@@ -35,6 +36,7 @@ def test_each_objective_changes_the_tower_and_writes_a_loadable_checkpoint(sampl
     assert np.isfinite(state["history"][0]["loss"]) and state["history"][0]["val_geoscore"] > 0
     bb = load_backbone(str(out / "best"))
     manifest = json.loads((out / "best" / "manifest.json").read_text())
+    assert manifest["config"]["views"] == weights.get("views", 1)
     assert manifest["objectives"] == {"hybrid": weights["hybrid_weight"], "region": weights["region_weight"],
                                       "retrieval": weights["retrieval_weight"]}
     assert manifest["epochs"] == 1 and manifest["val_geoscore"] == pytest.approx(state["best"])

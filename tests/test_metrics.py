@@ -74,3 +74,25 @@ def test_score_all_keys_and_admin_levels():
     assert (out["acc_country"], out["n_country"]) == (1.0, 2)
     assert (out["acc_region"], out["n_region"]) == (1.0, 1)
     assert out["n_city"] == 0 and math.isnan(out["acc_city"])
+
+
+def test_cached_place_table_answers_exactly_as_the_package(tmp_path, monkeypatch):
+    import numpy as np
+
+    from geovote import geocode
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    geocode.places.cache_clear()
+    try:
+        fresh = geocode.places()  # parses the package's CSV and writes the cache
+        assert len(list((tmp_path / "geovote").glob("places-*.npz"))) == 1
+        geocode.places.cache_clear()
+        cached = geocode.places()  # from the cache
+        assert cached is not fresh
+        rng = np.random.default_rng(3)
+        lat, lon = rng.uniform(-90, 90, 5000), rng.uniform(-180, 180, 5000)
+        np.testing.assert_array_equal(cached.nearest(lat, lon), fresh.nearest(lat, lon))
+        for col in ("name", "admin1", "admin2", "cc"):
+            assert list(getattr(cached, col)) == list(getattr(fresh, col))
+    finally:
+        geocode.places.cache_clear()
