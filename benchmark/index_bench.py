@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import faiss
 
-    both = clustered_vectors(args.n + args.queries, args.dim, seed=0)
-    base, queries = both[:args.n], both[args.n:]
-    del both
+    base = clustered_vectors(args.n + args.queries, args.dim, seed=0)  # one array: 5M x 512 is 10 GB
+    queries = base[args.n:].copy()
+    base = base[:args.n]
     shards = args.workdir / f"shards_{args.n}"
     if not (shards / "manifest.json").exists():
         shards.mkdir(parents=True, exist_ok=True)
@@ -76,17 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             write_shard(shards / f"shard-{j:05d}.parquet", [f"v{start + i}" for i in range(m)],
                         np.zeros(m), np.zeros(m), base[sl])
         (shards / "manifest.json").write_text(json.dumps({"backbone": "synthetic", "dim": args.dim}))
-    base16 = base.astype(np.float16).astype(np.float32)  # what the shards hold
-    del base
+    for start in range(0, args.n, SHARD_ROWS):  # in place: what the shards hold (fp16), as float32
+        base[start:start + SHARD_ROWS] = base[start:start + SHARD_ROWS].astype(np.float16)
+    base16 = base
 
-    t0 = time.perf_counter()
-    flat = faiss.IndexFlatIP(args.dim)
-    flat.add(base16)
     t1 = time.perf_counter()
-    _, truth = flat.search(queries, 10)
+    _, truth = faiss.knn(queries, base16, 10, metric=faiss.METRIC_INNER_PRODUCT)  # exact, no copy
     exact_qps = len(queries) / (time.perf_counter() - t1)
-    exact_build = t1 - t0
-    del flat
+    exact_build = 0.0
 
     t0 = time.perf_counter()
     info = build_index(shards, args.workdir / f"index_{args.n}", log=lambda *_: None)
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     idx = GeoIndex(args.workdir / f"index_{args.n}")
     ram_b = (idx.folder / "index.faiss").stat().st_size / args.n
     disk_b = sum(f.stat().st_size for f in idx.folder.iterdir()) / args.n
-    rows = [("exact (IndexFlatIP, float32 in RAM)", exact_build, 4 * args.dim, 4 * args.dim, 1.0, exact_qps)]
+    rows = [("exact (faiss.knn, float32 in RAM)", exact_build, 4 * args.dim, 4 * args.dim, 1.0, exact_qps)]
 
     def timed(name, search, build, ram, disk):
         search(queries[:100])  # warm up
