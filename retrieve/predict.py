@@ -91,16 +91,19 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
     Densities at n_starts points, not all k: O(k * n_starts) a query."""
     q, k = w.shape
     m = min(n_starts, k)
-    heavy = np.argsort(-np.where(candidate, w, -1.0), axis=1, kind="stable")[:, :m]  # (Q, M)
-    ok = np.take_along_axis(candidate, heavy, 1)
-    starts = np.take_along_axis(xyz, heavy[:, :, None], 1)  # (Q, M, 3)
+    score = np.where(candidate, w, -1.0)
+    pick = np.argpartition(-score, m - 1, axis=1)[:, :m] if m < k else np.broadcast_to(np.arange(k), (q, k))
+    # heaviest first, ties by neighbour rank: the order the search returned them in
+    pick = np.take_along_axis(pick, np.lexsort((pick, -np.take_along_axis(score, pick, 1))), 1)
+    ok = np.take_along_axis(candidate, pick, 1)
+    starts = np.take_along_axis(xyz, pick[:, :, None], 1)  # (Q, M, 3)
     inv_two_h2 = 1.0 / (2.0 * (bandwidth_km / EARTH_RADIUS_KM) ** 2)
     d2 = np.maximum(2.0 - 2.0 * np.einsum("qmc,qkc->qmk", starts, xyz), 0.0)
     density = np.einsum("qmk,qk->qm", np.exp(-d2 * inv_two_h2), w)
     best = np.argmax(np.where(ok, density, -1.0), axis=1)
     point = starts[np.arange(q), best]
     for _ in range(steps):  # mean shift on the sphere: weighted mean of kernel-weighted neighbours
-        d2 = np.sum((xyz - point[:, None]) ** 2, axis=2)  # chord^2 ~ angle^2 at these scales
+        d2 = np.maximum(2.0 - 2.0 * np.einsum("qkc,qc->qk", xyz, point), 0.0)  # chord^2 ~ angle^2 here
         kw = w * np.exp(-d2 * inv_two_h2)
         moved = np.einsum("qk,qkc->qc", kw, xyz)
         norm = np.linalg.norm(moved, axis=1, keepdims=True)
