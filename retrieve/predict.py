@@ -88,7 +88,8 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
           n_starts: int) -> np.ndarray:
     """(Q, 3) unit vector of the density peak: of the `n_starts` heaviest candidate neighbours, the one
     where the weighted kernel density of all neighbours is highest, then moved by mean shift.
-    Densities at n_starts points, not all k: O(k * n_starts) a query."""
+    Densities at n_starts points, not all k: O(k * n_starts) a query. float64 on purpose: in float32,
+    latitudes recovered from unit vectors near the poles are off by kilometres."""
     q, k = w.shape
     m = min(n_starts, k)
     score = np.where(candidate, w, -1.0)
