@@ -22,11 +22,12 @@ import numpy as np
 from geovote.geo import haversine_km
 from geovote.metrics import geoscore
 
-GRID = {
-    "k": (5, 10, 20, 50),
-    "temperature": (0.01, 0.03, 0.1),
-    "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)), ("quadtree", (2, 4, 6))),
-    "bandwidth_km": (10.0, 25.0, 75.0, 200.0),
+GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat on the edge (200 km)
+    "k": (3, 5, 10, 20, 50),
+    "temperature": (0.01, 0.03, 0.1, 0.3),
+    "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)),
+              ("quadtree", (1, 3)), ("quadtree", (2, 4, 6)), ("quadtree", (3, 6))),
+    "bandwidth_km": (25.0, 75.0, 200.0, 400.0, 800.0),
 }
 
 
