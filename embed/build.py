@@ -253,7 +253,7 @@ def run(cfg: EmbedConfig, log=print) -> Path:
         from index.store import build_index
 
         build_index(out / "embeddings" / "train", out / "index", factory=cfg.index_factory or None, log=log)
-        if cfg.tune and (root / "val.csv").is_file():
+        if cfg.tune:  # on val, or without one on train images held out of their own search
             _tune(out / "index", cfg.model, root, cfg.workers, log)
     distributed.barrier()
     return out

@@ -6,6 +6,11 @@ and store them with the index (retrieve.json).
 
 The validation images are embedded once (resumable) beside the index. One search at the largest k serves
 every setting; the grid is small enough to be exhaustive. 1-NN and the weighted mean are scored too.
+
+A dataset without val.csv (OSV-5M) is tuned on training images held out of their own search: 2,000
+random train rows query the index, and every neighbour that is the query itself, lies within 1 km of it
+(OSV-5M keeps train and test 1 km apart) or shares its capture `sequence` (when the CSV has one) is
+removed before voting.
 """
 from __future__ import annotations
 
@@ -48,16 +53,59 @@ def embed_for_eval(engine, data: Path, split: str, workers: int = 2):
             np.concatenate([x.embedding for x in shards]).astype(np.float32))
 
 
+CARVE_QUERIES = 2000
+CARVE_EXCLUDE_KM = 1.0
+CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
+
+
+def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
+    """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
+    neighbourhood (itself, < 1 km, same sequence) from a SearchResult."""
+    from geovote.data import csv_columns, read_split, split_csv
+    from geovote.shards import iter_shards
+
+    shards = list(iter_shards(engine.index_dir.parent / "embeddings" / "train"))
+    ids = np.concatenate([x.ids for x in shards]).astype(str)
+    lat = np.concatenate([x.lat_deg for x in shards])
+    lon = np.concatenate([x.lon_deg for x in shards])
+    rows = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False))
+    emb = np.concatenate([x.embedding for x in shards])[rows].astype(np.float32)
+    seq_of = None
+    if "sequence" in csv_columns(split_csv(data, "train")):
+        t = read_split(data, "train", columns=("sequence",), check_images=False)
+        seq_of = dict(zip(t.ids.astype(str), t.column("sequence").astype(str)))
+    q_ids, q_lat, q_lon = ids[rows], lat[rows], lon[rows]
+
+    def exclude(res):
+        own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
+                                                           q_lon[:, None]) < CARVE_EXCLUDE_KM)
+        if seq_of is not None:
+            q_seq = np.array([seq_of.get(i, "") for i in q_ids])[:, None]
+            own |= np.vectorize(lambda i: seq_of.get(i, "\0"))(res.ids.astype(str)) == q_seq
+        order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
+        keep = ~np.take_along_axis(own, order, 1)
+        pick = lambda a, fill: np.where(keep, np.take_along_axis(a, order, 1), fill)  # noqa: E731
+        return replace(res, similarity=pick(res.similarity, -np.inf).astype(np.float32),
+                       rows=pick(res.rows, -1), ids=pick(res.ids, ""), lat_deg=pick(res.lat_deg, np.nan),
+                       lon_deg=pick(res.lon_deg, np.nan))
+
+    return q_ids, emb, q_lat, q_lon, exclude
+
+
 def score(lat, lon, true_lat, true_lon) -> dict:
     d = haversine_km(lat, lon, true_lat, true_lon)
     return {"geoscore": float(np.mean(geoscore(d))), "acc_25km": float(np.mean(d < 25)),
             "median_km": float(np.median(d))}
 
 
-def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print) -> tuple[object, dict, list]:
+def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) -> tuple[object, dict, list]:
+    """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
     from retrieve.predict import one_nn, vote, weighted_mean
 
-    res = engine.search(emb, max(grid["k"]))
+    if exclude is None:
+        res = engine.search(emb, max(grid["k"]))
+    else:
+        res = exclude(engine.search(emb, max(grid["k"]) + CARVE_EXTRA))
     trials = []
     t0 = time.perf_counter()
     for cells, levels in grid["cells"]:
@@ -80,11 +128,24 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print) -> tuple[object,
 
 
 def tune_and_save(engine, data: Path, split: str = "val", workers: int = 2, log=print):
-    """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path)."""
+    """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
+    Without a val split, tunes on train images held out of their own search (carve_from_train)."""
+    from geovote.data import DataError
     from retrieve.engine import save_params
 
-    _, lat, lon, emb = embed_for_eval(engine, data, split, workers)
-    best, scores, trials = tune(engine, emb, lat, lon, log=log)
+    from geovote.data import split_csv
+
+    exclude = None
+    try:
+        split_csv(data, split)
+        _, lat, lon, emb = embed_for_eval(engine, data, split, workers)
+    except DataError:
+        if split != "val":
+            raise
+        log(f"{data} has no val split: tuning on {CARVE_QUERIES:,} train images held out of their own search")
+        _, emb, lat, lon, exclude = carve_from_train(engine, data)
+        split = "train (held out of its own search)"
+    best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
                                                                "images": len(emb), **scores},
                                                 "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})

@@ -85,3 +85,47 @@ def test_cell_tables():
     assert qt.shape == (150, 2)
     with pytest.raises(ValueError, match="h3 or quadtree"):
         cell_table(lat, lon, RetrieveParams(cells="s2"))
+
+
+def test_without_val_split_tuning_holds_train_images_out_of_their_own_search(sample_root, tiny_model, tmp_path,
+                                                                             capsys):
+    import shutil
+
+    from geovote.geo import haversine_km
+    from retrieve.tune import carve_from_train
+
+    data = tmp_path / "noval"
+    data.mkdir()
+    shutil.copy(sample_root / "train.csv", data / "train.csv")
+    shutil.copytree(sample_root / "images" / "train", data / "images" / "train")
+    out = tmp_path / "engine"
+    assert embed_main(["--data", str(data), "--model", str(tiny_model), "--out", str(out), "--workers", "0"]) == 0
+    assert "no val split: tuning on 2,000 train images held out" in capsys.readouterr().out
+    saved = json.loads((out / "index" / "retrieve.json").read_text())
+    assert saved["validation"]["split"].startswith("train (held out")
+    # no query keeps itself or anything within 1 km among its neighbours
+    engine = Engine(out / "index")
+    _, emb, lat, lon, exclude = carve_from_train(engine, data, n=300)
+    res = exclude(engine.search(emb, 60))
+    found = res.rows >= 0
+    assert found.sum(1).min() >= 10
+    d = haversine_km(res.lat_deg, res.lon_deg, lat[:, None], lon[:, None])
+    assert np.all(d[found] >= 1.0)
+    assert np.all(np.diff(np.where(found, res.similarity, -np.inf), axis=1)[found[:, 1:]] <= 1e-6)  # rank order kept
+    # with a `sequence` column, neighbours from the query's own capture sequence are dropped too
+    import csv
+
+    seq_root = tmp_path / "seq"
+    seq_root.mkdir()
+    with open(data / "train.csv") as f, open(seq_root / "train.csv", "w", newline="") as g:
+        reader = csv.DictReader(f)
+        writer = csv.DictWriter(g, [*reader.fieldnames, "sequence"])
+        writer.writeheader()
+        seq = {}
+        for i, row in enumerate(reader):
+            seq[row["id"]] = f"s{i % 97}"  # 97 long sequences spread over the world
+            writer.writerow({**row, "sequence": seq[row["id"]]})
+    q_ids, emb, lat, lon, exclude = carve_from_train(engine, seq_root, n=300)
+    res = exclude(engine.search(emb, 60))
+    for q, row in zip(q_ids, res.ids):
+        assert all(seq[i] != seq[q] for i in row if i)
