@@ -27,3 +27,14 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     bb = _finish("tiny", build_tower(TINY_ARCH), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), {})
     return save_checkpoint(tmp_path_factory.mktemp("models") / "tiny", bb, TINY_ARCH, "tiny", {"base": "test"})
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(sample_root, tiny_model, tmp_path_factory):
+    """The small sample indexed by `embed.build` with the tiny model (train + val embedded, tuned)."""
+    from embed.build import main as embed_main
+
+    out = tmp_path_factory.mktemp("tiny-engine")
+    assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
+                       "--workers", "0"]) == 0
+    return out

@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 
 from benchmark.run import METHODS, bootstrap_ci, main as run_main
-from embed.build import main as embed_main
 from geovote.metrics import SCORE_KEYS
 
 
-@pytest.fixture(scope="module")
-def engine_dir(sample_root, tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-engine")
-    assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
-                       "--workers", "0"]) == 0
-    return out
+@pytest.fixture()
+def engine_dir(tiny_engine):
+    return tiny_engine
 
 
 def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, tmp_path, capsys):

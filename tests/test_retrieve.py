@@ -11,12 +11,9 @@ from retrieve.query import main as query_main
 from retrieve.tune import main as tune_main
 
 
-@pytest.fixture(scope="module")
-def built(sample_root, tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine")
-    assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
-                       "--workers", "0"]) == 0
-    return out
+@pytest.fixture()
+def built(tiny_engine):
+    return tiny_engine
 
 
 def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built, tmp_path, capsys):
