@@ -129,8 +129,9 @@ def build_tower(arch: dict):
         raise BackboneError(f"bad architecture spec {arch}: {e}") from None
 
 
-def _finish(name: str, visual, mean, std, source: dict, resize_mode="shortest",
-            interpolation="bicubic") -> Backbone:
+def wrap_tower(name: str, visual, mean, std, source: dict, resize_mode="shortest",
+               interpolation="bicubic") -> Backbone:
+    """A Backbone around an image tower (put in eval mode; size and dimension read off it)."""
     visual.eval()
     size = _image_size(visual)
     return Backbone(name=name, model=visual, image_size=size, mean=tuple(mean), std=tuple(std),
@@ -179,8 +180,8 @@ def load_pretrained(arch: str, tag: str, name: str | None = None, hf_repo: str |
     model = open_clip.create_model(arch, pretrained=pretrained)
     mean = cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
     std = cfg.get("std") or open_clip.OPENAI_DATASET_STD
-    return _finish(name or f"{arch}:{tag}", model.visual, mean, std, {"arch": arch, "pretrained": tag},
-                   cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic"))
+    return wrap_tower(name or f"{arch}:{tag}", model.visual, mean, std, {"arch": arch, "pretrained": tag},
+                      cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic"))
 
 
 def _file_sha256(path: Path) -> str:
@@ -221,8 +222,9 @@ def load_checkpoint(folder: str | Path) -> Backbone:
     pre = manifest["preprocessing"]
     # the name changes whenever the weights do, so an index never meets queries from other weights
     name = f"{manifest.get('name', folder.name)}@{_file_sha256(weights)[:12]}"
-    return _finish(name, visual, pre["mean"], pre["std"], {"checkpoint": str(folder), "manifest": manifest},
-                   pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"))
+    source = {"checkpoint": str(folder), "manifest": manifest}
+    return wrap_tower(name, visual, pre["mean"], pre["std"], source, pre.get("resize_mode", "shortest"),
+                      pre.get("interpolation", "bicubic"))
 
 
 def save_checkpoint(folder: str | Path, backbone: Backbone, arch: dict, name: str, record: dict,
@@ -255,11 +257,11 @@ def random_backbone(arch_name: str, seed: int = 0) -> Backbone:
     if arch_name == "default":
         manifest = read_checkpoint_manifest(DEFAULT_MODEL_DIR)
         pre = manifest["preprocessing"]
-        return _finish("random:default", build_tower(manifest["arch"]), pre["mean"], pre["std"],
-                       {"arch": manifest["arch"], "random": seed})
-    return _finish(f"random:{arch_name}", build_tower({"open_clip": arch_name}),
-                   open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, {"arch": arch_name,
-                                                                                  "random": seed})
+        return wrap_tower("random:default", build_tower(manifest["arch"]), pre["mean"], pre["std"],
+                          {"arch": manifest["arch"], "random": seed})
+    return wrap_tower(f"random:{arch_name}", build_tower({"open_clip": arch_name}),
+                      open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
+                      {"arch": arch_name, "random": seed})
 
 
 def pixels_backbone(side_px: int) -> Backbone:

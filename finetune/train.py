@@ -162,23 +162,21 @@ def trainable_parameters(visual, mode: str) -> list:
     return params
 
 
-class GeoModel:
+def geo_model(visual, head):
     """Tower + cell head in one module, so that DDP sees every parameter in one forward."""
+    import torch
 
-    def __new__(cls, visual, head):
-        import torch
+    class GeoModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual, self.head = visual, head
 
-        class _GeoModel(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.visual, self.head = visual, head
+        def forward(self, x):
+            feat = self.visual(x).float()
+            logits, offsets = self.head(feat)
+            return feat, logits, offsets
 
-            def forward(self, x):
-                feat = self.visual(x).float()
-                logits, offsets = self.head(feat)
-                return feat, logits, offsets
-
-        return _GeoModel()
+    return GeoModel()
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -217,7 +215,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     import torch
     from torch.nn import functional as F
 
-    from embed.models import build_tower, load_backbone, save_checkpoint, _finish
+    from embed.models import build_tower, load_backbone, save_checkpoint, wrap_tower
     from geovote import distributed
     from geovote.cells import QuadTree
     from geovote.data import read_split
@@ -239,8 +237,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         arch = json.loads(cfg.arch)
         import open_clip
 
-        backbone = _finish(cfg.name, build_tower(arch), open_clip.OPENAI_DATASET_MEAN,
-                           open_clip.OPENAI_DATASET_STD, {"arch": arch})
+        backbone = wrap_tower(cfg.name, build_tower(arch), open_clip.OPENAI_DATASET_MEAN,
+                              open_clip.OPENAI_DATASET_STD, {"arch": arch})
         backbone.model.train()
         tower_lr = cfg.lr
     else:
@@ -279,7 +277,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    model = GeoModel(visual, head)
+    model = geo_model(visual, head)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     state = {"epoch": 0, "step": 0, "best": -1.0, "history": []}

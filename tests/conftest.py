@@ -22,10 +22,10 @@ def tiny_model(tmp_path_factory):
     """A checkpoint folder with a tiny random ViT: the code path of every finetune checkpoint."""
     import torch
 
-    from embed.models import _finish, build_tower, save_checkpoint
+    from embed.models import build_tower, save_checkpoint, wrap_tower
 
     torch.manual_seed(0)
-    bb = _finish("tiny", build_tower(TINY_ARCH), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), {})
+    bb = wrap_tower("tiny", build_tower(TINY_ARCH), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), {})
     return save_checkpoint(tmp_path_factory.mktemp("models") / "tiny", bb, TINY_ARCH, "tiny", {"base": "test"})
 
 
