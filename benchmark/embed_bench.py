@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=-1, help="-1: auto (embed.build.decode_workers)")
     ap.add_argument("--jpeg-size", default=None, help="WxH: re-encode the images at this size first")
     args = ap.parse_args(argv)
     import torch
     from torch.nn import functional as F
 
-    from embed.build import EmbedConfig, embed_split
+    from embed.build import EmbedConfig, decode_workers, embed_split
     from embed.images import open_rgb
     from embed.models import load_backbone
     from geovote import distributed
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' re-encoded at ' + args.jpeg_size if size else ''}, batch {args.batch_size}, {where}")
     print(f"{'method':<40} {'images/s':>10} {'vs ceiling':>11}")
     rows = (("ceiling: forward only (pre-decoded)", ceiling), ("plain loop (PIL + preprocess)", plain),
-            (f"embed.build ({args.workers} workers)", ours))
+            (f"embed.build ({decode_workers(args.workers)} workers)", ours))
     for name, rate in rows:
         print(f"{name:<40} {rate:>10,.0f} {rate / ceiling:>10.0%}")
     print(f"embed.build / plain loop: {ours / plain:.2f}x")

@@ -115,7 +115,7 @@ def human(answer: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def predict_split(engine, data: Path, split: str, out: Path, workers: int = 2) -> Path:
+def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1) -> Path:
     """Embed a split (resumable, beside the index) and write its predictions as parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq

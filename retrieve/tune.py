@@ -36,7 +36,7 @@ GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat 
 }
 
 
-def embed_for_eval(engine, data: Path, split: str, workers: int = 2):
+def embed_for_eval(engine, data: Path, split: str, workers: int = -1):
     """(ids, lat, lon, embeddings float32) of a split, embedded once beside the index."""
     from embed.build import EmbedConfig, embed_split
     from geovote.data import read_split
@@ -127,7 +127,7 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
     return best, {"voting": best_score, **baselines}, trials
 
 
-def tune_and_save(engine, data: Path, split: str = "val", workers: int = 2, log=print):
+def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log=print):
     """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
     Without a val split, tunes on train images held out of their own search (carve_from_train)."""
     from geovote.data import DataError
