@@ -106,12 +106,14 @@ def human(answer: dict, top: int) -> str:
     alts = answer["candidates"][1:top]
     if alts:
         from geovote.geo import haversine_km
+        from geovote.geocode import reverse_geocode
 
+        where = reverse_geocode([c["latitude"] for c in alts], [c["longitude"] for c in alts])
         lines.append("  alternatives:")
-        for c in alts:
+        for i, c in enumerate(alts):
             d = float(haversine_km(lat, lon, c["latitude"], c["longitude"]))
-            lines.append(f"    {c['latitude']:.4f}, {c['longitude']:.4f}  "
-                         f"(score {c['score']:.0%}, {d:,.0f} km away)")
+            lines.append(f"    {c['latitude']:.4f}, {c['longitude']:.4f}  near {where['city'][i]}, "
+                         f"{where['country'][i]}  (score {c['score']:.0%}, {d:,.0f} km away)")
     return "\n".join(lines)
 
 
