@@ -68,23 +68,25 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- data
 class ImageDataset:
     """(image tensor, row) pairs; every row's targets live in arrays indexed by row. With views > 1 the
-    tensor is (views, 3, H, W): independent augmentations of one image."""
+    tensor is (views, 3, H, W): independent augmentations of one image. Images are read as embed reads
+    them (embed.images.open_rgb: every mode to RGB, large JPEGs decoded small)."""
 
-    def __init__(self, paths: list[Path], transform, views: int = 1):
+    def __init__(self, paths: list[Path], transform, views: int = 1, min_side_px: int = 64):
         self.paths, self.transform, self.views = paths, transform, views
+        self.min_side_px = min_side_px
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         import torch
-        from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("RGB")
-            if self.views == 1:
-                return self.transform(img), i
-            return torch.stack([self.transform(img) for _ in range(self.views)]), i
+        from embed.images import open_rgb
+
+        img = open_rgb(self.paths[i], self.min_side_px)
+        if self.views == 1:
+            return self.transform(img), i
+        return torch.stack([self.transform(img) for _ in range(self.views)]), i
 
 
 def train_transform(cfg: TrainConfig, backbone):
@@ -180,13 +182,14 @@ def geo_model(visual, head):
 
 
 # ---------------------------------------------------------------------------------------- validation
-def embed_paths(visual, paths: list[Path], transform, batch_size: int = 512, workers: int = 0, device="cpu"):
+def embed_paths(visual, paths: list[Path], transform, image_size: int, batch_size: int = 512,
+                workers: int = 0, device="cpu"):
     """L2-normalised float32 embeddings of images (evaluation preprocessing)."""
     import torch
     from torch.nn import functional as F
 
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, transform), batch_size=batch_size,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(ImageDataset(paths, transform, min_side_px=image_size),
+                                         batch_size=batch_size, num_workers=workers)
     out = []
     visual.eval()
     with torch.inference_mode():
@@ -260,7 +263,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     params = [{"params": trainable_parameters(visual, cfg.train), "lr": tower_lr},
               {"params": list(head.parameters()), "lr": cfg.lr}]
     opt = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=cfg.weight_decay)
-    loader_ds = ImageDataset(train_split.image_paths(), train_transform(cfg, backbone), cfg.views)
+    loader_ds = ImageDataset(train_split.image_paths(), train_transform(cfg, backbone), cfg.views,
+                             backbone.image_size)
     sampler = (torch.utils.data.DistributedSampler(loader_ds, world, rank, seed=cfg.seed)
                if world > 1 else None)
     loader = torch.utils.data.DataLoader(loader_ds, batch_size=cfg.batch_size, sampler=sampler,
@@ -329,8 +333,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         record = {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else None,
                   "samples_per_s": rate}
         if rank == 0:
-            tr = embed_paths(visual, train_split.image_paths(), eval_tf, device=device)
-            va = embed_paths(visual, val_split.image_paths(), eval_tf, device=device)
+            tr = embed_paths(visual, train_split.image_paths(), eval_tf, backbone.image_size, device=device)
+            va = embed_paths(visual, val_split.image_paths(), eval_tf, backbone.image_size, device=device)
             score = knn_geoscore(tr, t_lat, t_lon, cells, va, val_split.lat_deg, val_split.lon_deg,
                                  cfg.val_k, cfg.val_temperature)
             record["val_geoscore"] = score
