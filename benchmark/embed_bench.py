@@ -51,23 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=-1, help="-1: auto (embed.build.decode_workers)")
+    ap.add_argument("--workers", type=int, default=-1, help="-1: auto (embed.split.decode_workers)")
     ap.add_argument("--jpeg-size", default=None, help="WxH: re-encode the images at this size first")
     args = ap.parse_args(argv)
     import torch
-    from torch.nn import functional as F
 
-    from embed.build import EmbedConfig, decode_workers, embed_split
+    from embed.features import FeatureExtractor
     from embed.images import open_rgb
     from embed.models import load_backbone
-    from geovote import distributed
+    from embed.split import EmbedConfig, decode_workers, embed_split
+    from geovote.bundled_sample import ensure_sample
     from geovote.data import read_split
-    from geovote.sample import ensure_sample
 
     backbone = load_backbone(args.model)
-    device = distributed.local_device()
-    cuda = device.startswith("cuda")
-    model = backbone.model.to(device).eval()
+    forward = FeatureExtractor(backbone, batch_size=args.batch_size)  # the one extractor all callers use
+    cuda = forward.cuda
     size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
     work = Path(tempfile.mkdtemp(prefix="geovote-embed-bench-"))
     try:
@@ -75,10 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         split = read_split(data, "train", rejects_path=work / "rejects.csv")
         paths = split.image_paths()
         tf = backbone.transform()
-
-        def forward(x):
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                return F.normalize(model(x.to(device, non_blocking=True)).float(), dim=1).cpu()
 
         def sync():
             if cuda:

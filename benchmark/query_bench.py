@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1000)
     args = ap.parse_args(argv)
     from embed.images import open_rgb
+    from geovote.layout import resolve
     from geovote.paths import default_sample_root
+    from retrieve.answer import answers_for_images
     from retrieve.engine import Engine
     from retrieve.predict import vote
-    from retrieve.query import answers_for_images, default_index
 
-    index = args.index or default_index()
+    index = resolve(index=args.index).require_index()
     paths = sorted((default_sample_root() / "images" / "test").rglob("*.jpg"))[:args.images]
     cold = []
     for p in paths[:3]:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     table = np.asarray(engine.cells(params))
     t0 = time.perf_counter()
     cells = table[np.maximum(res.rows, 0)]
-    vote(res.similarity, res.lat_deg, res.lon_deg, cells, params.vote_params())
+    vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
     vote_s = time.perf_counter() - t0
     print(f"index {index} ({engine.index.count:,} images, {engine.index.info['factory']}), "
           f"model {engine.backbone.name}")

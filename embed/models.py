@@ -151,7 +151,7 @@ def _cached_weights(hf_repo: str) -> str | None:
 
 def _require_weights(arch: str, tag: str, hf_repo: str) -> str | None:
     """The cached weights file, or None when it must be downloaded and the hub answers; else raise."""
-    from geovote.download import OfflineError, check_online
+    from geovote.hub import OfflineError, check_online
 
     cached = _cached_weights(hf_repo) if hf_repo and "://" not in hf_repo else None
     if cached is None:

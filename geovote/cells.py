@@ -221,7 +221,8 @@ class QuadTree:
 
 @dataclass
 class H3Cells:
-    """H3 cells at a few resolutions, coarse to fine (see REFERENCE.md for sizes)."""
+    """H3 cells at a few resolutions, coarse to fine (mean edge: res 0 1,281 km, 1 483, 2 182, 3 69, 4 26,
+    5 9.9 km; h3geo.org)."""
 
     resolutions: tuple[int, ...] = (1, 2, 3, 4)
 

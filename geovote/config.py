@@ -49,7 +49,10 @@ def _apply(cls: type, values: dict, source: str, current: dict) -> dict:
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}; "
                               f"known: {', '.join(hints)}")
-        current[key] = _check(cls, key, value, hints[key])
+        try:
+            current[key] = _check(cls, key, value, hints[key])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return current
 
 
@@ -80,6 +83,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         values = _apply(cls, data, str(path), values)
     values = _apply(cls, dict(parse_override(o) for o in overrides), "--set", values)
     return cls(**values)
+
+
+def config_from_dict(cls: type[T], values: dict, source: str) -> T:
+    """`cls` from a plain dict (e.g. a section of a JSON file), checked as a TOML file is: an unknown
+    key or a wrong type is a ConfigError naming `source`; keys absent from `values` keep their defaults."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a table of {cls.__name__} settings, got {values!r}")
+    try:
+        return cls(**_apply(cls, values, source, {}))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a dataclass's own __post_init__ checks
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def add_config_args(ap: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""torchrun support shared by the stages: rank and world size, and a barrier, on 1 or N processes."""
+"""torchrun support shared by the stages: rank and world size, and a barrier, on 1 or N processes (each
+process's device: embed.features.pick_device)."""
 from __future__ import annotations
 
 import os
@@ -23,11 +24,3 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def local_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"

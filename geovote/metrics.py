@@ -1,4 +1,5 @@
-"""OSV-5M's metrics, as its code computes them, minus its quirks (see REFERENCE.md).
+"""OSV-5M's metrics, as its code computes them, minus its quirks (upstream's missing-value mask tests
+"nan" while missing values read as NaN, so rows with a missing truth count as wrong).
 
 - distances: haversine on a 6371 km sphere;
 - GeoScore: mean of 5000 * exp(-d_km / 1492.7);
@@ -36,6 +37,11 @@ SCORE_KEYS = (
 def geoscore(dist_km) -> np.ndarray:
     """Per-image GeoGuessr score in [0, 5000]."""
     return GEOSCORE_MAX * np.exp(-np.asarray(dist_km, dtype=np.float64) / GEOSCORE_SCALE_KM)
+
+
+def mean_geoscore(pred_lat_deg, pred_lon_deg, true_lat_deg, true_lon_deg) -> float:
+    """GeoScore of aligned predictions and truths: the one number tuning and validation maximise."""
+    return float(geoscore(haversine_km(pred_lat_deg, pred_lon_deg, true_lat_deg, true_lon_deg)).mean())
 
 
 def distance_metrics(dist_km) -> dict[str, float]:

@@ -4,7 +4,8 @@ A shard folder holds `shard-NNNNN.parquet` files with columns
     id (string), latitude, longitude (float64, degrees),
     embedding (fixed_size_list<halffloat>[dim], L2-normalised)
 and a `manifest.json` (backbone, preprocessing, dim, rows, dataset, config, code version) written by the
-embedding stage. Readers go shard by shard, so memory is bounded by one shard.
+embedding stage. Readers go shard by shard: `iter_shards` holds one shard at a time, `read_embeddings`
+the result plus one shard.
 """
 from __future__ import annotations
 
@@ -84,6 +85,35 @@ def read_shard(path: str | Path) -> Shard:
 def iter_shards(folder: str | Path) -> Iterator[Shard]:
     for path in shard_paths(folder):
         yield read_shard(path)
+
+
+def read_embeddings(folder: str | Path, rows: np.ndarray | None = None, dtype=np.float32) -> Shard:
+    """Every shard of `folder` as one Shard (or only the sorted global `rows` of it), read shard by shard
+    into arrays allocated once: the peak is the result plus one shard, never a list of shards plus
+    their concatenation. Embeddings as `dtype` (float32 for numpy/FAISS maths, float16 to halve memory)."""
+    paths = shard_paths(folder)
+    sizes, dim = shard_sizes(folder)
+    total = sum(sizes)
+    if rows is None:
+        rows = np.arange(total)
+    rows = np.asarray(rows, np.int64)
+    if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= total):
+        raise ShardError(f"rows must be sorted, distinct and within the {total} rows of {folder}")
+    out = Shard(ids=np.empty(len(rows), object), lat_deg=np.empty(len(rows)), lon_deg=np.empty(len(rows)),
+                embedding=np.empty((len(rows), dim), dtype))
+    start, filled = 0, 0
+    for path, size in zip(paths, sizes):
+        lo, hi = np.searchsorted(rows, [start, start + size])
+        if hi > lo:
+            s = read_shard(path)
+            local = rows[lo:hi] - start
+            out.ids[filled:filled + hi - lo] = s.ids[local]
+            out.lat_deg[filled:filled + hi - lo] = s.lat_deg[local]
+            out.lon_deg[filled:filled + hi - lo] = s.lon_deg[local]
+            out.embedding[filled:filled + hi - lo] = s.embedding[local]
+            filled += hi - lo
+        start += size
+    return out
 
 
 def shard_sizes(folder: str | Path) -> tuple[list[int], int]:

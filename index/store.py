@@ -8,8 +8,8 @@ Index folder (all arrays row-aligned with FAISS ids 0..N-1):
     ids.npy            image ids, fixed-width bytes, memory-mapped
     index.json         version, factory, metric, dim, count, nprobe, shortlist, embedding manifest
 
-Why re-rank: PQ codes order neighbours poorly (recall@10 0.34 against exact search on 1M vectors with
-IVF1024,PQ64, REFERENCE.md); re-scoring a shortlist of `shortlist * k` candidates exactly from
+Why re-rank: PQ codes order neighbours poorly (recall@10 about 0.34 against exact search on 1M clustered
+vectors with IVF1024,PQ64); re-scoring a shortlist of `shortlist * k` candidates exactly from
 the fp16 copy brings it near 1. FAISS's IndexRefine does the re-scoring in C++ (15x the numpy gather +
 einsum it replaced, benchmark/index_bench.py). The copy is memory-mapped (faiss.IO_FLAG_MMAP_IFC): it
 costs disk, and RAM only as the page cache allows. refine.faiss is written by streaming the shards
@@ -196,10 +196,10 @@ def _gpu_device(device: str) -> str | None:
 class GeoIndex:
     """An opened index folder. `search(queries, k)` -> SearchResult.
 
-    device: 'auto' (default: CUDA when torch sees a GPU), 'cpu' or 'cuda'. On CUDA the fp16 vectors are
-    loaded on the GPU once and every search is exact (fp16 matmul + top-k): faster than IVF-PQ there, and
-    the faiss-gpu-cu12 wheel has no Hopper kernels (REFERENCE.md). A FAISS GPU build, when installed and
-    seeing a GPU, takes over the exact (Flat) index instead.
+    device: 'cpu' (default), 'auto' (CUDA when torch sees a GPU; what retrieve.engine asks for) or
+    'cuda'. On CUDA the fp16 vectors are loaded on the GPU once and every search is exact (fp16 matmul +
+    top-k): faster than IVF-PQ there, and the faiss-gpu-cu12 wheel has no Hopper kernels. A FAISS GPU
+    build, when installed and seeing a GPU, takes over the exact (Flat) index instead.
     """
 
     def __init__(self, folder: str | Path, device: str = "cpu"):

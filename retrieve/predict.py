@@ -25,14 +25,50 @@ from geovote.geo import EARTH_RADIUS_KM, chord_for_km, latlon_to_unit, unit_to_l
 
 
 @dataclass
-class VoteParams:
-    k: int = 50  # neighbours used (the first k of those searched)
+class VoteConfig:
+    """The one set of voting parameters: the engine's defaults, what retrieve.tune chooses and stores in
+    retrieve.json, and what finetune's validation scores with."""
+
+    cells: str = "h3"  # h3 | quadtree: the cells the neighbours vote over
+    levels: tuple[int, ...] = (1, 3)  # H3 resolutions, or QuadTree depths, coarse to fine
+    quadtree_max_points: int = 100  # QuadTree cells split while they hold more training images
+    k: int = 20  # neighbours used (the first k of those searched)
     temperature: float = 0.05  # T of softmax(sim / T)
     bandwidth_km: float = 50.0  # h: kernel of the refinement and radius (2h) of the confidence
-    levels: tuple[int, ...] = (0, 1, 2)  # which of the cell table's levels vote, coarse to fine
     mean_shift_steps: int = 3
     n_alternatives: int = 3
     n_starts: int = 8  # the refinement starts from the best of the 8 heaviest neighbours in the cell
+
+    def __post_init__(self):
+        self.levels = tuple(int(v) for v in self.levels)
+        if self.cells not in CELL_SYSTEMS:
+            raise ValueError(f"cells must be one of {', '.join(CELL_SYSTEMS)}, got {self.cells!r}")
+        if not self.levels or list(self.levels) != sorted(set(self.levels)) or min(self.levels) < 0:
+            raise ValueError(f"levels must be distinct, increasing and >= 0, got {self.levels}")
+        if self.k < 1 or self.temperature <= 0 or self.bandwidth_km <= 0 or self.n_starts < 1:
+            raise ValueError("k and n_starts must be >= 1, temperature and bandwidth_km > 0")
+        if self.mean_shift_steps < 0 or self.n_alternatives < 0:
+            raise ValueError("mean_shift_steps and n_alternatives must be >= 0")
+
+    @property
+    def cell_spec(self) -> str:
+        """Names the cell table these settings vote over (its cache file in the index folder)."""
+        levels = "-".join(map(str, self.levels))
+        return f"h3_{levels}" if self.cells == "h3" else f"quadtree{self.quadtree_max_points}_{levels}"
+
+
+CELL_SYSTEMS = ("h3", "quadtree")
+
+
+def cell_table(lat_deg: np.ndarray, lon_deg: np.ndarray, cfg: VoteConfig) -> np.ndarray:
+    """(N, L) cell id of each point at each of `cfg.levels`: what `vote` takes, row by neighbour."""
+    from geovote.cells import H3Cells, QuadTree
+
+    if cfg.cells == "h3":
+        return H3Cells(tuple(cfg.levels)).assign(lat_deg, lon_deg)
+    tree = QuadTree.build(lat_deg, lon_deg, cfg.quadtree_max_points)
+    table = tree.assign(lat_deg, lon_deg)
+    return table[:, [min(level, table.shape[1] - 1) for level in cfg.levels]]
 
 
 @dataclass
@@ -113,11 +149,14 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
 
 
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
-         params: VoteParams) -> Prediction:
-    """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L)."""
+         params: VoteConfig) -> Prediction:
+    """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
+    neighbour's cell at every voting level, coarse to fine (rows of `cell_table`). Uses params.k,
+    temperature, bandwidth_km, mean_shift_steps, n_alternatives and n_starts; the cells and levels
+    settings are those `cells` was made with."""
     k = min(params.k, sim.shape[1])
     sim, lat, lon = sim[:, :k], np.asarray(lat_deg[:, :k], float), np.asarray(lon_deg[:, :k], float)
-    cells = np.asarray(cells)[:, :k][:, :, list(params.levels)]
+    cells = np.asarray(cells)[:, :k]
     valid = np.isfinite(sim) & np.isfinite(lat)
     sim = np.where(valid, sim, -np.inf)
     w = softmax_weights(sim, params.temperature)

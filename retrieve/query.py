@@ -16,16 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from embed.models import BackboneError
+from geovote.config import ConfigError
+from geovote.data import DataError
+from geovote.layout import EngineMissing, resolve
+from geovote.paths import default_sample_root
+from index.store import IndexError_
+from retrieve.answer import answers, predict_split
+from retrieve.engine import Engine
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-BATCH = 64
-
-
-def default_index() -> Path:
-    from geovote.paths import default_sample_root
-
-    return default_sample_root() / "geovote" / "default" / "index"
 
 
 def expand(inputs: list[str]) -> list[Path]:
@@ -42,59 +42,6 @@ def expand(inputs: list[str]) -> list[Path]:
 
 def osm_link(lat: float, lon: float, zoom: int = 10) -> str:
     return f"https://www.openstreetmap.org/?mlat={lat:.5f}&mlon={lon:.5f}#map={zoom}/{lat:.5f}/{lon:.5f}"
-
-
-def answers_for_images(engine, images: list, names: list[str], tta: bool = False) -> list[dict]:
-    """PIL images -> answer dicts (the --json keys plus `neighbours`), in order."""
-    from geovote.geocode import reverse_geocode
-
-    emb = engine.embed_images(images)
-    if tta:  # average with the mirrored image's embedding, then renormalise
-        from PIL import ImageOps
-
-        emb = emb + engine.embed_images([ImageOps.mirror(i) for i in images])
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pred, res = engine.locate(emb)
-    place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
-    out = []
-    for i, name in enumerate(names):
-        cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
-                  "score": round(float(pred.confidence[i]), 4)}]
-        for a in range(pred.alt_lat_deg.shape[1]):
-            if np.isfinite(pred.alt_lat_deg[i, a]):
-                cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
-                              "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
-                              "score": round(float(pred.alt_score[i, a]), 4)})
-        out.append({
-            "image": name, "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
-            "confidence": cands[0]["score"], "country": str(place["country"][i]),
-            "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
-            "city": str(place["city"][i]), "candidates": cands,
-            "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
-                            "longitude": float(res.lon_deg[i, j]),
-                            "similarity": round(float(res.similarity[i, j]), 4)}
-                           for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0],
-        })
-    return out
-
-
-def answers(engine, paths: list[Path], tta: bool = False):
-    """Yield (path, answer dict or None, error or None), in order, in batches."""
-    from embed.images import ImageFailure, open_rgb
-
-    size = engine.backbone.image_size
-    for start in range(0, len(paths), BATCH):
-        chunk = paths[start:start + BATCH]
-        imgs, ok, errors = [], [], {}
-        for p in chunk:
-            try:
-                imgs.append(open_rgb(p, size))
-                ok.append(p)
-            except ImageFailure as e:
-                errors[p] = str(e)
-        results = dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta))) if imgs else {}
-        for p in chunk:
-            yield p, results.get(p), errors.get(p)
 
 
 def human(answer: dict, top: int) -> str:
@@ -117,34 +64,6 @@ def human(answer: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1) -> Path:
-    """Embed a split (resumable, beside the index) and write its predictions as parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from embed.build import EmbedConfig, embed_split
-    from geovote.data import read_split
-    from geovote.shards import iter_shards
-
-    s = read_split(data, split, rejects_path=engine.index_dir.parent / f"rejects-{split}.csv")
-    emb_dir = engine.index_dir.parent / "embeddings" / split
-    cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
-    embed_split(s, engine.backbone, emb_dir, cfg, data, log=lambda m: print(m, file=sys.stderr))
-    ids, lat, lon, conf = [], [], [], []
-    for shard in iter_shards(emb_dir):
-        for start in range(0, len(shard), 4096):
-            pred, _ = engine.locate(shard.embedding[start:start + 4096].astype(np.float32))
-            ids += list(shard.ids[start:start + 4096])
-            lat.append(pred.lat_deg)
-            lon.append(pred.lon_deg)
-            conf.append(pred.confidence)
-    table = pa.table({"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
-                      "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.query", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,24 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.images and not args.split:
         ap.error("give image files or folders, or --split")
-    from embed.models import BackboneError
-    from geovote.data import DataError
-    from index.store import IndexError_
-    from retrieve.engine import Engine
-
-    index = args.index or default_index()
+    layout = resolve(index=args.index)
     try:
-        if not index.exists() and args.index is None:
-            raise IndexError_(f"no index at {index}: build it first with `python -m embed.build`")
-        engine = Engine(index, model=args.model)
+        engine = Engine(layout.require_index(), model=args.model)
         if args.split:
-            from geovote.paths import default_sample_root
-
             data = args.data or default_sample_root()
-            out = args.out or index.parent / f"predictions-{args.split}.parquet"
+            out = args.out or layout.predictions(args.split)
             print(predict_split(engine, data, args.split, out))
             return 0
-    except (IndexError_, BackboneError, DataError, ValueError) as e:
+    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0

@@ -6,173 +6,41 @@ and store them with the index (retrieve.json).
 
 The validation images are embedded once (resumable) beside the index. One search at the largest k serves
 every setting; the grid is small enough to be exhaustive. 1-NN and the weighted mean are scored too.
-
-A dataset without val.csv (OSV-5M) is tuned on training images held out of their own search: 2,000
-random train rows query the index, and every neighbour that is the query itself, lies within 1 km of it
-(OSV-5M keeps train and test 1 km apart) or shares its capture `sequence` (when the CSV has one) is
-removed before voting.
+A dataset without val.csv (OSV-5M) is tuned on 2,000 training images held out of their own search (the
+image itself, anything within 1 km, its capture sequence). The work is done by retrieve.tuning.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from geovote.geo import haversine_km
-from geovote.metrics import geoscore
-
-GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat on the edge (200 km)
-    "k": (3, 5, 10, 20, 50),
-    "temperature": (0.01, 0.03, 0.1, 0.3),
-    "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)),
-              ("quadtree", (1, 3)), ("quadtree", (2, 4, 6)), ("quadtree", (3, 6))),
-    "bandwidth_km": (25.0, 75.0, 200.0, 400.0, 800.0),
-}
-
-
-def embed_for_eval(engine, data: Path, split: str, workers: int = -1):
-    """(ids, lat, lon, embeddings float32) of a split, embedded once beside the index."""
-    from embed.build import EmbedConfig, embed_split
-    from geovote.data import read_split
-    from geovote.shards import iter_shards
-
-    s = read_split(data, split, rejects_path=engine.index_dir.parent / f"rejects-{split}.csv")
-    emb_dir = engine.index_dir.parent / "embeddings" / split
-    cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
-    if not (emb_dir / "manifest.json").exists():
-        embed_split(s, engine.backbone, emb_dir, cfg, data, log=lambda m: print(m, file=sys.stderr))
-    shards = list(iter_shards(emb_dir))
-    return (np.concatenate([x.ids for x in shards]), np.concatenate([x.lat_deg for x in shards]),
-            np.concatenate([x.lon_deg for x in shards]),
-            np.concatenate([x.embedding for x in shards]).astype(np.float32))
-
-
-CARVE_QUERIES = 2000
-CARVE_EXCLUDE_KM = 1.0
-CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
-
-
-def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
-    """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
-    neighbourhood (itself, < 1 km, same sequence) from a SearchResult."""
-    from geovote.data import csv_columns, read_split, split_csv
-    from geovote.shards import iter_shards
-
-    shards = list(iter_shards(engine.index_dir.parent / "embeddings" / "train"))
-    ids = np.concatenate([x.ids for x in shards]).astype(str)
-    lat = np.concatenate([x.lat_deg for x in shards])
-    lon = np.concatenate([x.lon_deg for x in shards])
-    rows = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False))
-    emb = np.concatenate([x.embedding for x in shards])[rows].astype(np.float32)
-    seq_of = None
-    if "sequence" in csv_columns(split_csv(data, "train")):
-        t = read_split(data, "train", columns=("sequence",), check_images=False)
-        seq_of = dict(zip(t.ids.astype(str), t.column("sequence").astype(str)))
-    q_ids, q_lat, q_lon = ids[rows], lat[rows], lon[rows]
-
-    def exclude(res):
-        own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
-                                                           q_lon[:, None]) < CARVE_EXCLUDE_KM)
-        if seq_of is not None:
-            q_seq = np.array([seq_of.get(i, "") for i in q_ids])[:, None]
-            own |= np.vectorize(lambda i: seq_of.get(i, "\0"))(res.ids.astype(str)) == q_seq
-        order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
-        keep = ~np.take_along_axis(own, order, 1)
-        pick = lambda a, fill: np.where(keep, np.take_along_axis(a, order, 1), fill)  # noqa: E731
-        return replace(res, similarity=pick(res.similarity, -np.inf).astype(np.float32),
-                       rows=pick(res.rows, -1), ids=pick(res.ids, ""), lat_deg=pick(res.lat_deg, np.nan),
-                       lon_deg=pick(res.lon_deg, np.nan))
-
-    return q_ids, emb, q_lat, q_lon, exclude
-
-
-def score(lat, lon, true_lat, true_lon) -> dict:
-    d = haversine_km(lat, lon, true_lat, true_lon)
-    return {"geoscore": float(np.mean(geoscore(d))), "acc_25km": float(np.mean(d < 25)),
-            "median_km": float(np.median(d))}
-
-
-def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) -> tuple[object, dict, list]:
-    """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
-    from retrieve.predict import one_nn, vote, weighted_mean
-
-    if exclude is None:
-        res = engine.search(emb, max(grid["k"]))
-    else:
-        res = exclude(engine.search(emb, max(grid["k"]) + CARVE_EXTRA))
-    trials = []
-    t0 = time.perf_counter()
-    for cells, levels in grid["cells"]:
-        base = replace(engine.params, cells=cells, levels=tuple(levels))
-        table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
-        for k, temp, bw in itertools.product(grid["k"], grid["temperature"], grid["bandwidth_km"]):
-            p = replace(base, k=k, temperature=temp, bandwidth_km=bw)
-            pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, p.vote_params())
-            trials.append((p, score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)))
-    best, best_score = max(trials, key=lambda t: t[1]["geoscore"])
-    baselines = {"1-nn": score(*one_nn(res.similarity, res.lat_deg, res.lon_deg), true_lat, true_lon)}
-    for k in grid["k"]:
-        for temp in grid["temperature"]:
-            s = score(*weighted_mean(res.similarity[:, :k], res.lat_deg[:, :k], res.lon_deg[:, :k], temp),
-                      true_lat, true_lon)
-            if s["geoscore"] > baselines.get("weighted mean", {"geoscore": -1})["geoscore"]:
-                baselines["weighted mean"] = {**s, "k": k, "temperature": temp}
-    log(f"tuned {len(trials)} settings on {len(emb):,} validation images in {time.perf_counter() - t0:.1f} s")
-    return best, {"voting": best_score, **baselines}, trials
-
-
-def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log=print):
-    """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
-    Without a val split, tunes on train images held out of their own search (carve_from_train)."""
-    from geovote.data import DataError
-    from retrieve.engine import save_params
-
-    from geovote.data import split_csv
-
-    exclude = None
-    try:
-        split_csv(data, split)
-        _, lat, lon, emb = embed_for_eval(engine, data, split, workers)
-    except DataError:
-        if split != "val":
-            raise
-        log(f"{data} has no val split: tuning on {CARVE_QUERIES:,} train images held out of their own search")
-        _, emb, lat, lon, exclude = carve_from_train(engine, data)
-        split = "train (held out of its own search)"
-    best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
-    path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
-                                                               "images": len(emb), **scores},
-                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
-    return best, scores, path
+from embed.models import BackboneError
+from geovote.config import ConfigError
+from geovote.data import DataError
+from geovote.layout import EngineMissing, resolve
+from geovote.paths import default_sample_root
+from index.store import IndexError_
+from retrieve.engine import Engine
+from retrieve.tuning import tune_and_save
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=None)
+    ap.add_argument("--index", type=Path, default=None, help="index folder (default: the sample's)")
     ap.add_argument("--data", type=Path, default=None, help="dataset root (default: the sample)")
     ap.add_argument("--split", default="val")
     args = ap.parse_args(argv)
-    from embed.models import BackboneError
-    from geovote.data import DataError
-    from geovote.paths import default_sample_root
-    from index.store import IndexError_
-    from retrieve.engine import Engine
-    from retrieve.query import default_index
-
     if args.split == "test":
         print("error: tuning on the test split would make its scores meaningless; use val", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.index or default_index())
+        engine = Engine(resolve(index=args.index).require_index())
         best, scores, path = tune_and_save(engine, args.data or default_sample_root(), args.split)
-    except (IndexError_, BackboneError, DataError, ValueError) as e:
+    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, s in scores.items():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from geovote.sample import generate
+from geovote.bundled_sample import generate
 
 SMALL = {"n_train": 2000, "n_val": 200, "n_test": 200, "seed": 0}
 

@@ -4,7 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from benchmark.run import METHODS, bootstrap_ci, main as run_main
+from benchmark.methods import METHODS
+from benchmark.report import bootstrap_ci
+from benchmark.run import main as run_main
 from geovote.metrics import SCORE_KEYS
 
 

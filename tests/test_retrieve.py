@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed.build import main as embed_main
-from retrieve.engine import Engine, RetrieveParams, cell_table
+from retrieve.engine import Engine, load_params
+from retrieve.predict import VoteConfig, cell_table
 from retrieve.query import main as query_main
 from retrieve.tune import main as tune_main
 
@@ -45,7 +46,7 @@ def test_query_for_people_and_folders(sample_root, built, capsys):
 
 def test_query_refuses_a_missing_index(tmp_path, capsys):
     assert query_main(["x.jpg", "--index", str(tmp_path / "none")]) == 2
-    assert "no index folder" in capsys.readouterr().err
+    assert "no index at" in capsys.readouterr().err
 
 
 def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp_path, capsys):
@@ -68,20 +69,20 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     saved = json.loads((built / "index" / "retrieve.json").read_text())
     assert saved["validation"]["images"] == 200 and saved["trials"] > 100
     engine = Engine(built / "index")
-    assert engine.params == RetrieveParams.from_dict(saved["params"])
+    assert engine.params == load_params(built / "index" / "retrieve.json")
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
 
 
 def test_cell_tables():
     lat = np.array([10.0, 10.01, -40.0])
     lon = np.array([20.0, 20.01, 170.0])
-    h3 = cell_table(lat, lon, RetrieveParams(cells="h3", levels=(1, 3)))
+    h3 = cell_table(lat, lon, VoteConfig(cells="h3", levels=(1, 3)))
     assert h3.shape == (3, 2) and h3[0, 0] == h3[1, 0] and h3[0, 0] != h3[2, 0]
-    qt = cell_table(np.repeat(lat, 50), np.repeat(lon, 50), RetrieveParams(cells="quadtree", levels=(1, 2),
+    qt = cell_table(np.repeat(lat, 50), np.repeat(lon, 50), VoteConfig(cells="quadtree", levels=(1, 2),
                                                                            quadtree_max_points=10))
     assert qt.shape == (150, 2)
-    with pytest.raises(ValueError, match="h3 or quadtree"):
-        cell_table(lat, lon, RetrieveParams(cells="s2"))
+    with pytest.raises(ValueError, match="cells must be one of h3, quadtree"):
+        cell_table(lat, lon, VoteConfig(cells="s2"))
 
 
 def test_without_val_split_tuning_holds_train_images_out_of_their_own_search(sample_root, tiny_model, tmp_path,
@@ -89,7 +90,7 @@ def test_without_val_split_tuning_holds_train_images_out_of_their_own_search(sam
     import shutil
 
     from geovote.geo import haversine_km
-    from retrieve.tune import carve_from_train
+    from retrieve.tuning import carve_from_train
 
     data = tmp_path / "noval"
     data.mkdir()

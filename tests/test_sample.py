@@ -10,7 +10,7 @@ from geovote.cells import QuadTree
 from geovote.data import read_split
 from geovote.geo import haversine_km
 from geovote.geocode import reverse_geocode_keys
-from geovote.sample import (TILE_PX, blue_marble, ensure_sample, generate, lonlat_to_px, plain_crop,
+from geovote.bundled_sample import (TILE_PX, blue_marble, ensure_sample, generate, lonlat_to_px, plain_crop,
                             view_crop)
 
 

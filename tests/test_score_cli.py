@@ -40,7 +40,7 @@ def preds(sample_root, tmp_path):
 
 
 def _independent(truth, rows):
-    """The formulas of REFERENCE.md, row by row with the math module and reverse_geocoder itself."""
+    """The formulas of OSV-5M's metrics, row by row with the math module and reverse_geocoder itself."""
     import reverse_geocoder
 
     pred = {i: (lat, lon) for i, lat, lon in rows}

@@ -23,7 +23,7 @@ def served(sample_root, tiny_model, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from retrieve.engine import Engine
-    from retrieve.serve import create_app
+    from retrieve.app import create_app
 
     out = tmp_path_factory.mktemp("serve-engine")
     assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),

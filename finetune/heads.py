@@ -1,4 +1,5 @@
-"""The OSV-5M paper's prediction heads over QuadTree cells, in torch (REFERENCE.md, "the methods").
+"""The OSV-5M paper's prediction heads over QuadTree cells, in torch (Astruc et al., "OpenStreetView-5M",
+CVPR 2024: its classification, regression and hybrid heads).
 
 - classification: logits over the QuadTree's leaves; the answer is the leaf's mean training location.
 - hybrid: the same logits plus, per leaf, an offset `1.2*tanh(.)` in (-1.2, 1.2)^2, scaled by the leaf's
@@ -8,7 +9,7 @@
 - regression: a 3-d vector, normalised onto the unit sphere; loss = great-circle angle to the truth. On
   the sphere rather than lat/lon, so that no loss jumps at the antimeridian or squashes near the poles.
 
-`finetune.train` puts these on the image tower; `benchmark.run` trains them on frozen embeddings.
+`finetune.trainer` puts these on the image tower; `benchmark.methods` trains them on frozen embeddings.
 """
 from __future__ import annotations
 

@@ -1,0 +1,128 @@
+"""The one feature extractor: images -> L2-normalised embeddings, on CUDA when there is a GPU.
+
+Every caller that turns images into vectors goes through `FeatureExtractor`: the embedding stage
+(embed.split), the query engine (retrieve.engine), finetune's validation and the embedding benchmark.
+
+    fx = FeatureExtractor(backbone)            # device "auto": cuda:<LOCAL_RANK> when torch sees a GPU
+    emb = fx.images([pil, pil, ...])           # (N, dim) float32, L2-normalised
+    for rows, emb, reasons in fx.dataset(ds, batches, workers=2): ...
+
+On CUDA the forward runs under bf16 autocast with channels-last inputs, batches are copied from pinned
+memory without blocking; on CPU it runs in float32. The output is always float32, normalised in float32.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(device: str = "auto") -> str:
+    """'auto': this process's GPU (cuda:<LOCAL_RANK>, as torchrun sets it) when torch sees one, else cpu."""
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+class FeatureExtractor:
+    """A backbone's tower on a device, at a precision. `model` may be any module mapping normalised
+    image batches (B, 3, S, S) to (B, dim); `backbone` supplies the preprocessing for `images`."""
+
+    def __init__(self, backbone, device: str = "auto", precision: str = "auto", batch_size: int = 256,
+                 model=None):
+        import torch
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.backbone = backbone
+        self.device = pick_device(device)
+        self.cuda = self.device.startswith("cuda")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.cuda)
+        if self.bf16 and not self.cuda:
+            raise ValueError("bf16 is for CUDA here; on CPU use fp32")
+        self.batch_size = batch_size
+        self.model = (model if model is not None else backbone.model).to(self.device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._transform = None
+
+    def __call__(self, x) -> np.ndarray:
+        """(B, 3, S, S) preprocessed tensor -> (B, dim) float32 L2-normalised numpy array."""
+        import torch
+        from torch.nn import functional as F
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                x = x.to(self.device, non_blocking=True)
+                if self.cuda:
+                    x = x.to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                    out = self.model(x)
+                return F.normalize(out.float(), dim=1).cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
+    def transform(self):
+        if self._transform is None:
+            self._transform = self.backbone.transform()
+        return self._transform
+
+    def images(self, images: list) -> np.ndarray:
+        """PIL images -> (N, dim) float32 embeddings, in batches of `batch_size`."""
+        import torch
+
+        tf = self.transform()
+        out = [self(torch.stack([tf(img) for img in images[s:s + self.batch_size]]))
+               for s in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
+
+    def dataset(self, dataset, batches=None, workers: int = 0):
+        """Yield (rows, embeddings, reasons) per batch of a dataset whose items are (row, tensor, reason):
+        a non-empty reason marks an image that failed to decode (its tensor is ignored, it gets no
+        embedding: `embeddings` has one row per empty reason, in order). `batches`: lists of rows
+        (default: consecutive batches of `batch_size`)."""
+        import torch
+
+        if batches is None:
+            batches = [list(range(s, min(s + self.batch_size, len(dataset))))
+                       for s in range(0, len(dataset), self.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             pin_memory=self.cuda, prefetch_factor=4 if workers else None)
+        for rows, x, reasons in loader:
+            ok = np.array([r == "" for r in reasons], bool)
+            emb = self(x[torch.from_numpy(ok)]) if ok.any() else np.zeros((0, self.backbone.dim), np.float32)
+            yield rows.numpy(), emb, list(reasons)
+
+
+class ImageFiles:
+    """A dataset of image files for `FeatureExtractor.dataset`: row -> (row, tensor, reason). A file
+    that cannot be decoded is a zero tensor and the reason (embed.images.ImageFailure)."""
+
+    def __init__(self, paths: list, transform, image_size: int, max_pixels: int | None = None):
+        from embed.images import DEFAULT_MAX_PIXELS
+
+        self.paths, self.transform, self.image_size = paths, transform, image_size
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        import torch
+
+        from embed.images import ImageFailure, open_rgb
+
+        try:
+            return row, self.transform(open_rgb(self.paths[row], self.image_size, self.max_pixels)), ""
+        except ImageFailure as e:
+            return row, torch.zeros(3, self.image_size, self.image_size), str(e)

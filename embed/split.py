@@ -1,0 +1,201 @@
+"""The embedding stage as a library: one split of a dataset -> embedding shards, resumable.
+
+    embed_split(split, backbone, out_dir, EmbedConfig(...), root)
+
+Output folder (EngineLayout.embeddings(split)):
+    shard-NNNNN.parquet      id, latitude, longitude, embedding (fp16, L2-normalised)
+    manifest.json            backbone, preprocessing, dim, rows, dataset, config, version (written last)
+    failures.csv             images that could not be embedded, with the reason
+    plan.json                pins backbone, dataset, split, rows and ids, so a resumed run cannot mix them
+
+Resumable: shard NNNNN holds rows [NNNNN * shard_rows, ...) of the split's valid rows and is written
+atomically, so a rerun embeds only the shards that are missing. Under torchrun rank r embeds the shards
+s with s % world == r; rank 0 writes the manifest once all are there. The images are turned into vectors
+by the one feature extractor (embed.features). `python -m embed.build` is the command that runs this,
+then the index and the tuning (retrieve.pipeline).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embed.features import FeatureExtractor, ImageFiles
+from embed.images import DEFAULT_MAX_PIXELS
+from geovote.data import DataError
+from geovote.shards import MANIFEST, shard_paths, write_shard
+
+PLAN = "plan.json"
+FAILURES = "failures.csv"
+
+
+@dataclass
+class EmbedConfig:
+    data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample (generated on first use)
+    splits: tuple[str, ...] = ("train",)
+    model: str = "default"  # see embed.models
+    out: str = ""  # "" = <data>/geovote/<model>
+    batch_size: int = 256
+    workers: int = -1  # DataLoader decoding processes; 0: in the main process; -1: auto (decode_workers)
+    shard_rows: int = 16384
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    index: bool = True  # build the FAISS index over the train split
+    index_factory: str = ""  # "" = chosen from the data (index.store.choose_factory)
+    tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
+    throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
+
+
+def code_version() -> str:
+    import geovote
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{geovote.__version__}+{rev}" if rev else geovote.__version__
+
+
+def decode_workers(requested: int) -> int:
+    """-1 (auto): none on a machine of 2 cores or fewer, where worker processes only compete with the
+    forward pass for the same cores (sample, 64 px: 1,173 images/s with 0 workers against 1,025 with 1
+    and 1,063 with 2, docs/BENCHMARKS.md); else half the cores, at most 8."""
+    if requested >= 0:
+        return requested
+    import os
+
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def shard_batches(shards: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of rows that never straddle a shard: shards as (start, stop) row ranges."""
+    return [list(range(b, min(b + batch_size, stop))) for start, stop in shards
+            for b in range(start, stop, batch_size)]
+
+
+def _plan(split, backbone, cfg: EmbedConfig, root: Path) -> dict:
+    ids_hash = hashlib.sha256("\n".join(split.ids.astype(str)).encode()).hexdigest()[:16]
+    return {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
+            "split": split.name, "rows": len(split), "ids_sha256": ids_hash, "shard_rows": cfg.shard_rows}
+
+
+def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, rank: int = 0, world: int = 1,
+                log=print) -> dict | None:
+    """Embed one split into `out_dir`. Returns the manifest (rank 0), after all ranks finish."""
+    from geovote import distributed
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(split, backbone, cfg, root)
+    plan_path = out_dir / PLAN
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            changed = [k for k in plan if old.get(k) != plan[k]]
+            raise DataError(f"{out_dir} holds an earlier run with a different {', '.join(changed)}; "
+                            "use another --out or delete it")
+    elif rank == 0:
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    n = len(split)
+    n_shards = max(1, -(-n // cfg.shard_rows))
+    mine = [s for s in range(n_shards) if s % world == rank]
+    todo = [s for s in mine if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    if len(todo) < len(mine):
+        log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
+    ids, lat, lon = split.ids.astype(str), split.lat_deg, split.lon_deg
+    paths = split.image_paths()
+    ranges = [(s * cfg.shard_rows, min(n, (s + 1) * cfg.shard_rows)) for s in todo]
+    n_todo = sum(b - a for a, b in ranges)
+    extractor = FeatureExtractor(backbone, batch_size=cfg.batch_size)
+    files = ImageFiles(paths, extractor.transform(), backbone.image_size, cfg.max_pixels)
+    writer = ThreadPoolExecutor(1)  # parquet writes overlap the next batches' compute
+    pending = []
+    buf: dict[int, list] = {}
+    done_rows = {s: 0 for s in todo}
+    t0 = time.perf_counter()
+    n_failed = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_todo, unit="img", desc=f"embed {split.name}", disable=rank != 0 or n_todo == 0,
+               mininterval=1.0, file=sys.stderr)
+    for rows, emb, reasons in extractor.dataset(files, shard_batches(ranges, cfg.batch_size),
+                                                decode_workers(cfg.workers)):
+        ok = np.array([r == "" for r in reasons], bool)
+        shard = int(rows[0]) // cfg.shard_rows
+        failed = [(ids[r], str(paths[r]), why) for r, why in zip(rows, reasons) if why]
+        n_failed += len(failed)
+        buf.setdefault(shard, []).append((rows[ok], emb.astype(np.float16), failed))
+        done_rows[shard] += len(rows)
+        start, stop = shard * cfg.shard_rows, min(n, (shard + 1) * cfg.shard_rows)
+        if done_rows[shard] == stop - start:
+            pending.append(writer.submit(_write_shard, out_dir, shard, buf.pop(shard), ids, lat, lon,
+                                         backbone.dim))
+        bar.update(len(rows))
+        if cfg.throttle_s:
+            time.sleep(cfg.throttle_s)
+    bar.close()
+    for f in pending:
+        f.result()  # re-raises a failed write
+    writer.shutdown()
+    elapsed = time.perf_counter() - t0
+    if world > 1:  # callers that embed on rank 0 alone (tuning, predictions) pass world=1: no barrier
+        distributed.barrier()
+    if rank != 0:
+        return None
+    return _finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
+
+
+def _write_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int) -> None:
+    rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    emb = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float16)
+    failed = [f for p in parts for f in p[2]]
+    fail_path = out_dir / f"shard-{shard:05d}.failures.csv"
+    tmp = fail_path.with_name(fail_path.name + ".partial")
+    with open(tmp, "w", newline="") as f:  # before the shard: a finished shard always has its failures
+        w = csv.writer(f)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(failed)
+    tmp.replace(fail_path)
+    write_shard(out_dir / f"shard-{shard:05d}.parquet", ids[rows], lat[rows], lon[rows], emb)
+
+
+def _finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
+                  n_failed_now: int, elapsed: float, log) -> dict:
+    import pyarrow.parquet as pq
+
+    missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    if missing:
+        raise DataError(f"{out_dir}: shards {missing[:5]} missing after the run")
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(out_dir))
+    failures = []
+    for s in range(n_shards):
+        with open(out_dir / f"shard-{s:05d}.failures.csv", newline="") as f:
+            failures += list(csv.reader(f))[1:]
+    with open(out_dir / FAILURES, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(failures)
+    if rows + len(failures) != plan["rows"]:
+        raise DataError(f"{out_dir}: {rows} embedded + {len(failures)} failed != {plan['rows']} rows")
+    manifest = {**plan, "rows": rows, "failures": len(failures), "valid_rows": plan["rows"],
+                "n_shards": n_shards, "preprocessing": backbone.preprocessing(),
+                "config": asdict(cfg), "code_version": code_version(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    rate = n_embedded_now / elapsed if elapsed > 0 else 0.0
+    reasons: dict[str, int] = {}
+    for f in failures:
+        key = f[2].split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    why = f" ({', '.join(f'{v} {k}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    log(f"{plan['split']}: {rows:,} images embedded, {len(failures):,} failed{why}; "
+        f"this run {n_embedded_now:,} images in {elapsed:.1f} s ({rate:,.0f} img/s) -> {out_dir}")
+    return manifest

@@ -1,0 +1,444 @@
+"""Training an open_clip image tower for geolocation, in named steps (`python -m finetune.train` runs it).
+
+    train(cfg) = load_data -> build_model -> make_optimizer -> resume -> (train_epoch -> validate ->
+                 save_best, save_last) per epoch
+
+Objectives, combined with weights (0 turns one off):
+    hybrid     the OSV-5M paper's head: hierarchical QuadTree cross-entropy + L2 on the cell offset
+    region     supervised contrastive loss, positives share `unique_region` (the paper's, T = 0.1)
+    retrieval  supervised contrastive loss, positives share the fine QuadTree cell: shapes the embedding
+               for kNN directly; in-batch negatives
+After each epoch: the GeoScore of the voting predictor (retrieve.predict, default VoteConfig) on the
+validation split with neighbours from train; the best epoch is kept as a checkpoint folder that
+`embed.build --model` loads. Every epoch reseeds its shuffle and augmentations from (seed, epoch), so a
+run resumed from `last.pt` continues exactly as an uninterrupted one (with workers = 0; persistent
+decoding workers keep their own random streams across epochs). Under torchrun each rank trains on its
+share of every epoch (DDP).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geovote.config import ConfigError
+
+FROM_SCRATCH = ""
+SAVE_DTYPES = ("float32", "float16", "bfloat16")  # an integer dtype would round every weight away
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample
+    base: str = FROM_SCRATCH  # a backbone name (embed.models) to fine-tune; "" = `arch` from scratch
+    arch: str = ('{"embed_dim": 128, "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, '
+                 '"layers": 6, "head_width": 64, "mlp_ratio": 4.0}}')  # JSON; used when base is ""
+    name: str = "geovote-model"
+    train: str = "all"  # all | last:N (the last N blocks and the projection) | frozen (heads only)
+    hybrid_weight: float = 1.0
+    region_weight: float = 0.0
+    retrieval_weight: float = 1.0
+    contrastive_temperature: float = 0.1
+    quadtree_max_points: int = 100  # QuadTree leaves of at most this many training images
+    quadtree_max_depth: int = 10
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3  # heads, and a tower trained from scratch
+    backbone_lr: float = 2e-5  # a pretrained tower (the paper's)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    crop_scale_min: float = 0.6
+    color_jitter: float = 0.2
+    hflip: bool = False  # street views carry text and drive sides: no flips by default
+    rotate_deg: float = 0.0  # random rotation up to +-this (reflect-padded first: no empty corners)
+    zoom: float = 0.0  # with rotate_deg: random scale in [1 / (1 + zoom), 1 + zoom]
+    views: int = 1  # augmented views of each image per batch; >1 makes each image its own positive
+    workers: int = 1
+    grad_checkpointing: bool = True  # on CUDA
+    max_minutes: float = 0.0  # stop at the first epoch end past this budget (0: no limit)
+    save_dtype: str = "float32"  # of the saved tower: float32, float16 or bfloat16
+    seed: int = 0
+    out: str = "runs/finetune"
+
+    def __post_init__(self):
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ImageDataset:
+    """(image tensor, row) pairs; every row's targets live in arrays indexed by row. With views > 1 the
+    tensor is (views, 3, H, W): independent augmentations of one image. Images are read as embed reads
+    them (embed.images.open_rgb: every mode to RGB, large JPEGs decoded small)."""
+
+    def __init__(self, paths: list[Path], transform, views: int = 1, min_side_px: int = 64):
+        self.paths, self.transform, self.views = paths, transform, views
+        self.min_side_px = min_side_px
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from embed.images import open_rgb
+
+        img = open_rgb(self.paths[i], self.min_side_px)
+        if self.views == 1:
+            return self.transform(img), i
+        return torch.stack([self.transform(img) for _ in range(self.views)]), i
+
+
+def train_transform(cfg: TrainConfig, backbone):
+    from torchvision import transforms as T
+
+    size = backbone.image_size
+    ops = []
+    if cfg.rotate_deg > 0:
+        zoom = (1 / (1 + cfg.zoom), 1 + cfg.zoom) if cfg.zoom > 0 else None
+        ops += [T.Pad(size // 2, padding_mode="reflect"),
+                T.RandomAffine(cfg.rotate_deg, scale=zoom, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(size)]
+    ops.append(T.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(0.9, 1.1),
+                                   interpolation=T.InterpolationMode.BICUBIC))
+    if cfg.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        ops.append(T.ColorJitter(j, j, j, j / 10))
+    ops += [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
+    return T.Compose(ops)
+
+
+@dataclass
+class Data:
+    root: Path
+    train: object  # geovote.data.Split
+    val: object
+    tree: object  # geovote.cells.QuadTree over the training locations
+    leaf: np.ndarray  # (N,) QuadTree leaf of each training row
+    offset: np.ndarray  # (N, 2) normalised offset of each row within its leaf (hybrid target)
+    region: np.ndarray  # (N,) region label of each row (zeros when the region objective is off)
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    from finetune.heads import CellGeometry
+    from geovote.bundled_sample import ensure_sample
+    from geovote.cells import QuadTree
+    from geovote.data import read_split
+
+    root = Path(cfg.data) if cfg.data else ensure_sample()
+    extra = ("unique_region",) if cfg.region_weight > 0 else ()
+    train_split, val_split = read_split(root, "train", columns=extra), read_split(root, "val")
+    lat, lon = train_split.lat_deg, train_split.lon_deg
+    tree = QuadTree.build(lat, lon, cfg.quadtree_max_points, cfg.quadtree_max_depth)
+    geometry = CellGeometry(tree)
+    leaf = geometry.leaf_of(lat, lon)
+    region = (np.unique(train_split.column("unique_region").astype(str), return_inverse=True)[1]
+              if cfg.region_weight > 0 else np.zeros(len(train_split), np.int64))
+    return Data(root, train_split, val_split, tree, leaf, geometry.offset_targets(leaf, lat, lon), region)
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class Model:
+    backbone: object  # embed.models.Backbone (its .model is the tower being trained)
+    arch: dict  # what save_checkpoint records to rebuild the tower
+    head: object  # finetune.heads.CellHead
+    module: object  # tower + head in one nn.Module (what DDP wraps)
+    tower_lr: float
+
+
+def geo_model(visual, head):
+    """Tower + cell head in one module, so that DDP sees every parameter in one forward."""
+    import torch
+
+    class GeoModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual, self.head = visual, head
+
+        def forward(self, x):
+            feat = self.visual(x).float()
+            logits, offsets = self.head(feat)
+            return feat, logits, offsets
+
+    return GeoModel()
+
+
+def build_model(cfg: TrainConfig, data: Data, device: str) -> Model:
+    from embed.models import build_tower, load_backbone, wrap_tower
+    from finetune.heads import CellGeometry, CellHead
+
+    if cfg.base == FROM_SCRATCH:
+        import open_clip
+
+        arch = json.loads(cfg.arch)
+        backbone = wrap_tower(cfg.name, build_tower(arch), open_clip.OPENAI_DATASET_MEAN,
+                              open_clip.OPENAI_DATASET_STD, {"arch": arch})
+        tower_lr = cfg.lr
+    else:
+        backbone = load_backbone(cfg.base)
+        arch = backbone.source.get("manifest", {}).get("arch") or {"open_clip": backbone.source["arch"]}
+        tower_lr = cfg.backbone_lr
+    visual = backbone.model.to(device)
+    if device.startswith("cuda") and cfg.grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
+        visual.set_grad_checkpointing(True)
+    head = CellHead(backbone.dim, CellGeometry(data.tree), hybrid=True).to(device)
+    return Model(backbone, arch, head, geo_model(visual, head), tower_lr)
+
+
+def trainable_parameters(visual, mode: str) -> list:
+    """Freeze the tower per `mode` and return the parameters that train."""
+    for p in visual.parameters():
+        p.requires_grad_(mode == "all")
+    if mode == "all":
+        return list(visual.parameters())
+    if mode == "frozen":
+        return []
+    if not mode.startswith("last:"):
+        raise ConfigError(f"train: expected all, frozen or last:N, got {mode!r}")
+    n = int(mode.split(":", 1)[1])
+    blocks = None
+    for attr in ("transformer.resblocks", "trunk.blocks", "trunk.stages"):
+        obj = visual
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            blocks = list(obj)
+            break
+        except AttributeError:
+            continue
+    if blocks is None:
+        raise ConfigError("train=last:N: this tower has no block list I know")
+    modules = blocks[-n:] + [m for name, m in visual.named_children()
+                             if name in ("ln_post", "proj", "head", "attn_pool")]
+    params = [p for m in modules for p in m.parameters()]
+    proj = getattr(visual, "proj", None)
+    if proj is not None and not hasattr(proj, "parameters"):  # a bare nn.Parameter (open_clip ViT)
+        params.append(proj)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def make_optimizer(cfg: TrainConfig, model: Model, total_steps: int):
+    """AdamW (tower and head at their own learning rates), linear warm-up then cosine decay."""
+    import torch
+
+    groups = [{"params": trainable_parameters(model.backbone.model, cfg.train), "lr": model.tower_lr},
+              {"params": list(model.head.parameters()), "lr": cfg.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        done = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def supcon_loss(z, labels, temperature: float):
+    """Supervised contrastive loss over a batch of L2-normalised embeddings: for each anchor with at
+    least one positive (same label), the mean log-probability of its positives against all others."""
+    import torch
+
+    sim = z @ z.T / temperature
+    n = len(z)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not has.any():
+        return z.sum() * 0.0
+    mean_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)[has] / n_pos[has]
+    return -mean_pos.mean()
+
+
+def batch_loss(cfg: TrainConfig, model: Model, forward, x, rows, targets: dict):
+    """The weighted sum of the objectives on one batch (rows index the training split)."""
+    from torch.nn import functional as F
+
+    feat, logits, offsets = forward(x)
+    loss = feat.new_zeros(())
+    if cfg.hybrid_weight:
+        loss = loss + cfg.hybrid_weight * model.head.loss_from(logits.float(), offsets.float(),
+                                                               targets["leaf"][rows], targets["offset"][rows])
+    z = F.normalize(feat, dim=1)
+    if cfg.retrieval_weight:
+        loss = loss + cfg.retrieval_weight * supcon_loss(z, targets["leaf"][rows], cfg.contrastive_temperature)
+    if cfg.region_weight:
+        loss = loss + cfg.region_weight * supcon_loss(z, targets["region"][rows], cfg.contrastive_temperature)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+def epoch_seed(cfg: TrainConfig, epoch: int, rank: int = 0) -> int:
+    """Every epoch's randomness (shuffle, augmentations) comes from this, so resuming is exact."""
+    return cfg.seed + 1000 * epoch + rank
+
+
+def train_epoch(cfg: TrainConfig, model: Model, forward, loader, sampler, opt, sched, targets: dict,
+                state: dict, device: str, rank: int, world: int) -> dict:
+    import torch
+
+    epoch = state["epoch"]
+    torch.manual_seed(epoch_seed(cfg, epoch, rank))
+    loader.generator.manual_seed(epoch_seed(cfg, epoch))
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    model.module.train()
+    t0, seen, losses = time.perf_counter(), 0, []
+    for x, rows in loader:
+        if x.ndim == 5:  # (B, views, 3, H, W): the views of one image share its targets
+            rows = rows.repeat_interleave(x.shape[1])
+            x = x.flatten(0, 1)
+        x, rows = x.to(device, non_blocking=True), rows.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            loss = batch_loss(cfg, model, forward, x, rows, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        seen += len(x) * world
+        losses.append(float(loss.detach()))
+    state["epoch"] += 1
+    return {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else None,
+            "samples_per_s": seen / (time.perf_counter() - t0)}
+
+
+def embed_split_images(model: Model, split, device: str, batch_size: int = 512) -> np.ndarray:
+    """Evaluation embeddings of every image of a split, through the one feature extractor."""
+    from embed.features import FeatureExtractor, ImageFiles
+    from geovote.data import DataError
+
+    fx = FeatureExtractor(model.backbone, device=device, batch_size=batch_size)
+    paths = split.image_paths()
+    out = []
+    for rows, emb, reasons in fx.dataset(ImageFiles(paths, fx.transform(), model.backbone.image_size)):
+        bad = [(paths[r], why) for r, why in zip(rows, reasons) if why]
+        if bad:
+            raise DataError(f"{split.name} image {bad[0][0]}: {bad[0][1]}")
+        out.append(emb)
+    return np.concatenate(out)
+
+
+def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
+    """(Prediction, neighbour rows) of the voting predictor (the engine's default VoteConfig), with the
+    neighbours found by exact search: what the engine answers over a Flat index of `train_emb`."""
+    from index.store import exact_search_torch
+    from retrieve.predict import VoteConfig, cell_table, vote
+
+    cfg = vote_cfg or VoteConfig()
+    sim, rows = exact_search_torch(train_emb, query_emb, cfg.k)
+    cells = cell_table(train_lat, train_lon, cfg)
+    return vote(sim, train_lat[rows], train_lon[rows], cells[rows], cfg), rows
+
+
+def knn_geoscore(train_emb, train_lat, train_lon, query_emb, query_lat, query_lon, vote_cfg=None) -> float:
+    from geovote.metrics import mean_geoscore
+
+    pred, _ = knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg)
+    return mean_geoscore(pred.lat_deg, pred.lon_deg, query_lat, query_lon)
+
+
+def validate(model: Model, data: Data, device: str) -> float:
+    tr = embed_split_images(model, data.train, device)
+    va = embed_split_images(model, data.val, device)
+    return knn_geoscore(tr, data.train.lat_deg, data.train.lon_deg, va, data.val.lat_deg, data.val.lon_deg)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_best(cfg: TrainConfig, model: Model, data: Data, state: dict, out: Path, score: float) -> None:
+    from embed.models import save_checkpoint
+
+    save_checkpoint(out / "best", model.backbone, model.arch, cfg.name, {
+        "base": cfg.base or "scratch", "objectives": {"hybrid": cfg.hybrid_weight, "region": cfg.region_weight,
+                                                      "retrieval": cfg.retrieval_weight},
+        "data": str(data.root), "epochs": state["epoch"], "val_geoscore": score, "config": asdict(cfg)},
+        dtype=cfg.save_dtype)
+
+
+def save_last(path: Path, model: Model, opt, sched, state: dict) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "state": state}, tmp)
+    tmp.replace(path)
+
+
+def resume(path: Path, model: Model, opt, sched, device: str, log) -> dict:
+    """The training state saved in `path` (last.pt), loaded into model, optimiser and schedule; a fresh
+    state when there is none."""
+    import torch
+
+    if not path.exists():
+        return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model.module.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    state = ck["state"]
+    log(f"resuming from {path}: epoch {state['epoch']}, best validation GeoScore {state['best']:.0f}")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, log=print) -> dict:
+    import torch
+
+    from embed.features import pick_device
+    from geovote import distributed
+
+    rank, world = distributed.init()
+    device = pick_device()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial tower on every rank and in every run of this config
+    model = build_model(cfg, data, device)
+    dataset = ImageDataset(data.train.image_paths(), train_transform(cfg, model.backbone), cfg.views,
+                           model.backbone.image_size)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         shuffle=sampler is None, drop_last=True, num_workers=cfg.workers,
+                                         pin_memory=device.startswith("cuda"),
+                                         persistent_workers=cfg.workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    opt, sched = make_optimizer(cfg, model, max(1, cfg.epochs * len(loader)))
+    forward = torch.nn.parallel.DistributedDataParallel(model.module) if world > 1 else model.module
+    targets = {"leaf": torch.as_tensor(data.leaf).to(device),
+               "offset": torch.as_tensor(data.offset, dtype=torch.float32).to(device),
+               "region": torch.as_tensor(data.region).to(device)}
+    last = out / "last.pt"
+    state = resume(last, model, opt, sched, device, log)
+    t_start = time.perf_counter()
+    while state["epoch"] < cfg.epochs:
+        record = train_epoch(cfg, model, forward, loader, sampler, opt, sched, targets, state, device,
+                             rank, world)
+        if rank == 0:
+            score = validate(model, data, device)
+            record["val_geoscore"] = score
+            state["history"].append(record)
+            log(f"epoch {state['epoch']}/{cfg.epochs}: loss {record['loss']:.3f}, "
+                f"{record['samples_per_s']:.0f} samples/s, validation GeoScore {score:.0f}")
+            if score > state["best"]:
+                state["best"] = score
+                save_best(cfg, model, data, state, out, score)
+            save_last(last, model, opt, sched, state)
+        if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
+            log(f"stopping after epoch {state['epoch']}: the {cfg.max_minutes} minute budget is spent")
+            break
+    if rank == 0:
+        (out / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n")
+    return state

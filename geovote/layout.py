@@ -1,0 +1,83 @@
+"""The engine folder: every path into it is built here, and nowhere else.
+
+    <engine>/                           default <data>/geovote/<model slug>/ (embed.build --out)
+        embeddings/<split>/             shards + manifest.json + failures.csv + plan.json (embed)
+        rejects-<split>.csv             dataset rows that could not be used, with the reason (geovote.data)
+        index/                          the FAISS index folder (index.store)
+            retrieve.json               voting parameters chosen by retrieve.tune
+            cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
+        predictions-<split>.parquet     retrieve.query --split
+
+An engine is named by its folder or by its index folder (`--index`, whose parent is the engine).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from geovote.paths import default_sample_root
+
+INDEX_DIR = "index"
+EMBEDDINGS_DIR = "embeddings"
+PARAMS_FILE = "retrieve.json"
+
+
+class EngineMissing(FileNotFoundError):
+    """No engine (index) where one was expected; the message says how to build it."""
+
+
+def model_slug(name: str) -> str:
+    """A folder name for a model name: a checkpoint folder's own name, else the name made path-safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name if Path(name).is_dir() else name).strip("-")
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    root: Path
+
+    @classmethod
+    def for_dataset(cls, data_root: str | Path | None = None, model: str = "default") -> "EngineLayout":
+        """Where embed.build puts the engine of `model` over a dataset (default: the bundled sample)."""
+        data = Path(data_root) if data_root else default_sample_root()
+        return cls(data / "geovote" / model_slug(model))
+
+    @classmethod
+    def from_index(cls, index_dir: str | Path) -> "EngineLayout":
+        """The engine an index folder belongs to (its parent)."""
+        return cls(Path(index_dir).parent)
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX_DIR
+
+    @property
+    def params(self) -> Path:
+        return self.index / PARAMS_FILE
+
+    def embeddings(self, split: str) -> Path:
+        return self.root / EMBEDDINGS_DIR / split
+
+    def rejects(self, split: str) -> Path:
+        return self.root / f"rejects-{split}.csv"
+
+    def cells(self, spec: str) -> Path:
+        return self.index / f"cells-{spec}.npy"
+
+    def predictions(self, split: str) -> Path:
+        return self.root / f"predictions-{split}.parquet"
+
+    def require_index(self) -> Path:
+        """The index folder, or EngineMissing saying how to build it."""
+        if not self.index.is_dir():
+            raise EngineMissing(f"no index at {self.index}: build it first with `python -m embed.build`")
+        return self.index
+
+
+def resolve(index: str | Path | None = None, engine: str | Path | None = None) -> EngineLayout:
+    """The engine a command was pointed at: `--index DIR`, `--engine DIR`, or the bundled sample's."""
+    if index is not None:
+        return EngineLayout.from_index(index)
+    if engine is not None:
+        return EngineLayout(Path(engine))
+    return EngineLayout.for_dataset()

@@ -1,0 +1,91 @@
+"""Answers for images and for whole splits: what retrieve.query prints and the server returns.
+
+    answers_for_images(engine, pil_images, names)   -> [answer dict]   (the --json keys + `neighbours`)
+    answers(engine, paths)                           -> (path, answer | None, error | None), in order
+    predict_split(engine, data, split, out)          -> predictions parquet (id, latitude, longitude,
+                                                        confidence), readable by benchmark.score
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 64  # images decoded and embedded together
+SPLIT_BATCH = 4096  # split queries searched and voted together
+
+
+def answers_for_images(engine, images: list, names: list[str], tta: bool = False) -> list[dict]:
+    """PIL images -> answer dicts (the --json keys plus `neighbours`), in order."""
+    from geovote.geocode import reverse_geocode
+
+    emb = engine.embed_images(images)
+    if tta:  # average with the mirrored image's embedding, then renormalise
+        from PIL import ImageOps
+
+        emb = emb + engine.embed_images([ImageOps.mirror(i) for i in images])
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pred, res = engine.locate(emb)
+    place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
+    out = []
+    for i, name in enumerate(names):
+        cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
+                  "score": round(float(pred.confidence[i]), 4)}]
+        for a in range(pred.alt_lat_deg.shape[1]):
+            if np.isfinite(pred.alt_lat_deg[i, a]):
+                cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
+                              "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
+                              "score": round(float(pred.alt_score[i, a]), 4)})
+        out.append({
+            "image": name, "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
+            "confidence": cands[0]["score"], "country": str(place["country"][i]),
+            "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
+            "city": str(place["city"][i]), "candidates": cands,
+            "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
+                            "longitude": float(res.lon_deg[i, j]),
+                            "similarity": round(float(res.similarity[i, j]), 4)}
+                           for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0],
+        })
+    return out
+
+
+def answers(engine, paths: list[Path], tta: bool = False):
+    """Yield (path, answer dict or None, error or None), in order, in batches."""
+    from embed.images import ImageFailure, open_rgb
+
+    size = engine.backbone.image_size
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start:start + BATCH]
+        imgs, ok, errors = [], [], {}
+        for p in chunk:
+            try:
+                imgs.append(open_rgb(p, size))
+                ok.append(p)
+            except ImageFailure as e:
+                errors[p] = str(e)
+        results = dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta))) if imgs else {}
+        for p in chunk:
+            yield p, results.get(p), errors.get(p)
+
+
+def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, log=None) -> Path:
+    """Embed a split (resumable, into the engine folder) and write its predictions as parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geovote.shards import iter_shards
+    from retrieve.tuning import ensure_embedded
+
+    ids, lat, lon, conf = [], [], [], []
+    for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):
+        for start in range(0, len(shard), SPLIT_BATCH):
+            pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32))
+            ids += list(shard.ids[start:start + SPLIT_BATCH])
+            lat.append(pred.lat_deg)
+            lon.append(pred.lon_deg)
+            conf.append(pred.confidence)
+    table = pa.table({"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
+                      "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return out

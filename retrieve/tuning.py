@@ -1,0 +1,161 @@
+"""Choose the voting parameters (k, T, cells and levels, bandwidth) on the validation split, never on test,
+and store them with the index (retrieve.json). `python -m retrieve.tune` is its command; embed.build runs
+it after indexing (retrieve.pipeline).
+
+The validation images are embedded once (resumable) beside the index. One search at the largest k serves
+every setting; the grid is small enough to be exhaustive. 1-NN and the weighted mean are scored too.
+
+A dataset without val.csv (OSV-5M) is tuned on training images held out of their own search: 2,000
+random train rows query the index, and every neighbour that is the query itself, lies within 1 km of it
+(OSV-5M keeps train and test 1 km apart) or shares its capture `sequence` (when the CSV has one) is
+removed before voting.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from geovote.geo import haversine_km
+from geovote.metrics import distance_metrics
+
+GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat on the edge (200 km)
+    "k": (3, 5, 10, 20, 50),
+    "temperature": (0.01, 0.03, 0.1, 0.3),
+    "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)),
+              ("quadtree", (1, 3)), ("quadtree", (2, 4, 6)), ("quadtree", (3, 6))),
+    "bandwidth_km": (25.0, 75.0, 200.0, 400.0, 800.0),
+}
+
+
+def ensure_embedded(engine, data: Path, split: str, workers: int = -1, log=None) -> Path:
+    """The folder of a split's embeddings by the engine's model, embedded first if not done (resumable)."""
+    from embed.split import EmbedConfig, embed_split
+    from geovote.data import read_split
+    from geovote.shards import MANIFEST
+
+    emb_dir = engine.layout.embeddings(split)
+    if not (emb_dir / MANIFEST).exists():
+        s = read_split(data, split, rejects_path=engine.layout.rejects(split))
+        cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers,
+                          index=False)
+        embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
+    return emb_dir
+
+
+def embed_for_eval(engine, data: Path, split: str, workers: int = -1, log=None):
+    """(ids, lat, lon, embeddings float32) of a split, embedded once into the engine folder."""
+    from geovote.shards import read_embeddings
+
+    e = read_embeddings(ensure_embedded(engine, data, split, workers, log))
+    return e.ids, e.lat_deg, e.lon_deg, e.embedding
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+CARVE_QUERIES = 2000
+CARVE_EXCLUDE_KM = 1.0
+CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
+
+
+def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
+    """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
+    neighbourhood (itself, < 1 km, same sequence) from a SearchResult."""
+    from geovote.data import csv_columns, read_split, split_csv
+    from geovote.shards import read_embeddings, shard_sizes
+
+    folder = engine.layout.embeddings("train")
+    total = sum(shard_sizes(folder)[0])
+    rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
+    emb = picked.embedding
+    seq_of = None
+    if "sequence" in csv_columns(split_csv(data, "train")):
+        t = read_split(data, "train", columns=("sequence",), check_images=False)
+        seq_of = dict(zip(t.ids.astype(str), t.column("sequence").astype(str)))
+    q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
+
+    def exclude(res):
+        own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
+                                                           q_lon[:, None]) < CARVE_EXCLUDE_KM)
+        if seq_of is not None:
+            q_seq = np.array([seq_of.get(i, "") for i in q_ids])[:, None]
+            own |= np.vectorize(lambda i: seq_of.get(i, "\0"))(res.ids.astype(str)) == q_seq
+        order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
+        keep = ~np.take_along_axis(own, order, 1)
+        pick = lambda a, fill: np.where(keep, np.take_along_axis(a, order, 1), fill)  # noqa: E731
+        return replace(res, similarity=pick(res.similarity, -np.inf).astype(np.float32),
+                       rows=pick(res.rows, -1), ids=pick(res.ids, ""), lat_deg=pick(res.lat_deg, np.nan),
+                       lon_deg=pick(res.lon_deg, np.nan))
+
+    return q_ids, emb, q_lat, q_lon, exclude
+
+
+def score(lat, lon, true_lat, true_lon) -> dict:
+    """The metrics tuning reports (geovote.metrics: the one GeoScore)."""
+    m = distance_metrics(haversine_km(lat, lon, true_lat, true_lon))
+    return {key: m[key] for key in ("geoscore", "acc_25km", "median_km")}
+
+
+def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) -> tuple[object, dict, list]:
+    """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
+    from retrieve.predict import one_nn, vote, weighted_mean
+
+    if exclude is None:
+        res = engine.search(emb, max(grid["k"]))
+    else:
+        res = exclude(engine.search(emb, max(grid["k"]) + CARVE_EXTRA))
+    trials = []
+    t0 = time.perf_counter()
+    for cells, levels in grid["cells"]:
+        base = replace(engine.params, cells=cells, levels=tuple(levels))
+        table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
+        for k, temp, bw in itertools.product(grid["k"], grid["temperature"], grid["bandwidth_km"]):
+            p = replace(base, k=k, temperature=temp, bandwidth_km=bw)
+            pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, p)
+            trials.append((p, score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)))
+    best, best_score = max(trials, key=lambda t: t[1]["geoscore"])
+    baselines = {"1-nn": score(*one_nn(res.similarity, res.lat_deg, res.lon_deg), true_lat, true_lon)}
+    for k in grid["k"]:
+        for temp in grid["temperature"]:
+            s = score(*weighted_mean(res.similarity[:, :k], res.lat_deg[:, :k], res.lon_deg[:, :k], temp),
+                      true_lat, true_lon)
+            if s["geoscore"] > baselines.get("weighted mean", {"geoscore": -1})["geoscore"]:
+                baselines["weighted mean"] = {**s, "k": k, "temperature": temp}
+    log(f"tuned {len(trials)} settings on {len(emb):,} validation images in {time.perf_counter() - t0:.1f} s")
+    return best, {"voting": best_score, **baselines}, trials
+
+
+def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log=print):
+    """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
+    Without a val split, tunes on train images held out of their own search (carve_from_train)."""
+    from geovote.data import DataError, split_csv
+    from retrieve.engine import save_params
+
+    exclude = None
+    try:
+        split_csv(data, split)
+        has_split = True
+    except DataError:
+        if split != "val":
+            raise
+        has_split = False
+    if has_split:
+        _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
+    else:
+        log(f"{data} has no val split: tuning on {CARVE_QUERIES:,} train images held out of their own search")
+        _, emb, lat, lon, exclude = carve_from_train(engine, data)
+        split = "train (held out of its own search)"
+    best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
+    path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
+                                                               "images": len(emb), **scores},
+                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
+    return best, scores, path
