@@ -1,6 +1,6 @@
 """Backbones by name: an open_clip image tower, its preprocessing and a name that identifies its weights.
 
-    default                 the bundled model (models/default/, trained by finetune on the sample)
+    default                 the bundled model (embed/default_model/, trained by finetune on the sample)
     vit-b-32-openai         ViT-B-32, OpenAI's weights
     vit-l-14-datacomp       ViT-L-14, datacomp_xl_s13b_b90k: the OSV-5M paper's backbone
     ARCH:TAG                any open_clip pretrained pair, e.g. ViT-B-16:laion2b_s34b_b88k
@@ -21,7 +21,7 @@ from pathlib import Path
 
 CHECKPOINT_FORMAT = "geovote-checkpoint"
 CHECKPOINT_VERSION = 1
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # package data: in every install
 ALIASES = {  # name: (open_clip architecture, pretrained tag, hub repo: checked before torch is imported)
     "vit-b-32-openai": ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai"),
     "vit-l-14-datacomp": ("ViT-L-14", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
@@ -284,7 +284,8 @@ def load_backbone(name: str = "default") -> Backbone:
     if name == "default":
         if not (DEFAULT_MODEL_DIR / "manifest.json").is_file():
             raise BackboneError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}; reinstall "
-                                "geovote or train it (python -m finetune.train, see README)")
+                                "geovote (it ships as package data) or train it (python -m finetune.train "
+                                "--config configs/default_model.toml, see README)")
         return load_checkpoint(DEFAULT_MODEL_DIR)
     if name in ALIASES:
         arch, tag, repo = ALIASES[name]

@@ -65,6 +65,9 @@ class TrainConfig:
     out: str = "runs/finetune"
 
     def __post_init__(self):
+        n = self.train.split(":", 1)[1] if self.train.startswith("last:") else ""
+        if self.train not in ("all", "frozen") and not (n.isdigit() and int(n) >= 1):
+            raise ConfigError(f"train: expected all, frozen or last:N, got {self.train!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 

@@ -33,6 +33,7 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     from retrieve.answer import answers_for_images
 
     app = FastAPI(title="geovote", version="1", description="Where on Earth was this photo taken?")
+    app.state.engine = engine
     lock = threading.Lock()  # one inference at a time: torch and FAISS already use every core
 
     def error(status: int, message: str) -> JSONResponse:

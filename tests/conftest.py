@@ -1,9 +1,35 @@
-"""Shared fixtures: a small bundled sample, generated once per test session (about a second)."""
+"""Shared fixtures: a small bundled sample, generated once per test session (about a second); every
+test runs in a temporary working folder with GEOVOTE_DATA inside it, so no default path (./data,
+./runs) can be written in the checkout."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
 from geovote.bundled_sample import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_checkout(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cwd")
+    before = {p.name for p in ROOT.iterdir()}
+    old_cwd, old_data = os.getcwd(), os.environ.get("GEOVOTE_DATA")
+    os.chdir(work)
+    os.environ["GEOVOTE_DATA"] = str(work / "data")
+    yield work
+    os.chdir(old_cwd)
+    if old_data is None:
+        os.environ.pop("GEOVOTE_DATA", None)
+    else:
+        os.environ["GEOVOTE_DATA"] = old_data
+    # a test that wrote into the checkout leaves a new top-level entry (build and cache folders aside)
+    new = {p.name for p in ROOT.iterdir()} - before - {".pytest_cache", "build", "dist"}
+    assert not new, f"tests wrote {sorted(new)} into the checkout"
+
 
 SMALL = {"n_train": 2000, "n_val": 200, "n_test": 200, "seed": 0}
 

@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_bad_files(tmp_path):
 
 
 def test_sample_command_takes_the_shipped_config_and_overrides(tmp_path, capsys):
-    assert sample_main(["--out", str(tmp_path / "s"), "--config", "configs/sample.toml",
+    assert sample_main(["--out", str(tmp_path / "s"), "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sample.toml"),
                         "--set", "n_train=120", "--set", "n_val=10", "--set", "n_test=10"]) == 0
     assert len((tmp_path / "s" / "train.csv").read_text().splitlines()) == 121
     assert sample_main(["--out", str(tmp_path / "t"), "--set", "n_test=0"]) == 2

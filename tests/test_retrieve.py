@@ -1,5 +1,6 @@
 """retrieve.query and retrieve.tune end to end through main([...]) on the small sample."""
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,15 +39,26 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
 
 def test_query_for_people_and_folders(sample_root, built, capsys):
     folder = sample_root / "images" / "test" / "00"
+    assert query_main([str(folder), "--index", str(built / "index"), "--top", "2", "--json"]) == 0
+    answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert query_main([str(folder), "--index", str(built / "index"), "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("https://www.openstreetmap.org/?mlat=") == len(list(folder.glob("*.jpg")))
-    assert "confidence" in out
+    images = sorted(folder.glob("*.jpg"))
+    assert [a["image"] for a in answers] == [str(p) for p in images]
+    # each image's first line for people says what --json says, rounded for reading
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(heads) == len(images)
+    for line, a in zip(heads, answers):
+        assert line.startswith(f"{a['image']}: {a['latitude']:.5f}, {a['longitude']:.5f}  near ")
+        assert line.endswith(f"(confidence {a['confidence']:.0%})")
+    assert out.count("https://www.openstreetmap.org/?mlat=") == len(images)
 
 
 def test_query_refuses_a_missing_index(tmp_path, capsys):
     assert query_main(["x.jpg", "--index", str(tmp_path / "none")]) == 2
     assert "no index at" in capsys.readouterr().err
+    assert query_main(["x.jpg"]) == 2  # the default engine (GEOVOTE_DATA's sample) was never built
+    assert "build it first with `python -m embed.build`" in capsys.readouterr().err
 
 
 def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp_path, capsys):
@@ -57,9 +69,33 @@ def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp
                        "--out", str(out)]) == 0
     t = pq.read_table(out)
     assert t.column_names == ["id", "latitude", "longitude", "confidence"] and t.num_rows == 200
+    # the same answers as the engine gives the image files themselves (their embeddings stored as the
+    # shards store them, in fp16: the tiny model's ties would otherwise reorder some neighbours)
+    from embed.images import open_rgb
+    from geovote.data import read_split
+
+    split = read_split(sample_root, "test")
+    engine = Engine(built / "index")
+    emb = engine.embed_images([open_rgb(p, 32) for p in split.image_paths()]).astype(np.float16)
+    pred, _ = engine.locate(emb.astype(np.float32))
+    pos = {i: j for j, i in enumerate(t.column("id").to_pylist())}
+    order = [pos[i] for i in split.ids.astype(str)]
+    np.testing.assert_allclose(t.column("latitude").to_numpy()[order], pred.lat_deg, atol=1e-9)
+    np.testing.assert_allclose(t.column("longitude").to_numpy()[order], pred.lon_deg, atol=1e-9)
+    np.testing.assert_allclose(t.column("confidence").to_numpy()[order], pred.confidence, atol=1e-9)
+    # and benchmark.score's GeoScore is the formula, by hand
     capsys.readouterr()
     assert score_main([str(out), "--truth", str(sample_root / "test.csv"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["geoscore"] > 0
+    plat, plon = t.column("latitude").to_numpy()[order], t.column("longitude").to_numpy()[order]
+    by_hand = np.mean([5000 * math.exp(-_haversine(a, b, c, d) / 1492.7)
+                       for a, b, c, d in zip(plat, plon, split.lat_deg, split.lon_deg)])
+    assert json.loads(capsys.readouterr().out)["geoscore"] == pytest.approx(by_hand, rel=1e-9)
+
+
+def _haversine(lat1, lon1, lat2, lon2):
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(a))
 
 
 def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys):
@@ -70,7 +106,32 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     assert saved["validation"]["images"] == 200 and saved["trials"] > 100
     engine = Engine(built / "index")
     assert engine.params == load_params(built / "index" / "retrieve.json")
+    # the engine, answering val with what tune chose, scores what tune recorded
+    from geovote.metrics import mean_geoscore
+    from retrieve.tuning import embed_for_eval
+
+    _, lat, lon, emb = embed_for_eval(engine, sample_root, "val")
+    pred, _ = engine.locate(emb)
+    assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
+        saved["validation"]["voting"]["geoscore"], rel=1e-6)
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
+
+
+def test_retrieve_json_with_an_unknown_key_is_refused_by_name(built, tmp_path, capsys):
+    import shutil
+
+    from geovote.config import ConfigError
+
+    index = tmp_path / "index"
+    shutil.copytree(built / "index", index)
+    path = index / "retrieve.json"
+    stored = json.loads(path.read_text()) if path.exists() else {"params": {}}
+    stored["params"]["neighbours"] = 30  # a typo of a real setting must not be dropped silently
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"retrieve.json params: unknown key 'neighbours'"):
+        Engine(index)
+    assert query_main(["x.jpg", "--index", str(index)]) == 2
+    assert "unknown key 'neighbours'" in capsys.readouterr().err
 
 
 def test_cell_tables():
