@@ -106,29 +106,6 @@ def knn_mean(inp: Inputs) -> Prediction:
     return weighted_mean(res.similarity, res.lat_deg, res.lon_deg, temp)
 
 
-@method("oracle")
-def oracle(inp: Inputs) -> Prediction:
-    from scipy.spatial import cKDTree
-
-    _, nearest = cKDTree(latlon_to_unit(inp.train_lat, inp.train_lon)).query(
-        latlon_to_unit(inp.test_lat, inp.test_lon))
-    return unit_to_latlon(latlon_to_unit(inp.train_lat[nearest], inp.train_lon[nearest]))
-
-
-# ------------------------------------------------------------------------------------------ constants
-@method("mean-location")
-def mean_location(inp: Inputs) -> Prediction:
-    mlat, mlon = spherical_mean(inp.train_lat, inp.train_lon)
-    return np.full(len(inp.test_emb), mlat), np.full(len(inp.test_emb), mlon)
-
-
-@method("top-cell")
-def top_cell(inp: Inputs) -> Prediction:
-    tree = inp.tree
-    top = tree.leaves[np.argmax(tree.count[tree.leaves])]
-    return np.full(len(inp.test_emb), tree.lat_mean[top]), np.full(len(inp.test_emb), tree.lon_mean[top])
-
-
 # ------------------------------------------------------------------------------------------------ heads
 def train_head(kind: str, inp: Inputs):
     """Train one of the paper's heads on frozen embeddings; keep the epoch best on validation GeoScore.
@@ -205,3 +182,27 @@ def regression(inp: Inputs) -> Prediction:
 @method("hybrid")
 def hybrid(inp: Inputs) -> Prediction:
     return train_head("hybrid", inp)(inp.test_emb)
+
+
+# ------------------------------------------------------------------------------------------ constants
+@method("mean-location")
+def mean_location(inp: Inputs) -> Prediction:
+    mlat, mlon = spherical_mean(inp.train_lat, inp.train_lon)
+    return np.full(len(inp.test_emb), mlat), np.full(len(inp.test_emb), mlon)
+
+
+@method("top-cell")
+def top_cell(inp: Inputs) -> Prediction:
+    tree = inp.tree
+    top = tree.leaves[np.argmax(tree.count[tree.leaves])]
+    return np.full(len(inp.test_emb), tree.lat_mean[top]), np.full(len(inp.test_emb), tree.lon_mean[top])
+
+
+# --------------------------------------------------------------------------------------------- ceiling
+@method("oracle")
+def oracle(inp: Inputs) -> Prediction:
+    from scipy.spatial import cKDTree
+
+    _, nearest = cKDTree(latlon_to_unit(inp.train_lat, inp.train_lon)).query(
+        latlon_to_unit(inp.test_lat, inp.test_lon))
+    return unit_to_latlon(latlon_to_unit(inp.train_lat[nearest], inp.train_lon[nearest]))
