@@ -3,7 +3,7 @@
 Every caller that turns images into vectors goes through `FeatureExtractor`: the embedding stage
 (embed.split), the query engine (retrieve.engine), finetune's validation and the embedding benchmark.
 
-    fx = FeatureExtractor(backbone)            # device "auto": cuda:<LOCAL_RANK> when torch sees a GPU
+    fx = FeatureExtractor(backbone)            # device "auto": geovote.distributed.pick_device
     emb = fx.images([pil, pil, ...])           # (N, dim) float32, L2-normalised
     for rows, emb, reasons in fx.dataset(ds, batches, workers=2): ...
 
@@ -12,24 +12,11 @@ memory without blocking; on CPU it runs in float32. The output is always float32
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from geovote.distributed import pick_device
+
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def pick_device(device: str = "auto") -> str:
-    """'auto': this process's GPU (cuda:<LOCAL_RANK>, as torchrun sets it) when torch sees one, else cpu."""
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 class FeatureExtractor:
@@ -100,7 +87,12 @@ class FeatureExtractor:
                                              pin_memory=self.cuda, prefetch_factor=4 if workers else None)
         for rows, x, reasons in loader:
             ok = np.array([r == "" for r in reasons], bool)
-            emb = self(x[torch.from_numpy(ok)]) if ok.any() else np.zeros((0, self.backbone.dim), np.float32)
+            if ok.all():
+                emb = self(x)  # the pinned batch itself: its copy to the GPU does not block
+            elif ok.any():
+                emb = self(x[torch.from_numpy(ok)])
+            else:
+                emb = np.zeros((0, self.backbone.dim), np.float32)
             yield rows.numpy(), emb, list(reasons)
 
 

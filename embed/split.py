@@ -52,6 +52,19 @@ class EmbedConfig:
     tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
     throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
 
+    def __post_init__(self):
+        from geovote.config import ConfigError
+
+        for name in ("batch_size", "shard_rows", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise ConfigError(f"workers must be -1 (auto), 0 or more, got {self.workers}")
+        if not self.splits:
+            raise ConfigError("splits: name at least one split (train, val, test)")
+        if self.throttle_s < 0:
+            raise ConfigError(f"throttle_s must be >= 0, got {self.throttle_s}")
+
 
 def code_version() -> str:
     import geovote
@@ -93,6 +106,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     """Embed one split into `out_dir`. Returns the manifest (rank 0), after all ranks finish."""
     from geovote import distributed
 
+    split.require_rows()  # before anything is written: no plan.json for a split with nothing to embed
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan(split, backbone, cfg, root)
     plan_path = out_dir / PLAN
@@ -108,6 +122,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     n_shards = max(1, -(-n // cfg.shard_rows))
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    if world == 1 and not todo and (out_dir / MANIFEST).exists():  # finished before, and the plan matches
+        return json.loads((out_dir / MANIFEST).read_text())
     if len(todo) < len(mine):
         log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
     ids, lat, lon = split.ids.astype(str), split.lat_deg, split.lon_deg

@@ -68,6 +68,21 @@ class TrainConfig:
         n = self.train.split(":", 1)[1] if self.train.startswith("last:") else ""
         if self.train not in ("all", "frozen") and not (n.isdigit() and int(n) >= 1):
             raise ConfigError(f"train: expected all, frozen or last:N, got {self.train!r}")
+        for name in ("batch_size", "views", "quadtree_max_points", "quadtree_max_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs < 0 or self.workers < 0 or self.warmup_steps < 0 or self.max_minutes < 0:
+            raise ConfigError("epochs, workers, warmup_steps and max_minutes must be >= 0")
+        if min(self.lr, self.backbone_lr, self.contrastive_temperature) <= 0:
+            raise ConfigError("lr, backbone_lr and contrastive_temperature must be positive")
+        if self.base == FROM_SCRATCH:
+            try:
+                arch = json.loads(self.arch)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"arch: not JSON ({e}); e.g. {TrainConfig.arch}") from None
+            if not isinstance(arch, dict) or not ({"open_clip"} <= set(arch) or {"embed_dim", "vision_cfg"} <= set(arch)):
+                raise ConfigError('arch: expected {"open_clip": NAME} or {"embed_dim": D, "vision_cfg": {...}}, '
+                                  f"got {self.arch}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
@@ -128,7 +143,9 @@ class Data:
     region: np.ndarray  # (N,) region label of each row (zeros when the region objective is off)
 
 
-def load_data(cfg: TrainConfig) -> Data:
+def load_data(cfg: TrainConfig, rank: int = 0) -> Data:
+    """The splits (rejected rows written beside the run's outputs, by rank 0 only), the QuadTree and
+    each training row's targets."""
     from finetune.heads import CellGeometry
     from geovote.bundled_sample import ensure_sample
     from geovote.cells import QuadTree
@@ -136,7 +153,10 @@ def load_data(cfg: TrainConfig) -> Data:
 
     root = Path(cfg.data) if cfg.data else ensure_sample()
     extra = ("unique_region",) if cfg.region_weight > 0 else ()
-    train_split, val_split = read_split(root, "train", columns=extra), read_split(root, "val")
+    out = Path(cfg.out) if rank == 0 else None
+    train_split = read_split(root, "train", columns=extra,
+                             rejects_path=out / "rejects-train.csv" if out else None).require_rows()
+    val_split = read_split(root, "val", rejects_path=out / "rejects-val.csv" if out else None).require_rows()
     lat, lon = train_split.lat_deg, train_split.lon_deg
     tree = QuadTree.build(lat, lon, cfg.quadtree_max_points, cfg.quadtree_max_depth)
     geometry = CellGeometry(tree)
@@ -400,14 +420,13 @@ def resume(path: Path, model: Model, opt, sched, device: str, log) -> dict:
 def train(cfg: TrainConfig, log=print) -> dict:
     import torch
 
-    from embed.features import pick_device
     from geovote import distributed
 
     rank, world = distributed.init()
-    device = pick_device()
+    device = distributed.pick_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(cfg)
+    data = load_data(cfg, rank)
     torch.manual_seed(cfg.seed)  # the same initial tower on every rank and in every run of this config
     model = build_model(cfg, data, device)
     dataset = ImageDataset(data.train.image_paths(), train_transform(cfg, model.backbone), cfg.views,
@@ -419,7 +438,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                          persistent_workers=cfg.workers > 0,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     opt, sched = make_optimizer(cfg, model, max(1, cfg.epochs * len(loader)))
-    forward = torch.nn.parallel.DistributedDataParallel(model.module) if world > 1 else model.module
+    # without the hybrid objective the head's parameters get no gradient: DDP must be told
+    forward = (torch.nn.parallel.DistributedDataParallel(model.module, find_unused_parameters=not cfg.hybrid_weight)
+               if world > 1 else model.module)
     targets = {"leaf": torch.as_tensor(data.leaf).to(device),
                "offset": torch.as_tensor(data.offset, dtype=torch.float32).to(device),
                "region": torch.as_tensor(data.region).to(device)}

@@ -8,8 +8,11 @@ The CSV is streamed with pyarrow, in blocks, keeping only the columns asked for:
 are digits, which a type-guessing reader would turn into integers), and only "", "NaN" and "nan" mean
 missing: pandas' default reads Namibia's country code "NA" as missing, an upstream bug.
 
-Every row that cannot be used is counted, written to a rejects CSV with its reason, and reported in one
-summary line; none is dropped silently. The first failing check names the reason, in this order:
+Every row that cannot be used is counted, written to a rejects CSV with its reason (when the caller names
+one: rejects belong with the caller's outputs, never in the dataset), and reported in one summary line;
+none is dropped silently. A file that cannot be read as one comma-separated UTF-8 row per line (an
+unbalanced quote that swallows the lines after it, another encoding, gzip, semicolons) is refused with a
+DataError that names the file, the line and what would work. The first failing check names the reason, in this order:
 malformed line, missing id, non-numeric or NaN coordinates, latitude outside [-90, 90], longitude outside
 [-180, 180], duplicate id (the first occurrence is kept), image file missing.
 """
@@ -108,6 +111,25 @@ class Split:
     def image_paths(self) -> list[Path]:
         return [self.root / p for p in self.table.column("path").to_pylist()]
 
+    def require_rows(self) -> "Split":
+        """This split, or a DataError saying why no row survived and where images are looked for."""
+        if len(self):
+            return self
+        rep = self.report
+        reasons = ", ".join(f"{n:,} {r}" for r, n in rep.rejected.most_common(3))
+        message = f"{rep.csv_path}: 0 usable rows of {rep.rows:,}" + (f" ({reasons})" if reasons else
+                                                                       ": the file has a header only")
+        if rep.rejected.get("image missing"):
+            base = self.root / "images" / self.name
+            message += f"; images are expected at {base}/**/<id>{IMAGE_SUFFIX}"
+            if not base.is_dir():
+                there = sorted(p.name for p in base.parent.iterdir() if p.is_dir()) if base.parent.is_dir() else []
+                message += f", and {base} does not exist" + (f" (images/ holds: {', '.join(there)})" if there
+                                                           else "")
+        if rep.rejects_path:
+            message += f"; every row's reason is in {rep.rejects_path}"
+        raise DataError(message)
+
 
 def split_csv(root: str | os.PathLike, split: str) -> Path:
     path = Path(root) / f"{split}.csv"
@@ -117,15 +139,78 @@ def split_csv(root: str | os.PathLike, split: str) -> Path:
     return path
 
 
+def _encoding_problem(csv_path: Path) -> str | None:
+    """Why the file's first bytes show it is not a plain UTF-8 CSV, or None."""
+    with open(csv_path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return "is gzip-compressed: decompress it first (gunzip)"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "is UTF-16 text: save it as UTF-8"
+    if head[:4] == b"PK\x03\x04":
+        return "is a zip archive (a spreadsheet?): export it as CSV (UTF-8)"
+    return None
+
+
 def csv_columns(csv_path: Path) -> list[str]:
-    """The header of a CSV file."""
+    """The header of a CSV file (a UTF-8 byte-order mark, as spreadsheet programs write, is skipped)."""
     if not Path(csv_path).is_file():
         raise DataError(f"no such CSV file: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
+    problem = _encoding_problem(Path(csv_path))
+    if problem:
+        raise DataError(f"{csv_path} {problem}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of "
+                        "the header): save it as UTF-8") from None
     if not header:
         raise DataError(f"{csv_path} is empty: expected a header with {', '.join(REQUIRED_COLUMNS)}")
+    if len(header) == 1 and ";" in header[0] and ID in header[0].split(";"):
+        raise DataError(f"{csv_path} is separated by semicolons; geovote reads comma-separated files: "
+                        "export it again with commas")
+    if len(header) == 1 and "\t" in header[0]:
+        raise DataError(f"{csv_path} is separated by tabs; geovote reads comma-separated files")
     return header
+
+
+def count_rows(csv_path: Path, block_bytes: int = 1 << 24) -> int:
+    """Non-empty lines after the header: what the file holds if every row sits on one line. Counted
+    with bytes.count and numpy over blocks (a 3 GB file in a few seconds, no Python per line)."""
+    n_newlines = n_empty = 0
+    prev = b"\n"  # a virtual line end before the file: a leading empty line counts as empty
+    last = b""
+    with open(csv_path, "rb") as f:
+        while block := f.read(block_bytes):
+            n_newlines += block.count(b"\n")
+            a = np.frombuffer(prev + block, np.uint8)
+            nl = a == 10
+            n_empty += int(np.count_nonzero(nl[:-1] & nl[1:]))  # "\n\n"
+            n_empty += int(np.count_nonzero(nl[:-2] & (a[1:-1] == 13) & nl[2:]))  # "\n\r\n"
+            prev, last = block[-2:], block
+    if not last:
+        return 0
+    n_lines = n_newlines + (0 if last.endswith(b"\n") else 1)
+    return max(0, n_lines - n_empty - 1)  # minus the header
+
+
+def _spanning_row(csv_path: Path) -> str:
+    """Where a quoted value first spans several lines (usually an unbalanced quote), for the message."""
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f)
+        line = 1
+        for _ in reader:
+            start, line = line, reader.line_num + 1
+            if reader.line_num > start:
+                return (f"the row starting on line {start} runs to line {reader.line_num} (an unbalanced "
+                        "'\"' in it quotes the lines after it)")
+    return "some rows span several lines (quoted line breaks)"
+
+
+def _multiline_error(csv_path: Path, n_rows: int, n_lines: int) -> DataError:
+    return DataError(f"{csv_path}: {n_lines:,} rows on their lines but {n_rows:,} read: {_spanning_row(csv_path)}; "
+                     "fix the quoting there (geovote reads one row per line)")
 
 
 def iter_csv_batches(
@@ -159,8 +244,17 @@ def iter_csv_batches(
             quoted_strings_can_be_null=False,
         ),
     )
-    for batch in reader:
-        yield batch
+    try:
+        for batch in reader:
+            yield batch
+    except pa.ArrowInvalid as e:
+        message = str(e)
+        if "invalid UTF8" in message:
+            raise DataError(f"{csv_path} is not UTF-8 text ({message.splitlines()[0]}): save it as UTF-8") from None
+        if "out of sync" in message or "quote" in message.lower():
+            raise DataError(f"{csv_path}: {_spanning_row(csv_path)}; fix the quoting there (geovote reads one "
+                            "row per line)") from None
+        raise DataError(f"{csv_path}: unreadable as CSV ({message.splitlines()[0]})") from None
 
 
 def _to_float(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -240,13 +334,13 @@ def read_split(
     """Read, validate and return the valid rows of `<root>/<split>.csv`.
 
     `columns`: extra CSV columns to keep (e.g. `unique_country`). `rejects_path`: where to write the
-    rejected rows (default `<root>/<split>.rejects.csv`); `row` there is the 0-based data row (-1 for
-    malformed lines, whose text is kept instead).
+    rejected rows (none written without it: the report still counts them); `row` there is the 0-based
+    data row (-1 for malformed lines, whose text is kept instead).
     """
     root = Path(root)
     table, report = read_table(
         split_csv(root, split), columns,
-        rejects_path=Path(rejects_path) if rejects_path else root / f"{split}.rejects.csv",
+        rejects_path=Path(rejects_path) if rejects_path else None,
         images=index_images(root, split) if check_images else None,
     )
     return Split(root, split, table, report)
@@ -297,6 +391,9 @@ def read_table(
             batches.append(table if ok.all() else table.filter(pa.array(ok)))
         if malformed:
             rejects.add("malformed line", [None] * len(malformed), [-1] * len(malformed), malformed)
+        n_lines = count_rows(Path(csv_path))
+        if row0 + len(malformed) < n_lines:  # quoted line breaks: rows were swallowed, not rejected
+            raise _multiline_error(Path(csv_path), row0 + len(malformed), n_lines)
 
         table = pa.concat_tables(batches) if batches else _empty_table(wanted)
         table = _drop_duplicates(table, rejects)

@@ -8,7 +8,8 @@
             cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
         predictions-<split>.parquet     retrieve.query --split
 
-An engine is named by its folder or by its index folder (`--index`, whose parent is the engine).
+An engine is named by its folder or by its index folder (`--index DIR`: DIR is the index, whatever its
+name, and its parent is the engine).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def model_slug(name: str) -> str:
 @dataclass(frozen=True)
 class EngineLayout:
     root: Path
+    index_dir: Path | None = None  # an index folder named by the user; default root/index
 
     @classmethod
     def for_dataset(cls, data_root: str | Path | None = None, model: str = "default") -> "EngineLayout":
@@ -44,12 +46,13 @@ class EngineLayout:
 
     @classmethod
     def from_index(cls, index_dir: str | Path) -> "EngineLayout":
-        """The engine an index folder belongs to (its parent)."""
-        return cls(Path(index_dir).parent)
+        """The engine an index folder belongs to (its parent); the index keeps its own name."""
+        index_dir = Path(index_dir)
+        return cls(index_dir.parent, index_dir)
 
     @property
     def index(self) -> Path:
-        return self.root / INDEX_DIR
+        return self.index_dir if self.index_dir is not None else self.root / INDEX_DIR
 
     @property
     def params(self) -> Path:
@@ -68,10 +71,17 @@ class EngineLayout:
         return self.root / f"predictions-{split}.parquet"
 
     def require_index(self) -> Path:
-        """The index folder, or EngineMissing saying how to build it."""
-        if not self.index.is_dir():
-            raise EngineMissing(f"no index at {self.index}: build it first with `python -m embed.build`")
-        return self.index
+        """The index folder, or EngineMissing saying how to build it (or where the index is, when
+        pointed at an engine folder instead of its index)."""
+        if (self.index / "index.json").is_file():
+            return self.index
+        if (self.index / INDEX_DIR / "index.json").is_file():
+            raise EngineMissing(f"{self.index} is an engine folder, not an index: did you mean "
+                                f"--index {self.index / INDEX_DIR}?")
+        if self.index.is_dir():
+            raise EngineMissing(f"{self.index} holds no index (no index.json): build one with "
+                                "`python -m embed.build`")
+        raise EngineMissing(f"no index at {self.index}: build it first with `python -m embed.build`")
 
 
 def resolve(index: str | Path | None = None, engine: str | Path | None = None) -> EngineLayout:

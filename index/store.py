@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geovote.shards import read_manifest, read_shard, shard_paths, shard_sizes
+from geovote.shards import ShardError, read_manifest, read_shard, shard_paths, shard_sizes
 
 INDEX_VERSION = 2
 FILES = ("index.faiss", "index.json", "refine.faiss", "latitude.npy", "longitude.npy", "ids.npy")
@@ -70,6 +70,18 @@ def choose_factory(n_vectors: int, dim: int) -> str:
     return f"{coarse},PQ{m}x4fs"
 
 
+def check_factory(factory: str, dim: int) -> None:
+    """IndexError_ unless FAISS can build `factory` for `dim`-d vectors."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1] if str(e).strip() else "rejected"
+        raise IndexError_(f"index_factory {factory!r} is not a FAISS factory string for {dim}-d vectors ({first}); "
+                          "e.g. Flat, IVF1024,PQ32x4fs, or leave it empty to choose from the data") from None
+
+
 @dataclass
 class SearchResult:
     similarity: np.ndarray  # (Q, k) float32, inner product (cosine); -inf where fewer than k found
@@ -109,6 +121,21 @@ def _ids_width(paths: list[Path]) -> int:
     return width
 
 
+def index_is_current(index_dir: str | Path, shard_dir: str | Path, factory: str | None = None) -> bool:
+    """Whether `index_dir` is a complete index built from exactly the embeddings in `shard_dir` (their
+    manifest) with `factory` (None: any): a rerun of the pipeline then need not rebuild it."""
+    index_dir = Path(index_dir)
+    if not all((index_dir / f).is_file() for f in FILES):
+        return False
+    try:
+        info = json.loads((index_dir / "index.json").read_text())
+        manifest = read_manifest(shard_dir)
+    except (OSError, ValueError, ShardError):
+        return False
+    return (info.get("version") == INDEX_VERSION and info.get("embedding_manifest") == manifest
+            and (factory is None or info.get("factory") == factory))
+
+
 def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = None,
                 nprobe: int = DEFAULT_NPROBE, shortlist: int | None = None, seed: int = 0,
                 log=print) -> dict:
@@ -126,6 +153,7 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
     if manifest.get("dim", dim) != dim:
         raise IndexError_(f"{shard_dir}: manifest says dim {manifest.get('dim')}, shards hold {dim}")
     factory = factory or choose_factory(n, dim)
+    check_factory(factory, dim)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -160,7 +188,13 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
         nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 256
         n_train = min(n, max(nlist * TRAIN_PER_LIST, 10_000), TRAIN_MAX)
         rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
-        index.train(np.asarray(vectors[rows], np.float32))
+        try:
+            index.train(np.asarray(vectors[rows], np.float32))
+        except RuntimeError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1]
+            raise IndexError_(f"cannot train {factory} on {n:,} vectors ({why}); use fewer IVF lists or "
+                              "leave index_factory empty to choose from the data") from None
     t_train = time.perf_counter()
     for start in range(0, n, ADD_BATCH):
         index.add(np.asarray(vectors[start:start + ADD_BATCH], np.float32))
@@ -181,16 +215,16 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
 
 
 def _gpu_device(device: str) -> str | None:
-    """'cuda' when `device` asks for it (or 'auto' and torch sees a GPU), else None."""
+    """The CUDA device `device` resolves to (geovote.distributed.pick_device), or None for the CPU."""
     if device == "cpu":
         return None
-    import torch
+    from geovote.distributed import pick_device
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if device != "auto":
-        raise IndexError_(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return None
+    try:
+        resolved = pick_device(device)
+    except ValueError as e:
+        raise IndexError_(str(e)) from None
+    return resolved if resolved.startswith("cuda") else None
 
 
 class GeoIndex:
@@ -211,16 +245,19 @@ class GeoIndex:
         missing = [f for f in FILES if not (self.folder / f).is_file()]
         if missing:
             raise IndexError_(f"{self.folder} is incomplete: missing {', '.join(missing)}")
-        self.info = json.loads((self.folder / "index.json").read_text())
+        self.info = self._read_info()
         if self.info.get("version") != INDEX_VERSION:
             raise IndexError_(f"{self.folder} was built by index version {self.info.get('version')}; this "
                               f"code reads version {INDEX_VERSION}: rebuild it")
-        self.dim, self.count = int(self.info["dim"]), int(self.info["count"])
-        self.vectors = _fp16_vectors(self.folder / "refine.faiss", self.dim, self.count)
-        self.lat = np.load(self.folder / "latitude.npy", mmap_mode="r")
-        self.lon = np.load(self.folder / "longitude.npy", mmap_mode="r")
-        self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")
-        self.index = faiss.read_index(str(self.folder / "index.faiss"))
+        try:
+            self.dim, self.count = int(self.info["dim"]), int(self.info["count"])
+        except (KeyError, TypeError, ValueError):
+            raise IndexError_(f"{self.folder / 'index.json'}: no valid dim and count: rebuild the index") from None
+        self.vectors = self._open("refine.faiss", lambda p: _fp16_vectors(p, self.dim, self.count))
+        self.lat = self._open("latitude.npy", lambda p: np.load(p, mmap_mode="r"))
+        self.lon = self._open("longitude.npy", lambda p: np.load(p, mmap_mode="r"))
+        self.ids = self._open("ids.npy", lambda p: np.load(p, mmap_mode="r"))
+        self.index = self._open("index.faiss", lambda p: faiss.read_index(str(p)))
         for name, a in (("vectors", self.vectors), ("latitude", self.lat), ("longitude", self.lon),
                         ("ids", self.ids)):
             if a.shape[0] != self.count:
@@ -231,7 +268,7 @@ class GeoIndex:
                               f"index.json says {self.count} x {self.dim}")
         self.exact = self.info["factory"] == "Flat"
         # the re-rank copy stays on disk: FAISS maps it, and reads only the candidates' rows
-        self.refine = faiss.read_index(str(self.folder / "refine.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        self.refine = self._open("refine.faiss", lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC))
         if self.refine.ntotal != self.count:
             raise IndexError_(f"{self.folder}: refine.faiss holds {self.refine.ntotal} vectors, "
                               f"index.json says {self.count}")
@@ -244,6 +281,27 @@ class GeoIndex:
             self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self.vectors)).to(self.device)
         elif self.exact and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             self.index = faiss.index_cpu_to_all_gpus(self.index)
+
+    def _read_info(self) -> dict:
+        path = self.folder / "index.json"
+        try:
+            info = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IndexError_(f"{path} is not valid JSON ({e}): the index is damaged; rebuild it with "
+                              "`python -m embed.build`") from None
+        if not isinstance(info, dict):
+            raise IndexError_(f"{path} is not an index description: rebuild the index")
+        return info
+
+    def _open(self, name: str, opener):
+        """Open one file of the folder; a damaged one (truncated, emptied, overwritten) is named."""
+        path = self.folder / name
+        try:
+            return opener(path)
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
+            why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise IndexError_(f"{path} is damaged or truncated ({why}): rebuild the index with "
+                              "`python -m embed.build`") from None
 
     @property
     def backbone(self) -> str | None:
@@ -301,15 +359,23 @@ class GeoIndex:
         return SearchResult(sim, np.where(valid, rows, -1), ids, lat, lon)
 
 
-def exact_search_torch(vectors, queries, k: int, device: str | None = None, batch: int = 4096):
+SCORE_BYTES = 1 << 30  # the (queries x N) score matrix of one exact-search batch stays under 1 GiB
+
+
+def exact_search_torch(vectors, queries, k: int, device: str | None = None, batch: int | None = None):
     """Exact inner-product top-k with torch (fp16 matmul on CUDA, fp32 on CPU): the GPU path that
-    works wherever torch sees a GPU, since the faiss-gpu-cu12 wheel has no Hopper kernels."""
+    works wherever torch sees a GPU, since the faiss-gpu-cu12 wheel has no Hopper kernels. Queries go in
+    batches whose score matrix stays under SCORE_BYTES (5M vectors: 107 queries, not 4,096 x 5M = 41 GB)."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from geovote.distributed import pick_device
+
+    device = device or pick_device()
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base = vectors if torch.is_tensor(vectors) else torch.as_tensor(np.asarray(vectors))
     base = base.to(device=device, dtype=dtype)  # (N, d); no copy when already there
+    if batch is None:
+        batch = max(1, min(4096, SCORE_BYTES // (base.element_size() * max(1, base.shape[0]))))
     out_sim, out_rows = [], []
     for start in range(0, len(queries), batch):
         q = torch.as_tensor(np.asarray(queries[start:start + batch], np.float32), device=device).to(dtype)

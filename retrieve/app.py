@@ -6,85 +6,107 @@ runs it; `create_app(engine)` builds it (tests drive it with FastAPI's TestClien
     GET  /health   the index (backbone, size) and readiness
     GET  /docs     the OpenAPI description (FastAPI), /openapi.json its source
 
-Uploads are read into memory (bounded by max_upload_bytes) and never written anywhere by this code;
-images over max_pixels are refused before they are decoded; nothing is ever fetched from a URL a client
-sends. Every refusal is a 4xx JSON object {"error": "..."}. Decoding and inference run in the
-threadpool, one inference at a time, so the event loop (and /health) never waits behind them.
+Uploads are read into memory under max_upload_bytes and a time limit, chunked or not, and never written
+anywhere (retrieve.upload); images over max_pixels are refused before they are decoded; nothing is ever
+fetched from a URL a client sends; only requests for the local host names are served. Every refusal is a
+4xx JSON object {"error": "..."}. Decoding runs in the threadpool; inferences queue on an asyncio lock
+and run one at a time in the threadpool, so the event loop (and /health) never waits behind them.
 """
 from __future__ import annotations
 
+import asyncio
 import io
-import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 20.0
 MAX_MEGAPIXELS = 40.0
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+BODY_TIMEOUT_S = 30.0  # the whole upload must arrive within this (a client that stalls holds nothing)
+
+
 def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
-               max_pixels: int = int(MAX_MEGAPIXELS * 1e6)):
+               max_pixels: int = int(MAX_MEGAPIXELS * 1e6), allowed_hosts: tuple[str, ...] = LOCAL_HOSTS,
+               body_timeout_s: float = BODY_TIMEOUT_S):
+    """The app over `engine`. Requests whose Host header names another host are refused (400): a page
+    elsewhere cannot reach this server through DNS rebinding. `allowed_hosts` = ("*",) serves any."""
     from embed.images import ImageFailure, open_rgb
     from retrieve.answer import answers_for_images
+    from retrieve.upload import UploadError, parse_multipart, read_body
 
     app = FastAPI(title="geovote", version="1", description="Where on Earth was this photo taken?")
     app.state.engine = engine
-    lock = threading.Lock()  # one inference at a time: torch and FAISS already use every core
+    inference = asyncio.Lock()  # one inference at a time (torch and FAISS use every core); waiters hold no thread
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def only_our_hosts(request: Request, call_next):
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+        if "*" not in allowed_hosts and name not in allowed_hosts:
+            return error(400, f"host {host or '(none)'!r} is not served here (serving {', '.join(allowed_hosts)}; "
+                              "retrieve.serve --allow-host adds one)")
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc):  # noqa: ANN001 - FastAPI's signature
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request, exc):  # noqa: ANN001 - FastAPI's signature
         return error(400, "expected a multipart form with an image file in the field `image`")
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         """The index this server answers from, and whether it is ready."""
         return {"ready": True, "backbone": engine.index.backbone, "images": engine.index.count,
                 "dim": engine.index.dim, "index": engine.index.info["factory"],
                 "params": engine.params.__dict__ | {"levels": list(engine.params.levels)}}
 
-    @app.post("/locate", responses={400: {}, 413: {}, 415: {}, 422: {}})
+    @app.post("/locate", responses={400: {}, 408: {}, 413: {}, 415: {}, 422: {}})
     async def locate(request: Request):
         """Upload an image (multipart field `image`); get its location, place, confidence, alternatives
         and nearest training images."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             return error(415, f"expected multipart/form-data with a field `image`, got {ctype or 'nothing'}")
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > max_upload_bytes + 64 * 1024:
+        limit = max_upload_bytes + 64 * 1024  # the form's own headers and boundaries
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            return error(400, "Content-Length is not a number")
+        if declared > limit:
             return error(413, f"upload of {declared:,} bytes is over the limit of {max_upload_bytes:,}")
         try:
-            form = await request.form(max_files=1, max_fields=4)
-        except Exception as e:  # noqa: BLE001 - starlette raises several kinds for broken forms
-            return error(400, f"unreadable multipart form: {e}")
-        upload = form.get("image")
-        if upload is None or not hasattr(upload, "read"):
+            body = await read_body(request.stream(), limit, body_timeout_s)
+            parts = [p for p in parse_multipart(body, ctype) if p.name == "image"]
+        except UploadError as e:
+            return error(e.status, str(e))
+        if not parts or parts[0].filename is None:
             return error(400, "no file in the form field `image`")
-        data = await upload.read(max_upload_bytes + 1)
-        await upload.close()
+        data, name = parts[0].data, parts[0].filename or "upload"
         if not data:
             return error(400, "the uploaded file is empty")
         if len(data) > max_upload_bytes:
             return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
-        name = upload.filename or "upload"
         try:
             img = await run_in_threadpool(open_rgb, io.BytesIO(data), engine.backbone.image_size, max_pixels)
         except ImageFailure as e:
             why = str(e)
             status = 413 if why.startswith("too large") else 415 if why.startswith("not an image") else 422
             return error(status, f"{name}: {why}")
-        return await run_in_threadpool(infer, img, name)
-
-    def infer(img, name: str) -> dict:
-        with lock:  # in a worker thread: the loop keeps serving /health and new uploads meanwhile
-            return answers_for_images(engine, [img], [name])[0]
+        async with inference:  # queue here, on the loop: /health and new uploads are served meanwhile
+            return await run_in_threadpool(lambda: answers_for_images(engine, [img], [name])[0])
 
     @app.get("/", include_in_schema=False)
     def page():

@@ -38,9 +38,25 @@ def save_params(index_dir: str | Path, params: VoteConfig, record: dict) -> Path
     """Store the chosen parameters and how they were chosen, atomically."""
     path = EngineLayout.from_index(index_dir).params
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps({"params": asdict(params), **record}, indent=2) + "\n")
+    try:
+        text = json.dumps({"params": asdict(params), **record}, indent=2, allow_nan=False)
+    except ValueError:
+        raise ConfigError(f"not writing {path}: the tuning scores are not finite numbers") from None
+    tmp.write_text(text + "\n")
     tmp.replace(path)
     return path
+
+
+def _load_cache(path: Path, rows: int, levels: int) -> np.ndarray | None:
+    """A cached cell table, or None when absent or not what it should be (truncated, another shape):
+    a cache is rebuilt, never trusted."""
+    if not path.exists():
+        return None
+    try:
+        table = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    return table if table.shape == (rows, levels) and table.dtype.kind in "iu" else None
 
 
 class Engine:
@@ -74,15 +90,21 @@ class Engine:
     def tuned(self) -> bool:
         return self.layout.params.exists()
 
+    def untuned_warning(self) -> str | None:
+        """What a command tells its user when the voting settings were never tuned for this index."""
+        if self.tuned:
+            return None
+        return (f"warning: {self.layout.params} is missing (tuning never ran or did not finish): answering "
+                "with the default voting settings; run `python -m retrieve.tune`")
+
     def cells(self, params: VoteConfig | None = None) -> np.ndarray:
         """(N, L) cell table of the index's rows for `params` (cached in the index folder)."""
         params = params or self.params
         spec = params.cell_spec
         if spec not in self._cells:
             path = self.layout.cells(spec)
-            if path.exists():
-                table = np.load(path, mmap_mode="r")
-            else:
+            table = _load_cache(path, self.index.count, len(params.levels))
+            if table is None:
                 table = cell_table(np.asarray(self.index.lat), np.asarray(self.index.lon), params)
                 tmp = path.with_name(path.name + ".partial.npy")
                 try:

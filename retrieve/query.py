@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = resolve(index=args.index)
     try:
         engine = Engine(layout.require_index(), model=args.model)
+        if engine.untuned_warning():
+            print(engine.untuned_warning(), file=sys.stderr)
         if args.split:
             data = args.data or default_sample_root()
             out = args.out or layout.predictions(args.split)

@@ -7,14 +7,16 @@
     GET  /health   the index (backbone, size) and readiness
     GET  /docs     the OpenAPI description (FastAPI), /openapi.json its source
 
-Binds 127.0.0.1 only. Uploads are read into memory (bounded by --max-upload-mb) and never written
-anywhere by this code; images over --max-megapixels are refused before they are decoded; nothing is ever
-fetched from a URL a client sends. Every refusal is a 4xx JSON object {"error": "..."}. The app itself is
-retrieve.app.
+Binds 127.0.0.1 only, and answers only requests addressed to 127.0.0.1, localhost or [::1] (add a name
+with --allow-host, e.g. behind a reverse proxy). Uploads are read into memory (bounded by --max-upload-mb,
+chunked ones too, within 30 s) and never written anywhere; images over --max-megapixels are refused before
+they are decoded; nothing is ever fetched from a URL a client sends. Every refusal is a 4xx JSON object
+{"error": "..."}. The app itself is retrieve.app.
 """
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from embed.models import BackboneError
 from geovote.config import ConfigError
 from geovote.layout import EngineMissing, resolve
 from index.store import IndexError_
-from retrieve.app import MAX_MEGAPIXELS, MAX_UPLOAD_MB, create_app
+from retrieve.app import BODY_TIMEOUT_S, LOCAL_HOSTS, MAX_MEGAPIXELS, MAX_UPLOAD_MB, create_app
 from retrieve.engine import Engine
 
 DEFAULT_PORT = 8765
@@ -32,18 +34,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, default=None, help="index folder (default: the sample's)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"1-65535 (default {DEFAULT_PORT})")
     ap.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
     ap.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS)
+    ap.add_argument("--upload-timeout-s", type=float, default=BODY_TIMEOUT_S,
+                    help=f"an upload must arrive whole within this (default {BODY_TIMEOUT_S:g})")
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="also answer requests whose Host is NAME (repeatable; '*' for any)")
     args = ap.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
+        return 2
+    if min(args.max_upload_mb, args.max_megapixels, args.upload_timeout_s) <= 0:
+        print("error: --max-upload-mb, --max-megapixels and --upload-timeout-s must be positive", file=sys.stderr)
+        return 2
+    try:
+        with socket.socket() as probe:  # a port in use: say so before loading anything or printing a banner
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", args.port))
+    except OSError as e:
+        print(f"error: cannot listen on 127.0.0.1:{args.port} ({e.strerror}): is another server running there? "
+              "pick another --port", file=sys.stderr)
+        return 2
     try:
         engine = Engine(resolve(index=args.index).require_index())
     except (EngineMissing, IndexError_, BackboneError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if engine.untuned_warning():
+        print(engine.untuned_warning(), file=sys.stderr)
     import uvicorn
 
-    app = create_app(engine, int(args.max_upload_mb * 2**20), int(args.max_megapixels * 1e6))
+    app = create_app(engine, int(args.max_upload_mb * 2**20), int(args.max_megapixels * 1e6),
+                     allowed_hosts=(*LOCAL_HOSTS, *args.allow_host), body_timeout_s=args.upload_timeout_s)
     print(f"geovote: http://127.0.0.1:{args.port}/  ({engine.index.count:,} images, {engine.index.backbone})")
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     return 0

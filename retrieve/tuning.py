@@ -33,17 +33,16 @@ GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat 
 
 
 def ensure_embedded(engine, data: Path, split: str, workers: int = -1, log=None) -> Path:
-    """The folder of a split's embeddings by the engine's model, embedded first if not done (resumable)."""
+    """The folder of a split's embeddings by the engine's model. Always through embed_split: it embeds
+    only the shards that are missing, and its plan refuses a folder made from another dataset, split,
+    model or set of rows, so stored embeddings are never silently those of something else."""
     from embed.split import EmbedConfig, embed_split
     from geovote.data import read_split
-    from geovote.shards import MANIFEST
 
     emb_dir = engine.layout.embeddings(split)
-    if not (emb_dir / MANIFEST).exists():
-        s = read_split(data, split, rejects_path=engine.layout.rejects(split))
-        cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers,
-                          index=False)
-        embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
+    s = read_split(data, split, rejects_path=engine.layout.rejects(split))
+    cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
+    embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
     return emb_dir
 
 
@@ -61,6 +60,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
@@ -109,10 +109,21 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
     """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
     from retrieve.predict import one_nn, vote, weighted_mean
 
+    from geovote.data import DataError
+
     if exclude is None:
         res = engine.search(emb, max(grid["k"]))
     else:
         res = exclude(engine.search(emb, max(grid["k"]) + CARVE_EXTRA))
+    found = np.isfinite(res.similarity[:, 0])  # a held-out query may have lost every neighbour
+    if found.sum() < MIN_TUNE_QUERIES:
+        raise DataError(f"only {int(found.sum())} of {len(found)} tuning images have neighbours in the index: "
+                        f"too few to tune (at least {MIN_TUNE_QUERIES})")
+    if not found.all():
+        log(f"{int((~found).sum())} of {len(found)} tuning images have no neighbour left; tuning on the others")
+        res = replace(res, **{f: getattr(res, f)[found] for f in ("similarity", "rows", "ids", "lat_deg",
+                                                                  "lon_deg")})
+        true_lat, true_lon, emb = true_lat[found], true_lon[found], emb[found]
     trials = []
     t0 = time.perf_counter()
     for cells, levels in grid["cells"]:

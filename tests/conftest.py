@@ -1,6 +1,7 @@
 """Shared fixtures: a small bundled sample, generated once per test session (about a second); every
 test runs in a temporary working folder with GEOVOTE_DATA inside it, so no default path (./data,
-./runs) can be written in the checkout."""
+./runs) can be written in the checkout; and on the CPU (GEOVOTE_DEVICE=cpu), so that exact comparisons
+hold on a GPU machine too: the CUDA tests ask for their device by name."""
 from __future__ import annotations
 
 import os
@@ -13,22 +14,35 @@ from geovote.bundled_sample import generate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".gpu-wheels"}
+
+
+def _checkout_files() -> set[str]:
+    out = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        out.update(os.path.relpath(os.path.join(folder, f), ROOT) for f in files)
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _outside_the_checkout(tmp_path_factory):
     work = tmp_path_factory.mktemp("cwd")
-    before = {p.name for p in ROOT.iterdir()}
-    old_cwd, old_data = os.getcwd(), os.environ.get("GEOVOTE_DATA")
+    before = _checkout_files()
+    saved = {k: os.environ.get(k) for k in ("GEOVOTE_DATA", "GEOVOTE_DEVICE")}
+    old_cwd = os.getcwd()
     os.chdir(work)
     os.environ["GEOVOTE_DATA"] = str(work / "data")
+    os.environ["GEOVOTE_DEVICE"] = "cpu"
     yield work
     os.chdir(old_cwd)
-    if old_data is None:
-        os.environ.pop("GEOVOTE_DATA", None)
-    else:
-        os.environ["GEOVOTE_DATA"] = old_data
-    # a test that wrote into the checkout leaves a new top-level entry (build and cache folders aside)
-    new = {p.name for p in ROOT.iterdir()} - before - {".pytest_cache", "build", "dist"}
-    assert not new, f"tests wrote {sorted(new)} into the checkout"
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    new = sorted(_checkout_files() - before)
+    assert not new, f"tests wrote {len(new)} files into the checkout, e.g. {new[:5]}"
 
 
 SMALL = {"n_train": 2000, "n_val": 200, "n_test": 200, "seed": 0}

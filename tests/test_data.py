@@ -50,7 +50,7 @@ def test_every_bad_row_is_rejected_with_its_reason(tmp_path):
         ["0011", -90.0, 180.0, "AQ", "x"],          # valid: the limits are inside the ranges
     ]
     root = _dataset(tmp_path / "ds", rows, images=["0001", "0002", "0004", "0008", "0011", "0003"])
-    split = read_split(root, "train", columns=["unique_country"])
+    split = read_split(root, "train", columns=["unique_country"], rejects_path=tmp_path / "out" / "rejects.csv")
     assert list(split.ids) == ["0001", "0008", "0011"]
     assert list(split.column("unique_country")) == ["NA", None, "AQ"]
     rep = split.report
@@ -111,7 +111,8 @@ def test_reading_without_images(tmp_path):
 def test_every_extra_copy_of_an_id_is_rejected_and_the_first_kept(tmp_path):
     rows = [["b", 1.0, 1.0, "FR", "first b"], ["a", 2.0, 2.0, "FR", "a"], ["b", 3.0, 3.0, "FR", "x"],
             ["c", 4.0, 4.0, "FR", "c"], ["b", 5.0, 5.0, "FR", "x"], ["a", 6.0, 6.0, "FR", "x"]]
-    split = read_split(_dataset(tmp_path / "ds", rows), "train", columns=["city"])
+    split = read_split(_dataset(tmp_path / "ds", rows), "train", columns=["city"],
+                       rejects_path=tmp_path / "rejects.csv")
     assert list(split.ids) == ["b", "a", "c"] and list(split.column("city")) == ["first b", "a", "c"]
     with open(split.report.rejects_path, newline="") as f:
         assert sorted(int(r["row"]) for r in csv.DictReader(f)) == [2, 4, 5]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from embed.features import FeatureExtractor, ImageFiles, pick_device
+from embed.features import FeatureExtractor, ImageFiles
+from geovote.distributed import pick_device
 from embed.models import load_backbone
 
 
@@ -50,8 +51,8 @@ def test_devices_and_precisions_are_checked():
     bb = load_backbone("random:default")
     with pytest.raises(ValueError, match="precision"):
         FeatureExtractor(bb, device="cpu", precision="fp8")
+    assert pick_device() == "cpu"  # no GPU, or GEOVOTE_DEVICE=cpu (the tests set it: see conftest)
     if not torch.cuda.is_available():
-        assert pick_device() == "cpu"
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
             pick_device("cuda")
         with pytest.raises(ValueError, match="bf16 is for CUDA"):
@@ -65,8 +66,8 @@ def test_engine_embeds_and_searches_on_the_gpu(tiny_engine, sample_root):
     from embed.images import open_rgb
     from retrieve.engine import Engine
 
-    gpu, cpu = Engine(tiny_engine / "index"), Engine(tiny_engine / "index", device="cpu")
-    assert gpu.features.device.startswith("cuda") and gpu.features.bf16 and gpu.index.device == "cuda"
+    gpu, cpu = Engine(tiny_engine / "index", device="cuda"), Engine(tiny_engine / "index", device="cpu")
+    assert gpu.features.device.startswith("cuda") and gpu.features.bf16 and gpu.index.device.startswith("cuda")
     imgs = [open_rgb(p, 32) for p in sorted((sample_root / "images" / "test").rglob("*.jpg"))[:64]]
     e_gpu, e_cpu = gpu.embed_images(imgs), cpu.embed_images(imgs)
     assert np.min(np.sum(e_gpu * e_cpu, axis=1)) > 0.99  # cosine: bf16 against fp32

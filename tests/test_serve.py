@@ -29,7 +29,7 @@ def served(sample_root, tiny_model, tmp_path_factory):
     assert embed_main(["--data", str(sample_root), "--model", str(tiny_model), "--out", str(out),
                        "--workers", "0", "--set", "tune=false"]) == 0
     app = create_app(Engine(out / "index"), max_upload_bytes=200_000, max_pixels=4_000_000)
-    with TestClient(app) as client:  # one event loop for every request of the module
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # one event loop for the module
         yield client, out
 
 
