@@ -32,7 +32,11 @@ def read_predictions(path: Path) -> pa.Table:
     if not path.is_file():
         raise DataError(f"no predictions file {path}")
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}): truncated or "
+                            "not parquet?") from None
         have = table.column_names
     else:
         have = csv_columns(path)
@@ -41,8 +45,13 @@ def read_predictions(path: Path) -> pa.Table:
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has: {', '.join(have)}")
     if table is None:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            include_columns=[ID, LAT, LON], column_types={ID: pa.string()}))
+        try:
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                include_columns=[ID, LAT, LON], column_types={ID: pa.string()}))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: unreadable as CSV ({str(e).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path} holds no predictions (a header only)")
     try:
         table = pa.table({ID: pc.cast(table.column(ID), pa.string()),
                           LAT: pc.cast(table.column(LAT), pa.float64()),

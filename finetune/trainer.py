@@ -89,9 +89,10 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 class ImageDataset:
-    """(image tensor, row) pairs; every row's targets live in arrays indexed by row. With views > 1 the
-    tensor is (views, 3, H, W): independent augmentations of one image. Images are read as embed reads
-    them (embed.images.open_rgb: every mode to RGB, large JPEGs decoded small)."""
+    """(image tensor, row, reason) triples; every row's targets live in arrays indexed by row. With
+    views > 1 the tensor is (views, 3, H, W): independent augmentations of one image. Images are read as
+    embed reads them (embed.images.open_rgb: every mode to RGB, large JPEGs decoded small); one that
+    cannot be read is a zero tensor with the reason, and the epoch skips it."""
 
     def __init__(self, paths: list[Path], transform, views: int = 1, min_side_px: int = 64):
         self.paths, self.transform, self.views = paths, transform, views
@@ -105,10 +106,17 @@ class ImageDataset:
 
         from embed.images import open_rgb
 
-        img = open_rgb(self.paths[i], self.min_side_px)
+        from embed.images import ImageFailure
+
+        try:
+            img = open_rgb(self.paths[i], self.min_side_px)
+        except ImageFailure as e:
+            shape = (3, self.min_side_px, self.min_side_px) if self.views == 1 else \
+                (self.views, 3, self.min_side_px, self.min_side_px)
+            return torch.zeros(shape), i, str(e)
         if self.views == 1:
-            return self.transform(img), i
-        return torch.stack([self.transform(img) for _ in range(self.views)]), i
+            return self.transform(img), i, ""
+        return torch.stack([self.transform(img) for _ in range(self.views)]), i, ""
 
 
 def train_transform(cfg: TrainConfig, backbone):
@@ -320,13 +328,19 @@ def train_epoch(cfg: TrainConfig, model: Model, forward, loader, sampler, opt, s
         sampler.set_epoch(epoch)
     model.module.train()
     t0, seen, losses = time.perf_counter(), 0, []
-    for x, rows in loader:
+    for x, rows, reasons in loader:
+        ok = torch.tensor([r == "" for r in reasons])
+        weight = 1.0
+        if not ok.all():  # unreadable images (validation lists them in failures.csv) are left out
+            if not ok.any():  # keep one, weighted 0: under DDP every rank must still step together
+                ok[0], weight = True, 0.0
+            x, rows = x[ok], rows[ok]
         if x.ndim == 5:  # (B, views, 3, H, W): the views of one image share its targets
             rows = rows.repeat_interleave(x.shape[1])
             x = x.flatten(0, 1)
         x, rows = x.to(device, non_blocking=True), rows.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            loss = batch_loss(cfg, model, forward, x, rows, targets)
+            loss = weight * batch_loss(cfg, model, forward, x, rows, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -339,20 +353,22 @@ def train_epoch(cfg: TrainConfig, model: Model, forward, loader, sampler, opt, s
             "samples_per_s": seen / (time.perf_counter() - t0)}
 
 
-def embed_split_images(model: Model, split, device: str, batch_size: int = 512) -> np.ndarray:
-    """Evaluation embeddings of every image of a split, through the one feature extractor."""
+def embed_split_images(model: Model, split, device: str, batch_size: int = 512):
+    """Evaluation embeddings of a split's readable images, through the one feature extractor:
+    (embeddings of the rows that decoded, their mask, [(path, reason)] of the others)."""
     from embed.features import FeatureExtractor, ImageFiles
-    from geovote.data import DataError
 
     fx = FeatureExtractor(model.backbone, device=device, batch_size=batch_size)
     paths = split.image_paths()
-    out = []
+    out, ok, failed = [], np.zeros(len(paths), bool), []
     for rows, emb, reasons in fx.dataset(ImageFiles(paths, fx.transform(), model.backbone.image_size)):
-        bad = [(paths[r], why) for r, why in zip(rows, reasons) if why]
-        if bad:
-            raise DataError(f"{split.name} image {bad[0][0]}: {bad[0][1]}")
+        for r, why in zip(rows, reasons):
+            if why:
+                failed.append((str(paths[r]), why))
+            else:
+                ok[r] = True
         out.append(emb)
-    return np.concatenate(out)
+    return np.concatenate(out), ok, failed
 
 
 def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
@@ -374,10 +390,26 @@ def knn_geoscore(train_emb, train_lat, train_lon, query_emb, query_lat, query_lo
     return mean_geoscore(pred.lat_deg, pred.lon_deg, query_lat, query_lon)
 
 
-def validate(model: Model, data: Data, device: str) -> float:
-    tr = embed_split_images(model, data.train, device)
-    va = embed_split_images(model, data.val, device)
-    return knn_geoscore(tr, data.train.lat_deg, data.train.lon_deg, va, data.val.lat_deg, data.val.lon_deg)
+def validate(model: Model, data: Data, device: str, out: Path | None = None, log=print) -> float:
+    """Validation GeoScore over the readable images; the unreadable ones go to <out>/failures.csv."""
+    tr, tr_ok, tr_failed = embed_split_images(model, data.train, device)
+    va, va_ok, va_failed = embed_split_images(model, data.val, device)
+    if (tr_failed or va_failed) and out is not None:
+        import csv
+
+        with open(out / "failures.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "path", "reason"])
+            w.writerows([("train", *x) for x in tr_failed] + [("val", *x) for x in va_failed])
+        log(f"{len(tr_failed)} train and {len(va_failed)} val images could not be read and are skipped "
+            f"(listed in {out / 'failures.csv'})")
+    if not va_ok.any() or not tr_ok.any():
+        from geovote.data import DataError
+
+        raise DataError(f"no readable {'val' if not va_ok.any() else 'train'} image to validate with "
+                        f"(see {out / 'failures.csv' if out else 'the images'})")
+    return knn_geoscore(tr, data.train.lat_deg[tr_ok], data.train.lon_deg[tr_ok], va, data.val.lat_deg[va_ok],
+                        data.val.lon_deg[va_ok])
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -451,7 +483,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         record = train_epoch(cfg, model, forward, loader, sampler, opt, sched, targets, state, device,
                              rank, world)
         if rank == 0:
-            score = validate(model, data, device)
+            score = validate(model, data, device, out, log)
             record["val_geoscore"] = score
             state["history"].append(record)
             log(f"epoch {state['epoch']}/{cfg.epochs}: loss {record['loss']:.3f}, "

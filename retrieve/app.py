@@ -91,6 +91,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             body = await read_body(request.stream(), limit, body_timeout_s)
             parts = [p for p in parse_multipart(body, ctype) if p.name == "image"]
         except UploadError as e:
+            if e.status == 413:  # the limit the user set, not the one with room for the form's own bytes
+                return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
             return error(e.status, str(e))
         if not parts or parts[0].filename is None:
             return error(400, "no file in the form field `image`")

@@ -48,16 +48,12 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
 
 def _tune(layout: EngineLayout, model: str, backbone, root: Path, workers: int, log) -> None:
     from retrieve.engine import Engine
-    from retrieve.tuning import tune_and_save
-
-    from geovote.data import DataError
+    from retrieve.tuning import TooFewToTune, tune_and_save
 
     engine = Engine(layout.index, model=model, backbone=backbone)
     try:
         best, scores, _ = tune_and_save(engine, root, "val", workers, log)
-    except DataError as e:
-        if "too few to tune" not in str(e):
-            raise
+    except TooFewToTune as e:
         log(f"not tuned: {e}; queries will use the default voting settings")
         return
     log(f"val: voting GeoScore {scores['voting']['geoscore']:.0f} (1-NN {scores['1-nn']['geoscore']:.0f}, "

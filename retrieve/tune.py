@@ -24,7 +24,7 @@ from geovote.layout import EngineMissing, resolve
 from geovote.paths import default_sample_root
 from index.store import IndexError_
 from retrieve.engine import Engine
-from retrieve.tuning import tune_and_save
+from retrieve.tuning import TooFewToTune, tune_and_save
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(resolve(index=args.index).require_index())
         best, scores, path = tune_and_save(engine, args.data or default_sample_root(), args.split)
-    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
+    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, TooFewToTune, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, s in scores.items():

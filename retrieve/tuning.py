@@ -60,6 +60,10 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+class TooFewToTune(Exception):
+    """Too few tuning images with neighbours for the grid's choice to mean anything."""
+
+
 MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
@@ -109,16 +113,14 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
     """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
     from retrieve.predict import one_nn, vote, weighted_mean
 
-    from geovote.data import DataError
-
     if exclude is None:
         res = engine.search(emb, max(grid["k"]))
     else:
         res = exclude(engine.search(emb, max(grid["k"]) + CARVE_EXTRA))
     found = np.isfinite(res.similarity[:, 0])  # a held-out query may have lost every neighbour
     if found.sum() < MIN_TUNE_QUERIES:
-        raise DataError(f"only {int(found.sum())} of {len(found)} tuning images have neighbours in the index: "
-                        f"too few to tune (at least {MIN_TUNE_QUERIES})")
+        raise TooFewToTune(f"only {int(found.sum())} of {len(found)} tuning images have neighbours in the "
+                           f"index: too few to tune (at least {MIN_TUNE_QUERIES})")
     if not found.all():
         log(f"{int((~found).sum())} of {len(found)} tuning images have no neighbour left; tuning on the others")
         res = replace(res, **{f: getattr(res, f)[found] for f in ("similarity", "rows", "ids", "lat_deg",
