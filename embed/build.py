@@ -34,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="dataset root in OSV-5M layout (default: the bundled sample)")
     ap.add_argument("--splits", nargs="+", help="splits to embed (default: train)")
-    ap.add_argument("--model", help="backbone name or checkpoint folder (default: the bundled model)")
+    ap.add_argument("--model", help="backbone name, weights or folder (default: the bundled model); "
+                                    "`--model list` shows every form")
     ap.add_argument("--out", help="output folder (default: <data>/geovote/<model>)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int)
     add_config_args(ap)
     args = ap.parse_args(argv)
+    if args.model == "list":
+        from embed.models import describe_models
+
+        print(describe_models())
+        return 0
     overrides = overrides_from_args(args, ("data", "model", "out", "batch_size", "workers", "splits"))
     try:
         cfg = load_config(EmbedConfig, args.config, overrides)

@@ -1,16 +1,20 @@
 """Backbones by name: an open_clip image tower, its preprocessing and a name that identifies its weights.
 
     default                 the bundled model (embed/default_model/, trained by finetune on the sample)
-    vit-b-32-openai         ViT-B-32, OpenAI's weights
+    vit-b-32-openai         ViT-B-32 with OpenAI's weights (QuickGELU, as they were trained)
     vit-l-14-datacomp       ViT-L-14, datacomp_xl_s13b_b90k: the OSV-5M paper's backbone
     ARCH:TAG                any open_clip pretrained pair, e.g. ViT-B-16:laion2b_s34b_b88k
+    ARCH:/path/file         a local weights file (.bin, .pt, .pth, .safetensors) for open_clip's ARCH
+    hf-hub:ORG/REPO         an open_clip model on the hub (config + weights), from the cache or the hub
+    FOLDER                  a checkpoint folder written by finetune (manifest.json + visual.pt), or a
+                            folder with open_clip_config.json and weights (a hub snapshot)
     random:ARCH             an open_clip architecture (or `default`) with random weights, seeded
     pixels:N                raw pixels: the image at 4N px, area-averaged to N x N x 3 (a baseline)
-    PATH                    a checkpoint folder written by finetune (manifest.json + visual.pt)
 
-Pretrained weights come from the Hugging Face hub through open_clip and are cached there. When they are
-not cached and the hub cannot be reached, loading fails within a few seconds with a message naming what
-was missing, rather than retrying for a minute.
+`python -m embed.build --model list` prints them and what each resolves to. Pretrained towers are
+resolved as open_clip resolves them (embed.pretrained): the tag's QuickGELU, mean, std, interpolation and
+resize mode. Weights come from the Hugging Face cache, else the hub; offline and not cached, loading
+fails within a few seconds with a message naming the repo, the files and how to fetch them.
 """
 from __future__ import annotations
 
@@ -19,14 +23,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embed.pretrained import Resolved, WeightsMissing
+
 CHECKPOINT_FORMAT = "geovote-checkpoint"
 CHECKPOINT_VERSION = 1
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # package data: in every install
-ALIASES = {  # name: (open_clip architecture, pretrained tag, hub repo: checked before torch is imported)
-    "vit-b-32-openai": ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai"),
-    "vit-l-14-datacomp": ("ViT-L-14", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
+_OPENAI_MEAN_STD = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+                    "interpolation": "bicubic", "resize_mode": "shortest"}
+# What each alias resolves to, written out so that a missing download is reported before torch is
+# imported; tests/test_models.py checks every entry against open_clip's own pretrained configuration.
+ALIASES = {
+    "vit-b-32-openai": Resolved("vit-b-32-openai", "ViT-B-32", "openai",
+                                hf_repo="timm/vit_base_patch32_clip_224.openai", quick_gelu=True,
+                                preprocess=_OPENAI_MEAN_STD),
+    "vit-l-14-datacomp": Resolved("vit-l-14-datacomp", "ViT-L-14", "datacomp_xl_s13b_b90k",
+                                  hf_repo="laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K",
+                                  preprocess=_OPENAI_MEAN_STD),
 }
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class BackboneError(Exception):
@@ -112,9 +125,13 @@ def _embed_dim(visual, image_size: int) -> int:
         return int(visual(torch.zeros(1, 3, image_size, image_size)).shape[-1])
 
 
-def build_tower(arch: dict):
-    """An image tower with random weights from an architecture spec: {"open_clip": NAME} for a named
-    open_clip model, or {"embed_dim": D, "vision_cfg": {...}} for a custom CLIPVisionCfg."""
+def build_tower(arch: dict, weights_follow: bool = False):
+    """An image tower with random weights from an architecture spec: {"open_clip": NAME, "quick_gelu":
+    bool} for a named open_clip model, or {"embed_dim": D, "vision_cfg": {...}} for a custom
+    CLIPVisionCfg. `weights_follow`: the caller loads weights next, so open_clip's "initialized
+    randomly" warning would be false and is not shown."""
+    import logging
+
     import open_clip
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -122,7 +139,13 @@ def build_tower(arch: dict):
         name = arch["open_clip"]
         if name not in open_clip.list_models():
             raise BackboneError(f"open_clip has no architecture {name!r}")
-        return open_clip.create_model(name, pretrained=None).visual
+        if weights_follow:
+            logging.disable(logging.WARNING)
+        try:
+            return open_clip.create_model(name, pretrained=None,
+                                          force_quick_gelu=bool(arch.get("quick_gelu", False))).visual
+        finally:
+            logging.disable(logging.NOTSET)
     try:
         return _build_vision_tower(int(arch["embed_dim"]), CLIPVisionCfg(**arch["vision_cfg"]))
     except (KeyError, TypeError) as e:
@@ -139,49 +162,48 @@ def wrap_tower(name: str, visual, mean, std, source: dict, resize_mode="shortest
                     source=source)
 
 
-def _cached_weights(hf_repo: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
+def load_pretrained(r: Resolved, name: str | None = None) -> Backbone:
+    """A pretrained tower (an alias, ARCH:TAG or ARCH:file) built as open_clip builds it."""
+    from embed import pretrained
 
-    for filename in HF_WEIGHT_FILES:
-        path = try_to_load_from_cache(hf_repo.rstrip("/"), filename)
-        if isinstance(path, str):
-            return path
-    return None
-
-
-def _require_weights(arch: str, tag: str, hf_repo: str) -> str | None:
-    """The cached weights file, or None when it must be downloaded and the hub answers; else raise."""
-    from geovote.hub import OfflineError, check_online
-
-    cached = _cached_weights(hf_repo) if hf_repo and "://" not in hf_repo else None
-    if cached is None:
-        try:
-            check_online()
-        except OfflineError as e:
-            raise BackboneError(f"the weights of {arch}:{tag} (hub repo {hf_repo}) are not in the local "
-                                f"cache and cannot be downloaded: {e}") from None
-    return cached
+    try:
+        pretrained.locate_weights(r)  # an alias fails here, before torch is imported, when offline
+        visual, pre = pretrained.create_tower(r)
+    except WeightsMissing as e:
+        raise BackboneError(str(e)) from None
+    except RuntimeError as e:  # open_clip: a file that does not fit the architecture, a failed download
+        raise BackboneError(f"{r.name}: open_clip could not load it ({str(e).splitlines()[0][:300]})") from None
+    if r.weights:  # a file: its content is its identity
+        name = name or f"{r.arch}:{Path(r.weights).name}@{_file_sha256(Path(r.weights))[:12]}"
+    return _wrap_open_clip(name or r.name, visual, pre, {"arch": r.arch, "pretrained": r.tag or r.weights,
+                                                          "quick_gelu": r.quick_gelu})
 
 
-def load_pretrained(arch: str, tag: str, name: str | None = None, hf_repo: str | None = None) -> Backbone:
-    if hf_repo is not None:  # known up front: fail before paying for the torch import
-        _require_weights(arch, tag, hf_repo)
+def _wrap_open_clip(name: str, visual, pre: dict, source: dict) -> Backbone:
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg
 
-    if arch not in open_clip.list_models():
-        raise BackboneError(f"open_clip has no architecture {arch!r} (see open_clip.list_models())")
-    cfg = get_pretrained_cfg(arch, tag)
-    if not cfg:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-        raise BackboneError(f"open_clip has no pretrained weights {tag!r} for {arch}; known: {tags}")
-    cached = _require_weights(arch, tag, cfg.get("hf_hub", "").rstrip("/") or cfg.get("url", ""))
-    pretrained = cached or tag  # a cached file path: open_clip loads it without touching the network
-    model = open_clip.create_model(arch, pretrained=pretrained)
-    mean = cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
-    std = cfg.get("std") or open_clip.OPENAI_DATASET_STD
-    return wrap_tower(name or f"{arch}:{tag}", model.visual, mean, std, {"arch": arch, "pretrained": tag},
-                      cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic"))
+    return wrap_tower(name, visual, pre.get("mean") or open_clip.OPENAI_DATASET_MEAN,
+                      pre.get("std") or open_clip.OPENAI_DATASET_STD, source,
+                      pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"))
+
+
+def load_hub_or_folder(spec: str) -> Backbone:
+    """hf-hub:ORG/REPO, or a folder with open_clip_config.json and weights."""
+    from embed import pretrained
+
+    try:
+        if spec.startswith("hf-hub:"):
+            r = pretrained.resolve_hub_repo(spec)
+            visual, pre = pretrained.create_hub_tower(r)
+            return _wrap_open_clip(spec, visual, pre, {"hf_hub": r.hf_repo})
+        folder = Path(spec).resolve()
+        visual, pre = pretrained.create_folder_tower(folder)
+        weights = next(folder / f for f in pretrained.HF_WEIGHT_FILES if (folder / f).is_file())
+        return _wrap_open_clip(f"{folder.name}@{_file_sha256(weights)[:12]}", visual, pre, {"folder": str(folder)})
+    except WeightsMissing as e:
+        raise BackboneError(str(e)) from None
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        raise BackboneError(f"{spec}: {str(e).splitlines()[0][:300]}") from None
 
 
 def _file_sha256(path: Path) -> str:
@@ -213,7 +235,7 @@ def load_checkpoint(folder: str | Path) -> Backbone:
     weights = folder / manifest.get("weights", "visual.pt")
     if not weights.is_file():
         raise BackboneError(f"{folder}: missing weights file {weights.name}")
-    visual = build_tower(manifest["arch"])
+    visual = build_tower(manifest["arch"], weights_follow=True)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         visual.load_state_dict({k: v.float() for k, v in state.items()})
@@ -279,6 +301,23 @@ def pixels_backbone(side_px: int) -> Backbone:
                     dim=3 * side_px * side_px, source={"pixels": side_px})
 
 
+MODEL_FORMS = ("default", *ALIASES, "ARCH:TAG", "ARCH:/path/weights", "hf-hub:ORG/REPO", "a folder",
+               "random:ARCH", "pixels:N")
+
+
+def describe_models() -> str:
+    """The registry, for `--model list`: each alias with what it resolves to, then the other forms."""
+    lines = ["default              the bundled model: " + str(DEFAULT_MODEL_DIR)]
+    lines += [f"{name:<20} {r.describe()}" for name, r in ALIASES.items()]
+    lines += ["ARCH:TAG             any open_clip pretrained pair (open_clip.list_pretrained()), resolved by its tag",
+              "ARCH:/path/weights   a local open_clip weights file (.bin, .pt, .pth, .safetensors)",
+              "hf-hub:ORG/REPO      an open_clip model on the hub (open_clip_config.json + weights)",
+              "FOLDER               a finetune checkpoint folder, or a folder with open_clip_config.json + weights",
+              "random:ARCH          an open_clip architecture (or `default`) with seeded random weights",
+              "pixels:N             raw pixels, N x N x 3 (a baseline)"]
+    return "\n".join(lines)
+
+
 def load_backbone(name: str = "default") -> Backbone:
     """The backbone a name stands for (see the module docstring). Raises BackboneError."""
     if name == "default":
@@ -288,8 +327,7 @@ def load_backbone(name: str = "default") -> Backbone:
                                 "--config configs/default_model.toml, see README)")
         return load_checkpoint(DEFAULT_MODEL_DIR)
     if name in ALIASES:
-        arch, tag, repo = ALIASES[name]
-        return load_pretrained(arch, tag, name=name, hf_repo=repo)
+        return load_pretrained(ALIASES[name])
     if name.startswith("random:"):
         return random_backbone(name.split(":", 1)[1])
     if name.startswith("pixels:"):
@@ -297,11 +335,27 @@ def load_backbone(name: str = "default") -> Backbone:
             return pixels_backbone(int(name.split(":", 1)[1]))
         except ValueError:
             raise BackboneError(f"pixels:N needs a whole number of pixels, got {name!r}") from None
-    path = Path(name)
+    if name.startswith("hf-hub:"):
+        return load_hub_or_folder(name)
+    path = Path(name).expanduser()
     if path.is_dir():
-        return load_checkpoint(path)
-    if ":" in name and not path.exists():
-        arch, tag = name.split(":", 1)
-        return load_pretrained(arch, tag)
-    known = ", ".join(["default", *ALIASES, "ARCH:TAG", "random:ARCH", "pixels:N", "a checkpoint folder"])
-    raise BackboneError(f"unknown model {name!r}; expected one of: {known}")
+        from embed.pretrained import is_open_clip_folder
+
+        if (path / "manifest.json").is_file() or not is_open_clip_folder(path):
+            return load_checkpoint(path)
+        return load_hub_or_folder(str(path))
+    if path.is_file():
+        raise BackboneError(f"{name} is a file: for a weights file, name its open_clip architecture too, "
+                            f"e.g. --model ViT-B-32-quickgelu:{name}")
+    if ":" in name:
+        from embed import pretrained
+
+        arch, rest = name.split(":", 1)
+        looks_like_path = "/" in rest or rest.endswith(pretrained.WEIGHT_SUFFIXES) or Path(rest).exists()
+        try:
+            r = pretrained.resolve_file(arch, rest) if looks_like_path else pretrained.resolve_tag(arch, rest)
+        except ValueError as e:
+            raise BackboneError(str(e)) from None
+        return load_pretrained(r)
+    raise BackboneError(f"unknown model {name!r}; expected one of: {', '.join(MODEL_FORMS)} "
+                        "(python -m embed.build --model list)")

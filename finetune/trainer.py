@@ -214,7 +214,14 @@ def build_model(cfg: TrainConfig, data: Data, device: str) -> Model:
         tower_lr = cfg.lr
     else:
         backbone = load_backbone(cfg.base)
-        arch = backbone.source.get("manifest", {}).get("arch") or {"open_clip": backbone.source["arch"]}
+        src = backbone.source
+        if "manifest" in src:
+            arch = src["manifest"]["arch"]
+        elif "arch" in src:  # an alias, ARCH:TAG or ARCH:file: rebuilt later as open_clip built it
+            arch = {"open_clip": src["arch"], "quick_gelu": bool(src.get("quick_gelu", False))}
+        else:
+            raise ConfigError(f"base={cfg.base!r}: fine-tuning starts from an alias, ARCH:TAG, ARCH:/path/weights "
+                              "or a geovote checkpoint folder")
         tower_lr = cfg.backbone_lr
     visual = backbone.model.to(device)
     if device.startswith("cuda") and cfg.grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: extracted {now} archives ({before} done before)", file=sys.stderr)
             print(verify(out, split).summary())
     except OfflineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}. Downloading OSV-5M needs the hub; offline, use the bundled sample "
+              "(python -m geovote.sample), or copy a download made elsewhere into --out and run this again "
+              "with --no-download to unzip and verify it", file=sys.stderr)
         return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -43,20 +43,6 @@ def test_bad_model_names_are_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
-def test_pretrained_weights_offline_fail_fast_and_name_what_is_missing(tmp_path):
-    code = ("import time, sys\nfrom embed.models import load_backbone, BackboneError\nt = time.time()\n"
-            "try:\n    load_backbone('vit-l-14-datacomp')\nexcept BackboneError as e:\n"
-            "    print(round(time.time() - t, 2), e)\n    sys.exit(0)\nsys.exit(1)\n")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    seconds, message = r.stdout.split(" ", 1)
-    assert float(seconds) < 5
-    assert "ViT-L-14:datacomp_xl_s13b_b90k" in message and "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K" in message
-    assert "cannot reach" in message
-
-
 def test_every_image_mode_becomes_rgb(tmp_path):
     rgb = Image.new("RGB", (40, 30), (200, 100, 50))
     assert to_rgb(rgb.convert("CMYK")).getpixel((0, 0)) == pytest.approx((200, 100, 50), abs=3)
