@@ -301,6 +301,18 @@ def pixels_backbone(side_px: int) -> Backbone:
                     dim=3 * side_px * side_px, source={"pixels": side_px})
 
 
+def canonical_name(name: str) -> str:
+    """`name` with any path in it made absolute (a folder, or ARCH:/path): the form an index records, so
+    that queries find the model from any working directory."""
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    if ":" in name and not name.startswith(("hf-hub:", "random:", "pixels:")):
+        arch, rest = name.split(":", 1)
+        if Path(rest).expanduser().exists():
+            return f"{arch}:{Path(rest).expanduser().resolve()}"
+    return name
+
+
 MODEL_FORMS = ("default", *ALIASES, "ARCH:TAG", "ARCH:/path/weights", "hf-hub:ORG/REPO", "a folder",
                "random:ARCH", "pixels:N")
 

@@ -51,6 +51,7 @@ class EmbedConfig:
     index_factory: str = ""  # "" = chosen from the data (index.store.choose_factory)
     tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
     throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
+    dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank
 
     def __post_init__(self):
         from geovote.config import ConfigError
@@ -62,6 +63,8 @@ class EmbedConfig:
             raise ConfigError(f"workers must be -1 (auto), 0 or more, got {self.workers}")
         if not self.splits:
             raise ConfigError("splits: name at least one split (train, val, test)")
+        if self.dist_timeout_min <= 0:
+            raise ConfigError(f"dist_timeout_min must be positive, got {self.dist_timeout_min}")
         if self.throttle_s < 0:
             raise ConfigError(f"throttle_s must be >= 0, got {self.throttle_s}")
 

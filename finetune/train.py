@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"best validation GeoScore {state['best']:.0f}; checkpoint: {Path(cfg.out) / 'best'}")
+    if state["rank"] == 0:
+        print(f"best validation GeoScore {state['best']:.0f}; checkpoint: {Path(cfg.out) / 'best'}")
+    else:
+        print(f"rank {state['rank']}: done after epoch {state['epoch']} (step {state['step']})")
     return 0
 
 

@@ -59,7 +59,11 @@ class TrainConfig:
     views: int = 1  # augmented views of each image per batch; >1 makes each image its own positive
     workers: int = 1
     grad_checkpointing: bool = True  # on CUDA
-    max_minutes: float = 0.0  # stop at the first epoch end past this budget (0: no limit)
+    max_minutes: float = 0.0  # stop at the first epoch end past this budget (0: no limit); rank 0's clock
+    max_steps: int = 0  # stop after this many optimiser steps (0: no limit), beside the epoch limit
+    val_train_images: int = 20000  # validation's gallery: a fixed sample of train (embedding all 5M each
+    #                                epoch would take longer than the epoch); val is used whole
+    dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank
     save_dtype: str = "float32"  # of the saved tower: float32, float16 or bfloat16
     seed: int = 0
     out: str = "runs/finetune"
@@ -71,8 +75,10 @@ class TrainConfig:
         for name in ("batch_size", "views", "quadtree_max_points", "quadtree_max_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.epochs < 0 or self.workers < 0 or self.warmup_steps < 0 or self.max_minutes < 0:
-            raise ConfigError("epochs, workers, warmup_steps and max_minutes must be >= 0")
+        if min(self.epochs, self.workers, self.warmup_steps, self.max_minutes, self.max_steps) < 0:
+            raise ConfigError("epochs, workers, warmup_steps, max_minutes and max_steps must be >= 0")
+        if self.val_train_images < 1 or self.dist_timeout_min <= 0:
+            raise ConfigError("val_train_images must be >= 1 and dist_timeout_min > 0")
         if min(self.lr, self.backbone_lr, self.contrastive_temperature) <= 0:
             raise ConfigError("lr, backbone_lr and contrastive_temperature must be positive")
         if self.base == FROM_SCRATCH:
@@ -355,18 +361,19 @@ def train_epoch(cfg: TrainConfig, model: Model, forward, loader, sampler, opt, s
         state["step"] += 1
         seen += len(x) * world
         losses.append(float(loss.detach()))
+        if cfg.max_steps and state["step"] >= cfg.max_steps:  # every rank counts the same steps
+            break
     state["epoch"] += 1
     return {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else None,
             "samples_per_s": seen / (time.perf_counter() - t0)}
 
 
-def embed_split_images(model: Model, split, device: str, batch_size: int = 512):
-    """Evaluation embeddings of a split's readable images, through the one feature extractor:
-    (embeddings of the rows that decoded, their mask, [(path, reason)] of the others)."""
+def embed_paths(model: Model, paths: list, device: str, batch_size: int = 512):
+    """Evaluation embeddings of images through the one feature extractor: (embeddings of the images
+    that decoded, their mask, [(path, reason)] of the others)."""
     from embed.features import FeatureExtractor, ImageFiles
 
     fx = FeatureExtractor(model.backbone, device=device, batch_size=batch_size)
-    paths = split.image_paths()
     out, ok, failed = [], np.zeros(len(paths), bool), []
     for rows, emb, reasons in fx.dataset(ImageFiles(paths, fx.transform(), model.backbone.image_size)):
         for r, why in zip(rows, reasons):
@@ -375,7 +382,16 @@ def embed_split_images(model: Model, split, device: str, batch_size: int = 512):
             else:
                 ok[r] = True
         out.append(emb)
-    return np.concatenate(out), ok, failed
+    dim = model.backbone.dim
+    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), ok, failed
+
+
+def validation_rows(cfg: TrainConfig, data: Data) -> tuple[np.ndarray, np.ndarray]:
+    """The train rows of validation's gallery (a fixed sample, the same every epoch) and the val rows."""
+    n = len(data.train)
+    train_rows = np.arange(n) if n <= cfg.val_train_images else np.sort(
+        np.random.default_rng(cfg.seed).choice(n, cfg.val_train_images, replace=False))
+    return train_rows, np.arange(len(data.val))
 
 
 def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
@@ -397,26 +413,55 @@ def knn_geoscore(train_emb, train_lat, train_lon, query_emb, query_lat, query_lo
     return mean_geoscore(pred.lat_deg, pred.lon_deg, query_lat, query_lon)
 
 
-def validate(model: Model, data: Data, device: str, out: Path | None = None, log=print) -> float:
-    """Validation GeoScore over the readable images; the unreadable ones go to <out>/failures.csv."""
-    tr, tr_ok, tr_failed = embed_split_images(model, data.train, device)
-    va, va_ok, va_failed = embed_split_images(model, data.val, device)
-    if (tr_failed or va_failed) and out is not None:
-        import csv
+def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int = 0, world: int = 1,
+             out: Path | None = None, log=print) -> float:
+    """Validation GeoScore, the same on every rank: each rank embeds its share of the gallery sample
+    and of val, rank 0 scores them all and tells the others. Unreadable images are skipped and listed
+    in <out>/failures.csv."""
+    from geovote import distributed
 
-        with open(out / "failures.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["split", "path", "reason"])
-            w.writerows([("train", *x) for x in tr_failed] + [("val", *x) for x in va_failed])
-        log(f"{len(tr_failed)} train and {len(va_failed)} val images could not be read and are skipped "
-            f"(listed in {out / 'failures.csv'})")
-    if not va_ok.any() or not tr_ok.any():
+    train_rows, val_rows = validation_rows(cfg, data)
+    splits = {"train": (data.train, train_rows), "val": (data.val, val_rows)}
+    mine = {}
+    for name, (split, rows) in splits.items():
+        paths = split.image_paths()
+        mine[name] = embed_paths(model, [paths[r] for r in rows[rank::world]], device)
+    parts = distributed.all_gather(mine)
+    score = None
+    if rank == 0:
+        full, failed = {}, {}
+        for name, (split, rows) in splits.items():
+            emb = np.zeros((len(rows), model.backbone.dim), np.float32)
+            ok = np.zeros(len(rows), bool)
+            failed[name] = []
+            for r, part in enumerate(parts):
+                e, o, f = part[name]
+                share = np.arange(len(rows))[r::world]
+                ok[share] = o
+                emb[share[o]] = e
+                failed[name] += f
+            full[name] = (emb[ok], rows[ok])
+        if (failed["train"] or failed["val"]) and out is not None:
+            import csv
+
+            with open(out / "failures.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["split", "path", "reason"])
+                w.writerows([(name, *x) for name in ("train", "val") for x in failed[name]])
+            log(f"{len(failed['train'])} train and {len(failed['val'])} val images could not be read and are "
+                f"skipped (listed in {out / 'failures.csv'})")
+        (tr, tr_rows), (va, va_rows) = full["train"], full["val"]
+        if len(tr) == 0 or len(va) == 0:
+            score = f"no readable {'val' if len(va) == 0 else 'train'} image to validate with"
+        else:
+            score = knn_geoscore(tr, data.train.lat_deg[tr_rows], data.train.lon_deg[tr_rows], va,
+                                 data.val.lat_deg[va_rows], data.val.lon_deg[va_rows])
+    score = distributed.broadcast(score)
+    if isinstance(score, str):
         from geovote.data import DataError
 
-        raise DataError(f"no readable {'val' if not va_ok.any() else 'train'} image to validate with "
-                        f"(see {out / 'failures.csv' if out else 'the images'})")
-    return knn_geoscore(tr, data.train.lat_deg[tr_ok], data.train.lon_deg[tr_ok], va, data.val.lat_deg[va_ok],
-                        data.val.lon_deg[va_ok])
+        raise DataError(f"{score} (see {out / 'failures.csv' if out else 'the images'})")
+    return score
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -461,10 +506,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     from geovote import distributed
 
-    rank, world = distributed.init()
+    rank, world = distributed.init(cfg.dist_timeout_min)
     device = distributed.pick_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank != 0:  # one voice: rank 0 reports; the others say only what is theirs
+        log = _quiet
     data = load_data(cfg, rank)
     torch.manual_seed(cfg.seed)  # the same initial tower on every rank and in every run of this config
     model = build_model(cfg, data, device)
@@ -486,22 +533,32 @@ def train(cfg: TrainConfig, log=print) -> dict:
     last = out / "last.pt"
     state = resume(last, model, opt, sched, device, log)
     t_start = time.perf_counter()
-    while state["epoch"] < cfg.epochs:
+    while state["epoch"] < cfg.epochs and not (cfg.max_steps and state["step"] >= cfg.max_steps):
         record = train_epoch(cfg, model, forward, loader, sampler, opt, sched, targets, state, device,
                              rank, world)
-        if rank == 0:
-            score = validate(model, data, device, out, log)
-            record["val_geoscore"] = score
-            state["history"].append(record)
-            log(f"epoch {state['epoch']}/{cfg.epochs}: loss {record['loss']:.3f}, "
-                f"{record['samples_per_s']:.0f} samples/s, validation GeoScore {score:.0f}")
-            if score > state["best"]:
-                state["best"] = score
+        score = validate(cfg, model, data, device, rank, world, out, log)
+        record["val_geoscore"] = score
+        state["history"].append(record)
+        log(f"epoch {state['epoch']}/{cfg.epochs} (step {state['step']}): loss {record['loss']:.3f}, "
+            f"{record['samples_per_s']:.0f} samples/s, validation GeoScore {score:.0f}")
+        if score > state["best"]:
+            state["best"] = score
+            if rank == 0:
                 save_best(cfg, model, data, state, out, score)
+        if rank == 0:
             save_last(last, model, opt, sched, state)
-        if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
+        # rank 0's clock decides for everyone: ranks that disagreed would wait on each other forever
+        spent = distributed.broadcast(bool(cfg.max_minutes) and time.perf_counter() - t_start > cfg.max_minutes * 60)
+        if spent:
             log(f"stopping after epoch {state['epoch']}: the {cfg.max_minutes} minute budget is spent")
             break
+    if cfg.max_steps and state["step"] >= cfg.max_steps:
+        log(f"stopped at step {state['step']}: max_steps reached")
     if rank == 0:
         (out / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n")
-    return state
+    distributed.leave()
+    return {**state, "rank": rank}
+
+
+def _quiet(*_args) -> None:
+    pass

@@ -10,9 +10,9 @@ import os
 from datetime import timedelta
 
 DEVICE_ENV = "GEOVOTE_DEVICE"
-# rank 0 alone builds the index and tunes while the others wait at a barrier: far longer than NCCL's
-# 10-minute default on a 5M-image dataset
-COLLECTIVE_TIMEOUT = timedelta(hours=4)
+# the default timeout of a collective (NCCL's own is 10 minutes): generous, since a rank may wait while
+# another finishes a slow shard; phases that only rank 0 runs (index, tuning) wait on nobody
+DEFAULT_TIMEOUT_MIN = 120.0
 
 
 def pick_device(device: str = "auto") -> str:
@@ -35,9 +35,10 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def init() -> tuple[int, int]:
+def init(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL when this
-    process works on a GPU (bound to it first), gloo otherwise; a plain run is rank 0 of 1."""
+    process works on a GPU (bound to it first), gloo otherwise, with `timeout_min` for every collective;
+    a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -48,8 +49,39 @@ def init() -> tuple[int, int]:
         device = pick_device()
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave() -> None:
+    """Leave the process group (no-op outside torchrun): a rank that is done waits on nobody."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(value, src: int = 0):
+    """Rank `src`'s value on every rank (the value itself outside torchrun): one decision for all."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather(value) -> list:
+    """Every rank's value, in rank order ([value] outside torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier() -> None:

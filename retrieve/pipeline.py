@@ -7,6 +7,7 @@ stage's driver. `python -m embed.build` is its command.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from embed.split import EmbedConfig, embed_split
@@ -20,20 +21,27 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
     from geovote.bundled_sample import ensure_sample
     from geovote.data import read_split
 
-    rank, world = distributed.init()
+    from embed.models import canonical_name
+
+    rank, world = distributed.init(cfg.dist_timeout_min)
     root = Path(cfg.data) if cfg.data else ensure_sample()
+    cfg = replace(cfg, model=canonical_name(cfg.model))  # a path is stored absolute: queries work from anywhere
     backbone = load_backbone(cfg.model)
     if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after hours of embedding
         from index.store import check_factory
 
         check_factory(cfg.index_factory, backbone.dim)
-    layout = EngineLayout(Path(cfg.out)) if cfg.out else EngineLayout.for_dataset(root, cfg.model)
+    layout = (EngineLayout(Path(cfg.out)) if cfg.out
+              else EngineLayout.for_dataset(root, engine_name(cfg.model, backbone.name)))
     for name in cfg.splits:
-        split = read_split(root, name, rejects_path=layout.rejects(name))
+        split = read_split(root, name, rejects_path=layout.rejects(name) if rank == 0 else None)
         if rank == 0:
             log(split.report.summary())
-        embed_split(split, backbone, layout.embeddings(name), cfg, root, rank, world, log)
-    if cfg.index and "train" in cfg.splits and rank == 0:
+        embed_split(split, backbone, layout.embeddings(name), cfg, root, rank, world, log)  # ends at a barrier
+    if rank != 0:  # rank 0 alone indexes and tunes: the others leave rather than wait on a collective
+        distributed.leave()
+        return layout.root
+    if cfg.index and "train" in cfg.splits:
         from index.store import build_index, index_is_current
 
         if index_is_current(layout.index, layout.embeddings("train"), cfg.index_factory or None):
@@ -42,8 +50,20 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
             build_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:  # on val, or without one on train images held out of their own search
             _tune(layout, cfg.model, backbone, root, cfg.workers, log)
-    distributed.barrier()
+    distributed.leave()
     return layout.root
+
+
+def engine_name(model: str, backbone_name: str) -> str:
+    """The engine folder's name: the model's name, or for a folder or a file (whose name says little:
+    every fine-tune is `.../best`) the backbone's name, which carries the weights' hash."""
+    from embed.models import ALIASES
+
+    if model == "default" or model in ALIASES or model.startswith(("random:", "pixels:", "hf-hub:")):
+        return model
+    if ":" in model and not Path(model.split(":", 1)[1]).exists() and not Path(model).exists():
+        return model  # ARCH:TAG
+    return backbone_name
 
 
 def _tune(layout: EngineLayout, model: str, backbone, root: Path, workers: int, log) -> None:

@@ -127,21 +127,57 @@ def test_command_and_bad_config(sample_root, tmp_path, capsys):
         assert "save_dtype must be one of float32, float16, bfloat16" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes(sample_root, tmp_path):
-    sets = {"data": str(sample_root), "arch": TINY, "epochs": 1, "workers": 0, "out": str(tmp_path),
-            "quadtree_max_points": 200, "batch_size": 64}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29563",
+def _torchrun(sets: dict, port: int):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "finetune.train"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_processes_validate_together_and_stop_together(sample_root, tmp_path):
+    """2 gloo ranks: validation embedded in shares and scored once; rank 0's clock stops both after
+    epoch 1 of 3 (each rank on its own clock could disagree and hang); only rank 0 reports a score;
+    the validation equals a single process's on the same weights."""
+    from finetune.trainer import knn_geoscore
+
+    sets = {"data": str(sample_root), "arch": TINY, "epochs": 3, "workers": 0, "out": str(tmp_path),
+            "quadtree_max_points": 200, "batch_size": 64, "max_minutes": 1e-9, "dist_timeout_min": 1.0}
+    r = _torchrun(sets, 29563)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("best validation GeoScore") == 1 and "rank 1: done after epoch 1" in r.stdout
     history = json.loads((tmp_path / "history.json").read_text())
     manifest = json.loads((tmp_path / "best" / "manifest.json").read_text())
     assert len(history) == 1 and manifest["val_geoscore"] == history[0]["val_geoscore"]
     assert manifest["epochs"] == 1
-    assert load_backbone(str(tmp_path / "best")).dim == 16
+    # the shared validation is what one process computes with the saved weights
+    from embed.features import FeatureExtractor, ImageFiles
+    from geovote.data import read_split
+
+    bb = load_backbone(str(tmp_path / "best"))
+    fx = FeatureExtractor(bb, device="cpu")
+    emb = {}
+    for name in ("train", "val"):
+        split = read_split(sample_root, name)
+        emb[name] = (np.concatenate([e for _, e, _ in fx.dataset(ImageFiles(split.image_paths(), fx.transform(),
+                                                                            bb.image_size))]), split)
+    score = knn_geoscore(emb["train"][0], emb["train"][1].lat_deg, emb["train"][1].lon_deg, emb["val"][0],
+                         emb["val"][1].lat_deg, emb["val"][1].lon_deg)
+    assert history[0]["val_geoscore"] == pytest.approx(score, rel=1e-4)
+
+
+def test_torchrun_without_the_hybrid_head_and_with_a_step_limit(sample_root, tmp_path):
+    """DDP with a head that gets no gradient (hybrid off) must not crash; max_steps stops both ranks."""
+    sets = {"data": str(sample_root), "arch": TINY, "epochs": 5, "workers": 0, "out": str(tmp_path),
+            "quadtree_max_points": 200, "batch_size": 64, "hybrid_weight": 0.0, "retrieval_weight": 1.0,
+            "max_steps": 3}
+    r = _torchrun(sets, 29564)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1: done after epoch 1 (step 3)" in r.stdout
+    import torch as _torch
+
+    assert _torch.load(tmp_path / "last.pt", weights_only=False)["state"]["step"] == 3
 
 
 def test_supcon_loss_prefers_embeddings_that_group_labels():
