@@ -129,7 +129,17 @@ def build_tower(arch: dict, weights_follow: bool = False):
     """An image tower with random weights from an architecture spec: {"open_clip": NAME, "quick_gelu":
     bool} for a named open_clip model, or {"embed_dim": D, "vision_cfg": {...}} for a custom
     CLIPVisionCfg. `weights_follow`: the caller loads weights next, so open_clip's "initialized
-    randomly" warning would be false and is not shown."""
+    randomly" warning would be false and is not shown, and a custom tower embed.vit reproduces is built
+    without importing open_clip (a query with the bundled model then imports torch alone)."""
+    if "open_clip" not in arch and weights_follow:
+        from embed import vit
+
+        if vit.supports(arch.get("vision_cfg", {})):
+            try:
+                return vit.VisionTransformer(int(arch["embed_dim"]), arch["vision_cfg"],
+                                             bool(arch.get("quick_gelu", False)))
+            except (KeyError, TypeError, ValueError) as e:
+                raise BackboneError(f"bad architecture spec {arch}: {e}") from None
     import logging
 
     import open_clip

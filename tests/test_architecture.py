@@ -16,7 +16,7 @@ FLOOR = {"geovote": 0, "embed": 1, "index": 1, "retrieve": 2, "finetune": 3, "be
 COMMANDS = {  # the modules run with `python -m`: parse, call a library, report
     "embed.build", "retrieve.query", "retrieve.tune", "retrieve.serve", "finetune.train", "benchmark.run",
     "benchmark.score", "geovote.sample", "geovote.download", "benchmark.embed_bench", "benchmark.index_bench",
-    "benchmark.query_bench", "benchmark.serve_load", "benchmark.csv_read",
+    "benchmark.query_bench", "benchmark.serve_load", "benchmark.csv_read", "benchmark.gpu_check",
 }
 HEAVY = ("torch", "faiss", "open_clip", "torchvision")
 TORCH_FREE = ("geovote", "retrieve.predict")

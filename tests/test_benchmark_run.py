@@ -1,5 +1,6 @@
 """benchmark.run end to end on the small sample, and its parts against hand computations."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,10 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     printed = capsys.readouterr().out
     assert "| geovote |" in printed and "run folder" in printed
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["methods"]] == list(METHODS)
+    # the documented order, pinned: results.json, the CSV, the table and the plots keep it
+    order = ["geovote", "1-nn", "knn-mean", "classification", "regression", "hybrid", "mean-location", "top-cell",
+             "oracle"]
+    assert list(METHODS) == order and [m["name"] for m in results["methods"]] == order
     for m in results["methods"]:
         assert set(SCORE_KEYS) <= set(m) and m["n"] == 200
         lo, hi = m["geoscore_ci95"]
@@ -56,3 +60,21 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():
     lo2, hi2 = bootstrap_ci(big, 500, 0)
     assert hi2 - lo2 < (hi - lo) / 5  # ~ 1 / sqrt(n)
     assert bootstrap_ci(np.array([np.nan, 1.0, 1.0]), 10, 0) == [1.0, 1.0]
+
+
+def test_the_gpu_check_runs_at_toy_size(tmp_path):
+    """benchmark/gpu_check.py, run by benchmark/gpu_check.sh on GPU machines, must not rot between them:
+    every check runs at toy size here, on the CPU, and reports its figures."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "small.json"
+    r = subprocess.run([sys.executable, "-m", "benchmark.gpu_check", "--small", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["embed"]["images"] == 96 and summary["embed"]["end_to_end_images_per_s"] > 0
+    assert summary["finetune"]["steps"] == 3
+    assert summary["search"]["vectors"] == 60_000 and 0 <= summary["search"]["cpu_index_recall_at_10"] <= 1
+    assert summary["engine"]["answers_within_1_km_of_cpu"] == 1.0  # here both engines run on the CPU

@@ -119,3 +119,60 @@ def test_model_list_and_a_bare_weights_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(BackboneError, match="expected an open_clip weights file"):
         load_backbone(f"ViT-B-32:{tmp_path / 'notes.txt'}")
+
+
+@pytest.mark.parametrize("arch", [
+    {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}},
+    {"embed_dim": 128, "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 192, "layers": 6, "head_width": 64}},
+    {"embed_dim": 24, "vision_cfg": {"image_size": 48, "patch_size": 12, "width": 64, "layers": 2, "head_width": 32,
+                                     "mlp_ratio": 2.0}},
+])
+def test_our_vit_is_open_clips_tower(arch):
+    """embed.vit takes open_clip's state dict unchanged and gives its outputs (random weights, with the
+    MLPs and attention scaled up so that every part weighs in)."""
+    import torch
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    from embed import vit
+
+    torch.manual_seed(0)
+    theirs = _build_vision_tower(arch["embed_dim"], CLIPVisionCfg(**arch["vision_cfg"])).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ours = vit.VisionTransformer(arch["embed_dim"], arch["vision_cfg"]).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 3, arch["vision_cfg"]["image_size"], arch["vision_cfg"]["image_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    assert vit.supports(arch["vision_cfg"])
+    assert not vit.supports({**arch["vision_cfg"], "ls_init_value": 0.1})
+    assert not vit.supports({**arch["vision_cfg"], "pool_type": "avg"})
+
+
+def test_the_bundled_model_loads_without_open_clip():
+    code = ("import sys\nfrom embed.models import load_backbone\nfrom embed.features import FeatureExtractor\n"
+            "from PIL import Image\nbb = load_backbone('default')\n"
+            "e = FeatureExtractor(bb, device='cpu').images([Image.new('RGB', (80, 60), (120, 40, 200))])\n"
+            "assert 'open_clip' not in sys.modules and 'torchvision' not in sys.modules, 'imported'\n"
+            "print(','.join(f'{v:.6f}' for v in e[0]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    light = [float(v) for v in r.stdout.strip().split(",")]
+    # the same tower built by open_clip gives the same embedding
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from embed.features import FeatureExtractor
+    from embed.models import DEFAULT_MODEL_DIR, read_checkpoint_manifest, wrap_tower
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    manifest = read_checkpoint_manifest(DEFAULT_MODEL_DIR)
+    tower = _build_vision_tower(manifest["arch"]["embed_dim"], CLIPVisionCfg(**manifest["arch"]["vision_cfg"]))
+    state = torch.load(DEFAULT_MODEL_DIR / "visual.pt", weights_only=True)
+    tower.load_state_dict({k: v.float() for k, v in state.items()})
+    pre = manifest["preprocessing"]
+    bb = wrap_tower("oc", tower, pre["mean"], pre["std"], {})
+    e = FeatureExtractor(bb, device="cpu").images([Image.new("RGB", (80, 60), (120, 40, 200))])
+    np.testing.assert_allclose(light, e[0], atol=2e-5)
