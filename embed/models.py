@@ -181,8 +181,11 @@ def load_pretrained(r: Resolved, name: str | None = None) -> Backbone:
         visual, pre = pretrained.create_tower(r)
     except WeightsMissing as e:
         raise BackboneError(str(e)) from None
-    except RuntimeError as e:  # open_clip: a file that does not fit the architecture, a failed download
-        raise BackboneError(f"{r.name}: open_clip could not load it ({str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # noqa: BLE001 - a file that does not fit, a corrupt pickle or safetensors, a download
+        what = f"the weights file {r.weights}" if r.weights else f"{r.arch}:{r.tag}"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BackboneError(f"{r.name}: open_clip could not load {what} ({type(e).__name__}: {first}); is it "
+                            f"a {r.arch} checkpoint in open_clip's format?") from None
     if r.weights:  # a file: its content is its identity
         name = name or f"{r.arch}:{Path(r.weights).name}@{_file_sha256(Path(r.weights))[:12]}"
     return _wrap_open_clip(name or r.name, visual, pre, {"arch": r.arch, "pretrained": r.tag or r.weights,
@@ -313,7 +316,10 @@ def pixels_backbone(side_px: int) -> Backbone:
 
 def canonical_name(name: str) -> str:
     """`name` with any path in it made absolute (a folder, or ARCH:/path): the form an index records, so
-    that queries find the model from any working directory."""
+    that queries find the model from any working directory. Registry names come first, as in
+    load_backbone: a folder called `default` in the working directory is not the bundled model."""
+    if name == "default" or name in ALIASES or name.startswith(("random:", "pixels:", "hf-hub:")):
+        return name
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser().resolve())
     if ":" in name and not name.startswith(("hf-hub:", "random:", "pixels:")):

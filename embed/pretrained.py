@@ -97,13 +97,17 @@ def resolve_file(arch: str, path: str) -> Resolved:
 
 
 def weights_message(r: Resolved, why: str) -> str:
-    files = " or ".join(r.hf_files)
-    fetch = r.hf_files[0]
+    if HF_CONFIG_FILE in r.hf_files:  # an hf-hub model needs its config and one weights file
+        files = f"{HF_CONFIG_FILE} and {' or '.join(f for f in r.hf_files if f != HF_CONFIG_FILE)}"
+        fetch = f"{HF_CONFIG_FILE} {HF_WEIGHT_FILES[0]}"
+    else:
+        files = " or ".join(r.hf_files)
+        fetch = r.hf_files[0]
     what = f"{r.name} (open_clip {r.arch}:{r.tag}, " if r.tag else f"{r.name} ("
     return (f"the weights of {what}hub repo {r.hf_repo}, file {files}) are not in the Hugging Face "
             f"cache ({_hub_cache()}) and cannot be downloaded: {why}. On a machine with a network, fetch "
             f"them with `hf download {r.hf_repo} {fetch}` (HF_HOME or HF_HUB_CACHE choose the cache) and "
-            f"copy the cache here; or pass the file itself: --model {_quick(r)}:/path/to/{fetch}")
+            f"copy the cache here; or pass the file itself: --model {_quick(r)}:/path/to/{fetch.split()[-1]}")
 
 
 def _quick(r: Resolved) -> str:

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if state["rank"] == 0:
+    if state["rank"] == 0 and not state["history"]:
+        print(f"no epoch to train (epochs={cfg.epochs}, already done, or max_steps reached): nothing written")
+    elif state["rank"] == 0:
         print(f"best validation GeoScore {state['best']:.0f}; checkpoint: {Path(cfg.out) / 'best'}")
     else:
         print(f"rank {state['rank']}: done after epoch {state['epoch']} (step {state['step']})")

@@ -363,9 +363,10 @@ def train_epoch(cfg: TrainConfig, model: Model, forward, loader, sampler, opt, s
         losses.append(float(loss.detach()))
         if cfg.max_steps and state["step"] >= cfg.max_steps:  # every rank counts the same steps
             break
-    state["epoch"] += 1
-    return {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else None,
-            "samples_per_s": seen / (time.perf_counter() - t0)}
+    else:  # the epoch ran to its end; one cut by max_steps is not counted (a longer rerun redoes it)
+        state["epoch"] += 1
+    return {"epoch": state["epoch"], "loss": float(np.mean(losses)) if losses else float("nan"),
+            "samples_per_s": seen / (time.perf_counter() - t0), "steps": state["step"]}
 
 
 def embed_paths(model: Model, paths: list, device: str, batch_size: int = 512):
@@ -523,7 +524,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                          pin_memory=device.startswith("cuda"),
                                          persistent_workers=cfg.workers > 0,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    opt, sched = make_optimizer(cfg, model, max(1, cfg.epochs * len(loader)))
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is more than the {len(dataset) // world:,} training "
+                          f"images each of the {world} process(es) gets: no full batch to train on; lower it")
+    total_steps = cfg.epochs * len(loader)
+    if cfg.max_steps:  # the schedule decays over the steps that will run
+        total_steps = min(total_steps, cfg.max_steps)
+    opt, sched = make_optimizer(cfg, model, max(1, total_steps))
     # without the hybrid objective the head's parameters get no gradient: DDP must be told
     forward = (torch.nn.parallel.DistributedDataParallel(model.module, find_unused_parameters=not cfg.hybrid_weight)
                if world > 1 else model.module)

@@ -163,8 +163,8 @@ def csv_columns(csv_path: Path) -> list[str]:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None)
     except UnicodeDecodeError as e:
-        raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of "
-                        "the header): save it as UTF-8") from None
+        raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} near byte {e.start} of "
+                        "the file): save it as UTF-8") from None
     if not header:
         raise DataError(f"{csv_path} is empty: expected a header with {', '.join(REQUIRED_COLUMNS)}")
     if len(header) == 1 and ";" in header[0] and ID in header[0].split(";"):
@@ -186,9 +186,11 @@ def count_rows(csv_path: Path, block_bytes: int = 1 << 24) -> int:
             n_newlines += block.count(b"\n")
             a = np.frombuffer(prev + block, np.uint8)
             nl = a == 10
-            n_empty += int(np.count_nonzero(nl[:-1] & nl[1:]))  # "\n\n"
-            n_empty += int(np.count_nonzero(nl[:-2] & (a[1:-1] == 13) & nl[2:]))  # "\n\r\n"
-            prev, last = block[-2:], block
+            p = len(prev)  # an empty line is counted where its closing "\n" is: in this block, once
+            n_empty += int(np.count_nonzero((nl[:-1] & nl[1:])[p - 1:]))  # "\n\n"
+            if len(a) >= 3:
+                n_empty += int(np.count_nonzero((nl[:-2] & (a[1:-1] == 13) & nl[2:])[max(0, p - 2):]))  # "\n\r\n"
+            prev, last = (prev + block)[-2:], block
     if not last:
         return 0
     n_lines = n_newlines + (0 if last.endswith(b"\n") else 1)
@@ -232,23 +234,26 @@ def iter_csv_batches(
             on_malformed(row.text)
         return "skip"
 
-    reader = pacsv.open_csv(
-        csv_path,
-        read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=True),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=handler),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=list(columns),
-            column_types={c: t for c, t in _KNOWN_TYPES.items() if c in columns},
-            null_values=NULL_VALUES,
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        ),
-    )
     try:
+        # opening reads (and converts) the first block already: its errors are the same as later ones'
+        reader = pacsv.open_csv(
+            csv_path,
+            read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=True),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=handler),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(columns),
+                column_types={c: t for c, t in _KNOWN_TYPES.items() if c in columns},
+                null_values=NULL_VALUES,
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
+        )
         for batch in reader:
             yield batch
     except pa.ArrowInvalid as e:
         message = str(e)
+        if "Empty CSV file" in message:  # a header with no line end: no rows
+            return
         if "invalid UTF8" in message:
             raise DataError(f"{csv_path} is not UTF-8 text ({message.splitlines()[0]}): save it as UTF-8") from None
         if "out of sync" in message or "quote" in message.lower():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -33,14 +34,20 @@ def check_online(endpoint: str | None = None, timeout_s: float = CONNECT_TIMEOUT
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
         raise OfflineError("HF_HUB_OFFLINE is set, so the hub is not asked (unset it to download)")
-    proxy = urllib.request.getproxies().get(endpoint.split(":", 1)[0])
-    via = f" through the proxy {proxy}" if proxy and not urllib.request.proxy_bypass(endpoint) else ""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise OfflineError(f"HF_ENDPOINT {endpoint!r} is not an http(s) URL")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    via = f" through the proxy {proxy}" if proxy and not urllib.request.proxy_bypass(url.hostname) else ""
     request = urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD",
                                      headers={"User-Agent": "geovote"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s):
             return
-    except urllib.error.HTTPError:
+    except urllib.error.HTTPError as e:
+        if e.code == 407:
+            raise OfflineError(f"the proxy {proxy} refuses the request to {endpoint} (407: it wants credentials, "
+                               "e.g. HTTPS_PROXY=http://user:password@host:port)") from None
         return  # the hub answered (rate limit, auth, moved): it is reachable; let the client decide
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)

@@ -2,8 +2,8 @@
 
     answers_for_images(engine, pil_images, names)   -> [answer dict]   (the --json keys + `neighbours`)
     answers(engine, paths)                           -> (path, answer | None, error | None), in order
-    predict_split(engine, data, split, out)          -> predictions parquet (id, latitude, longitude,
-                                                        confidence), readable by benchmark.score
+    predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix: id,
+                                                        latitude, longitude, confidence), read by benchmark.score
 """
 from __future__ import annotations
 
@@ -87,5 +87,12 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
     table = pa.table({"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
                       "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    tmp = out.with_name(out.name + ".partial")
+    if out.suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, tmp)
+    else:
+        pq.write_table(table, tmp)
+    tmp.replace(out)  # a killed run leaves no half-written predictions under the real name
     return out

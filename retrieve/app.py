@@ -33,6 +33,23 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 BODY_TIMEOUT_S = 30.0  # the whole upload must arrive within this (a client that stalls holds nothing)
 
 
+def _host_name(host: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]:port`), lower case; None when malformed."""
+    host = host.strip().lower()
+    if host.count(":") > 1 and not host.startswith("["):  # a bare IPv6 address (in allowed_hosts)
+        return host
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1:]
+        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return host[1:end]
+    name, colon, port = host.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name if name and all(c.isalnum() or c in "-._" for c in name) else None
+
+
 def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
                max_pixels: int = int(MAX_MEGAPIXELS * 1e6), allowed_hosts: tuple[str, ...] = LOCAL_HOSTS,
                body_timeout_s: float = BODY_TIMEOUT_S):
@@ -49,11 +66,13 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
+    any_host = "*" in allowed_hosts
+    served = {_host_name(h) for h in allowed_hosts} - {None}
+
     @app.middleware("http")
     async def only_our_hosts(request: Request, call_next):
         host = request.headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
-        if "*" not in allowed_hosts and name not in allowed_hosts:
+        if not any_host and _host_name(host) not in served:
             return error(400, f"host {host or '(none)'!r} is not served here (serving {', '.join(allowed_hosts)}; "
                               "retrieve.serve --allow-host adds one)")
         return await call_next(request)

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.images and not args.split:
         ap.error("give image files or folders, or --split")
+    if args.top < 1:
+        ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
+    if args.out is not None and (args.out.is_dir() or args.out.suffix not in (".parquet", ".csv")):
+        ap.error(f"--out {args.out}: give a file name ending in .parquet or .csv")
     layout = resolve(index=args.index)
     try:
         engine = Engine(layout.require_index(), model=args.model)

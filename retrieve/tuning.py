@@ -164,8 +164,8 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
     if has_split:
         _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
     else:
-        log(f"{data} has no val split: tuning on {CARVE_QUERIES:,} train images held out of their own search")
         _, emb, lat, lon, exclude = carve_from_train(engine, data)
+        log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),

@@ -123,3 +123,16 @@ def test_an_unwritable_rejects_path_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(DataError, match="cannot write the rejects file"):
         read_split(root, "train", rejects_path=tmp_path / "file" / "rejects.csv")
+
+
+def test_count_rows_equals_counting_lines_whatever_the_block_size(tmp_path):
+    """The fast line count (numpy over blocks) against splitting the text, at every block size."""
+    from geovote.data import count_rows
+
+    cases = [b"h\na\n\n\n\nb\n", b"h\r\na\r\n\r\n\r\nb\r\n", b"\n\nh\na\nb", b"h\na\n", b"h\n", b"h", b"",
+             b"h\n\r\n\n\r\na\r\n\n"]
+    for data in cases:
+        path = tmp_path / "f.csv"
+        path.write_bytes(data)
+        want = max(0, len([line for line in data.replace(b"\r\n", b"\n").split(b"\n") if line.strip()]) - 1)
+        assert [count_rows(path, size) for size in range(1, 9)] == [want] * 8, data

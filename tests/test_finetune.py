@@ -174,7 +174,7 @@ def test_torchrun_without_the_hybrid_head_and_with_a_step_limit(sample_root, tmp
             "max_steps": 3}
     r = _torchrun(sets, 29564)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 1: done after epoch 1 (step 3)" in r.stdout
+    assert "rank 1: done after epoch 0 (step 3)" in r.stdout  # the cut epoch is not counted
     import torch as _torch
 
     assert _torch.load(tmp_path / "last.pt", weights_only=False)["state"]["step"] == 3
@@ -220,3 +220,11 @@ def test_hybrid_offset_decoding_by_hand():
         out = torch.nn.functional.normalize(reg.fc(x[:5]), dim=1).numpy()
     angle = np.arccos(np.clip((out * target.numpy()).sum(1), -1, 1)).mean()  # great-circle radians
     assert float(reg.loss(x[:5], target).detach()) == pytest.approx(angle, rel=1e-5)
+
+
+def test_a_step_limit_ends_the_schedule_and_leaves_the_cut_epoch_uncounted(sample_root, tmp_path):
+    state = train(_cfg(sample_root, tmp_path / "run", epochs=3, max_steps=5, warmup_steps=2), log=lambda *_: None)
+    assert state["step"] == 5 and state["epoch"] == 0  # 15 batches an epoch: the first one was cut
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["sched"]["last_epoch"] == 5
+    assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decayed over 5 steps

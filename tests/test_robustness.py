@@ -462,3 +462,74 @@ def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_weights(sample_r
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     assert [h["val_geoscore"] for h in a["state"]["history"]] == pytest.approx(
         [h["val_geoscore"] for h in b["state"]["history"]], rel=1e-6)
+
+
+# ------------------------------------------------------------------ found by an adversarial review
+def test_a_folder_named_like_a_model_does_not_take_its_place(tmp_path, monkeypatch):
+    from embed.models import canonical_name, load_backbone
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    (tmp_path / "vit-b-32-openai").mkdir()
+    assert canonical_name("default") == "default" and canonical_name("vit-b-32-openai") == "vit-b-32-openai"
+    assert load_backbone("default").name.startswith("geovote-default@")
+
+
+@pytest.mark.parametrize("suffix,content", [(".bin", b"not a pickle at all"), (".safetensors", b"\x08\x00garbage"),
+                                            (".pt", b"")])
+def test_a_broken_weights_file_is_named(small, tmp_path, suffix, content, tiny_model):
+    root, _ = small
+    weights = tmp_path / f"w{suffix}"
+    weights.write_bytes(content)
+    rc, err = run(embed_main, ["--data", root, "--model", f"ViT-B-32:{weights}", "--out", tmp_path / "out",
+                               "--workers", "0"])
+    assert rc == 2 and str(weights) in err and "open_clip could not load the weights file" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_problems_past_the_header_and_without_a_line_end(small, tiny_model, tmp_path):
+    root, lines = small
+    rows = lines + [lines[1]] * 400  # > 8 KB of rows before the bad one
+    bad_id = _id(lines[2])
+    text = "\n".join(rows + [lines[3].replace(_id(lines[3]), bad_id + "\xe9", 1)]) + "\n"
+    (root / "train.csv").write_bytes(text.encode("latin-1"))
+    rc, err = embed(root, tiny_model, tmp_path / "a")
+    assert rc == 2 and "is not UTF-8 text" in err and "train.csv" in err, err
+    (root / "train.csv").write_text(lines[0])  # a header and no line end
+    rc, err = embed(root, tiny_model, tmp_path / "b")
+    assert rc == 2 and "0 usable rows of 0" in err, err
+
+
+def test_finetune_batch_larger_than_the_training_set(small, tmp_path):
+    root, _ = small
+    shutil.copy(root / "train.csv", root / "val.csv")
+    shutil.copytree(root / "images" / "train", root / "images" / "val")
+    sets = {"data": str(root), "arch": TINY, "batch_size": 1000, "workers": 0, "out": str(tmp_path / "run")}
+    rc, err = run(train_main, [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")])
+    assert rc == 2 and "batch_size 1000 is more than the 60 training images" in err, err
+
+
+def test_query_output_and_top_are_checked(engine_copy, sample_root, tmp_path):
+    rc, err = run(query_main, ["--split", "test", "--data", sample_root, "--index", engine_copy / "index",
+                               "--out", tmp_path])
+    assert rc == 2 and "give a file name ending in .parquet or .csv" in err
+    img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+    rc, err = run(query_main, [img, "--index", engine_copy / "index", "--top", "0"])
+    assert rc == 2 and "--top must be at least 1" in err
+
+
+def test_a_bad_hub_endpoint_is_named(monkeypatch):
+    from geovote.hub import OfflineError, check_online
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "notaurl")
+    with pytest.raises(OfflineError, match="HF_ENDPOINT 'notaurl' is not an http"):
+        check_online()
+
+
+def test_host_headers_are_parsed_not_pattern_matched(live):
+    port, _ = live
+    status, reply = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:80@evil.com\r\n\r\n")
+    assert status == 400 and "is not served here" in reply["error"]
+    status, reply = _raw(port, b"GET /health HTTP/1.1\r\nHost: LOCALHOST:1\r\n\r\n")
+    assert status == 200 and reply["ready"]
