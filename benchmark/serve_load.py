@@ -1,11 +1,12 @@
-"""Load test of retrieve.serve on loopback: N concurrent clients posting sample images for T seconds.
+"""Load test of retrieve.serve on loopback: 1 client, then N concurrent clients, posting sample images.
 
-    python -m benchmark.serve_load [--index DIR] [--clients 16] [--seconds 60]
+    python -m benchmark.serve_load [--index DIR] [--clients 1 16] [--seconds 30] [-- server flags]
 
-Starts the server in a subprocess on a free 127.0.0.1 port, waits for /health, then each client thread
-posts test images of the sample in turn (one keep-alive connection each) until the time is up. Prints
-requests, failures, requests/s and latency percentiles; exits 1 if any request failed. Bounded: at most
---seconds of load and --max-requests requests in all.
+Starts the server in a subprocess on a free 127.0.0.1 port, waits for /health, then for each client
+count in turn, each client thread posts test images of the sample (one keep-alive connection each) until
+the time is up. Prints, side by side, requests/s and latency percentiles per client count, and the ratio
+of the last to the first; exits 1 if any request failed. Bounded: at most --seconds of load per count and
+--max-requests requests in all. Server flags after `--` (e.g. `-- --max-batch 1` for no batching).
 """
 from __future__ import annotations
 
@@ -32,13 +33,55 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def load(port: int, payloads: list, clients: int, seconds: float, max_requests: int) -> dict:
+    """`clients` threads posting for `seconds`: requests/s, latency percentiles (ms), failures."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        j = i
+        while time.perf_counter() < stop_at:
+            with lock:
+                if len(latencies) + len(failures) >= max_requests:
+                    return
+            body, ctype = payloads[j % len(payloads)]
+            j += clients
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/locate", body=body, headers={"Content-Type": ctype, "Host": "127.0.0.1"})
+                r = conn.getresponse()
+                r.read()
+                ok, why = r.status == 200, f"HTTP {r.status}"
+            except (OSError, http.client.HTTPException) as e:
+                ok, why = False, repr(e)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            with lock:
+                (latencies.append(time.perf_counter() - t0) if ok else failures.append(why))
+
+    t_start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
+    lat_ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {"clients": clients, "seconds": wall, "requests": len(latencies) + len(failures),
+            "failures": failures, "rps": len(latencies) / wall, "p50": np.percentile(lat_ms, 50),
+            "p95": np.percentile(lat_ms, 95), "p99": np.percentile(lat_ms, 99), "max": lat_ms.max()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmark.serve_load", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, default=None)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--seconds", type=float, default=30.0, help="of load for each client count")
     ap.add_argument("--max-requests", type=int, default=200_000)
+    ap.add_argument("server_flags", nargs="*", help="passed to retrieve.serve (after --)")
     args = ap.parse_args(argv)
     from geovote.paths import default_sample_root
 
@@ -50,20 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "retrieve.serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "retrieve.serve", "--port", str(port), *args.server_flags]
     if args.index:
         cmd += ["--index", str(args.index)]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    latencies: list[float] = []
-    failures: list[str] = []
-    lock = threading.Lock()
+    rows = []
     try:
         deadline = time.time() + 120
         while True:
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
+                c.request("GET", "/health", headers={"Host": "127.0.0.1"})
                 if c.getresponse().status == 200:
                     break
             except OSError:
@@ -72,47 +113,21 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
                     return 2
                 time.sleep(0.3)
-        stop_at = time.perf_counter() + args.seconds
-
-        def client(i: int) -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            j = i
-            while time.perf_counter() < stop_at:
-                with lock:
-                    if len(latencies) + len(failures) >= args.max_requests:
-                        return
-                body, ctype = payloads[j % len(payloads)]
-                j += args.clients
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", "/locate", body=body, headers={"Content-Type": ctype})
-                    r = conn.getresponse()
-                    r.read()
-                    ok = r.status == 200
-                    why = f"HTTP {r.status}"
-                except (OSError, http.client.HTTPException) as e:
-                    ok, why = False, repr(e)
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                with lock:
-                    (latencies.append(time.perf_counter() - t0) if ok else failures.append(why))
-
-        t_start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t_start
+        load(port, payloads, 1, 2.0, 50)  # warm-up: caches, first batch
+        for n in args.clients:
+            rows.append(load(port, payloads, n, args.seconds, args.max_requests))
     finally:
         server.terminate()
         server.wait(timeout=10)
-    lat_ms = np.array(latencies) * 1000
-    n = len(latencies) + len(failures)
-    print(f"{args.clients} clients for {wall:.0f} s on loopback: {n:,} requests, {len(failures)} failed, "
-          f"{len(latencies) / wall:.1f} requests/s")
-    if len(lat_ms):
-        print(f"latency ms: p50 {np.percentile(lat_ms, 50):.0f}, p95 {np.percentile(lat_ms, 95):.0f}, "
-              f"p99 {np.percentile(lat_ms, 99):.0f}, max {lat_ms.max():.0f}")
+    print(f"retrieve.serve {' '.join(args.server_flags)} on loopback, {args.seconds:g} s per client count")
+    print(f"{'clients':>8} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
+    for r in rows:
+        print(f"{r['clients']:>8} {r['requests']:>9,} {len(r['failures']):>7} {r['rps']:>8.1f} {r['p50']:>7.0f} "
+              f"{r['p95']:>7.0f} {r['p99']:>7.0f}")
+    if len(rows) > 1:
+        print(f"requests/s with {rows[-1]['clients']} clients / with {rows[0]['clients']}: "
+              f"{rows[-1]['rps'] / rows[0]['rps']:.2f}x")
+    failures = [f for r in rows for f in r["failures"]]
     if failures:
         print(f"failures (first 5): {failures[:5]}")
     return 1 if failures else 0

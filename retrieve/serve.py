@@ -24,7 +24,8 @@ from embed.models import BackboneError
 from geovote.config import ConfigError
 from geovote.layout import EngineMissing, resolve
 from index.store import IndexError_
-from retrieve.app import BODY_TIMEOUT_S, LOCAL_HOSTS, MAX_MEGAPIXELS, MAX_UPLOAD_MB, create_app
+from retrieve.app import (BATCH_WAIT_MS, BODY_TIMEOUT_S, LOCAL_HOSTS, MAX_BATCH, MAX_MEGAPIXELS, MAX_QUEUE,
+                          MAX_UPLOAD_MB, create_app)
 from retrieve.engine import Engine
 
 DEFAULT_PORT = 8765
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS)
     ap.add_argument("--upload-timeout-s", type=float, default=BODY_TIMEOUT_S,
                     help=f"an upload must arrive whole within this (default {BODY_TIMEOUT_S:g})")
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH, help="concurrent uploads answered together")
+    ap.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+                    help="how long an upload waits for others to join its batch")
+    ap.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                    help="uploads waiting beyond this are answered 503 with Retry-After")
     ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                     help="also answer requests whose Host is NAME (repeatable; '*' for any)")
     args = ap.parse_args(argv)
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if min(args.max_upload_mb, args.max_megapixels, args.upload_timeout_s) <= 0:
         print("error: --max-upload-mb, --max-megapixels and --upload-timeout-s must be positive", file=sys.stderr)
+        return 2
+    if args.max_batch < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
+        print("error: --max-batch and --max-queue must be at least 1, --batch-wait-ms at least 0", file=sys.stderr)
         return 2
     try:
         with socket.socket() as probe:  # a port in use: say so before loading anything or printing a banner
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = create_app(engine, int(args.max_upload_mb * 2**20), int(args.max_megapixels * 1e6),
-                     allowed_hosts=(*LOCAL_HOSTS, *args.allow_host), body_timeout_s=args.upload_timeout_s)
+                     allowed_hosts=(*LOCAL_HOSTS, *args.allow_host), body_timeout_s=args.upload_timeout_s,
+                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
     print(f"geovote: http://127.0.0.1:{args.port}/  ({engine.index.count:,} images, {engine.index.backbone})")
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     return 0

@@ -192,3 +192,93 @@ def test_the_page_in_a_real_browser(served, sample_root):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_concurrent_uploads_share_a_batch_and_get_their_own_answers(served, sample_root):
+    """While one batch runs, the uploads that arrive wait together and go as one batch; each gets the
+    answer it would get alone."""
+    import threading
+
+    client, _ = served
+    engine, batcher = client.app.state.engine, client.app.state.batcher
+    imgs = sorted((sample_root / "images" / "test").rglob("*.jpg"))[:9]
+    alone = {p.name: client.post("/locate", files={"image": (p.name, p.read_bytes(), "image/jpeg")}).json()
+             for p in imgs}
+    started, release = threading.Event(), threading.Event()
+    real = engine.embed_images
+
+    def held(images):
+        if not started.is_set():  # the first batch holds until the others have queued up
+            started.set()
+            assert release.wait(30)
+        return real(images)
+
+    engine.embed_images = held
+    before = len(batcher.batches)
+    answers = {}
+    post = lambda p: answers.__setitem__(p.name, client.post(  # noqa: E731
+        "/locate", files={"image": (p.name, p.read_bytes(), "image/jpeg")}))
+    first = threading.Thread(target=post, args=(imgs[0],))
+    try:
+        first.start()
+        assert started.wait(30)
+        rest = [threading.Thread(target=post, args=(p,)) for p in imgs[1:]]
+        for t in rest:
+            t.start()
+        deadline = time.time() + 30
+        while batcher.waiting < len(rest) and time.time() < deadline:
+            time.sleep(0.01)
+        assert batcher.waiting == len(rest)
+    finally:
+        release.set()
+        first.join(60)
+        for t in rest:
+            t.join(60)
+        engine.embed_images = real
+    assert batcher.batches[before:] == [1, len(rest)]  # the held one, then all the others together
+    for p in imgs:
+        got, want = answers[p.name].json(), alone[p.name]
+        assert got["image"] == p.name and got["country"] == want["country"]
+        assert (got["latitude"], got["longitude"]) == pytest.approx((want["latitude"], want["longitude"]), abs=1e-4)
+
+
+def test_a_full_queue_answers_503_with_retry_after(sample_root, tiny_engine):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from retrieve.app import create_app
+    from retrieve.engine import Engine
+
+    engine = Engine(tiny_engine / "index")
+    app = create_app(engine, max_queue=1)
+    started, release = threading.Event(), threading.Event()
+    real = engine.embed_images
+
+    def held(images):
+        started.set()
+        assert release.wait(30)
+        return real(images)
+
+    engine.embed_images = held
+    img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+    files = {"image": (img.name, img.read_bytes(), "image/jpeg")}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        results = []
+        t1 = threading.Thread(target=lambda: results.append(client.post("/locate", files=files)))
+        t2 = threading.Thread(target=lambda: results.append(client.post("/locate", files=files)))
+        try:
+            t1.start()
+            assert started.wait(30)  # the first is being answered
+            t2.start()
+            deadline = time.time() + 30
+            while app.state.batcher.waiting < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            r = client.post("/locate", files=files)  # the queue (1) is full
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
+            assert client.get("/health").json()["waiting"] == 1
+        finally:
+            release.set()
+            t1.join(60)
+            t2.join(60)
+    assert [r.status_code for r in results] == [200, 200]
