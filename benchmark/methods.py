@@ -83,7 +83,7 @@ class Inputs:
 # ------------------------------------------------------------------------------------------ retrieval
 @method("geovote")
 def geovote(inp: Inputs) -> Prediction:
-    pred, _ = inp.engine.locate(inp.test_emb)
+    pred, _ = inp.engine.locate(inp.test_emb, alternatives=False)
     return pred.lat_deg, pred.lon_deg
 
 

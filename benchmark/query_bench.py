@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = table[np.maximum(res.rows, 0)]
     vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
     vote_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vote(res.similarity, res.lat_deg, res.lon_deg, cells, replace(params, n_alternatives=0))
+    vote_answer_s = time.perf_counter() - t0
     print(f"index {index} ({engine.index.count:,} images, {engine.index.info['factory']}), "
           f"model {engine.backbone.name}")
     print(f"cold start, process start to answer: {statistics.median(cold):.2f} s "
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * np.percentile(warm, 95):.1f} ms p95 (target <= 20 ms)")
     print(f"batch of 64: {batch_rate:,.0f} images/s over {len(paths):,} images")
     print(f"k = 100 on {len(emb):,} queries: search {1000 * search_s:.0f} ms, vote {1000 * vote_s:.0f} ms "
-          f"= {vote_s / search_s:.0%} of search (target < 10%)")
+          f"= {vote_s / search_s:.0%} of search; without the runner-up peaks {1000 * vote_answer_s:.0f} ms "
+          f"= {vote_answer_s / search_s:.0%} (benchmark.vote_bench: against a 1M index)")
     return 0
 
 

@@ -79,7 +79,8 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
     ids, lat, lon, conf = [], [], [], []
     for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):
         for start in range(0, len(shard), SPLIT_BATCH):
-            pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32))
+            pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32),
+                                    alternatives=False)
             ids += list(shard.ids[start:start + SPLIT_BATCH])
             lat.append(pred.lat_deg)
             lon.append(pred.lon_deg)

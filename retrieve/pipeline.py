@@ -7,6 +7,7 @@ stage's driver. `python -m embed.build` is its command.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
     if rank != 0:  # rank 0 alone indexes and tunes: the others leave rather than wait on a collective
         distributed.leave()
         return layout.root
+    t_alone = time.perf_counter()
     if cfg.index and "train" in cfg.splits:
         from index.store import build_index, index_is_current
 
@@ -50,6 +52,8 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
             build_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:  # on val, or without one on train images held out of their own search
             _tune(layout, cfg.model, backbone, root, cfg.workers, log)
+    if world > 1:
+        log(f"rank 0 indexed and tuned alone in {time.perf_counter() - t_alone:.1f} s (the other ranks had left)")
     distributed.leave()
     return layout.root
 

@@ -17,6 +17,7 @@ COMMANDS = {  # the modules run with `python -m`: parse, call a library, report
     "embed.build", "retrieve.query", "retrieve.tune", "retrieve.serve", "finetune.train", "benchmark.run",
     "benchmark.score", "geovote.sample", "geovote.download", "benchmark.embed_bench", "benchmark.index_bench",
     "benchmark.query_bench", "benchmark.serve_load", "benchmark.csv_read", "benchmark.gpu_check",
+    "benchmark.vote_bench",
 }
 HEAVY = ("torch", "faiss", "open_clip", "torchvision")
 TORCH_FREE = ("geovote", "retrieve.predict")

@@ -175,10 +175,10 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rows(sample_root, tiny
 
 def test_torchrun_two_ranks_split_the_shards(sample_root, tiny_model, tmp_path):
     """2 gloo ranks share the shards; rank 0 then indexes and tunes alone, for longer than the process
-    group's timeout (here 1.2 s): rank 1 has left instead of waiting, so nothing times out."""
+    group's timeout (here 0.6 s): rank 1 has left instead of waiting, so nothing times out."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
-           *_embed_cmd(sample_root, tiny_model, out)[1:], "--set", "dist_timeout_min=0.02"]
+           *_embed_cmd(sample_root, tiny_model, out)[1:], "--set", "dist_timeout_min=0.01"]
     cmd[cmd.index("index=false")] = "index=true"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -190,8 +190,8 @@ def test_torchrun_two_ranks_split_the_shards(sample_root, tiny_model, tmp_path):
     assert len(set(ids)) == 2000
     assert GeoIndex(out / "index").count == 2000
     assert (out / "index" / "retrieve.json").exists()  # tuned, by rank 0 alone
-    tuned = re.search(r"tuned 700 settings on 200 validation images in ([0-9.]+) s", r.stdout)
-    assert tuned and float(tuned.group(1)) > 1.2  # the rank-0 phase outlasted the timeout
+    alone = re.search(r"rank 0 indexed and tuned alone in ([0-9.]+) s", r.stdout)
+    assert alone and float(alone.group(1)) > 0.6  # the rank-0 phase outlasted the timeout
 
 
 def test_pixels_baseline_backbone():
