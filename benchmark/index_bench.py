@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-rank shortlist factors to sweep (candidates = factor x k)")
     ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--skip-autofaiss", action="store_true")
+    ap.add_argument("--factories", nargs="+", default=[],
+                    help="other factory strings for our index (build_index), measured beside the default")
     ap.add_argument("--autofaiss-full", action="store_true", help="train autofaiss's pick itself (slow)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "geovote-index-bench")
     args = ap.parse_args(argv)
@@ -108,6 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         timed(f"ours {info['factory']} nprobe {nprobe}, PQ order",
               lambda q, n=nprobe, ix=idx: ix.search(q, 10, nprobe=n, rerank=False).rows,
               build_s, ram_b, disk_b)
+    for j, factory in enumerate(args.factories):  # alternatives, the same search grid, side by side
+        t0 = time.perf_counter()
+        build_index(shards, args.workdir / f"index_{args.n}_alt{j}", factory=factory, log=lambda *_: None)
+        alt_build = time.perf_counter() - t0
+        alt = GeoIndex(args.workdir / f"index_{args.n}_alt{j}")
+        alt_ram = (alt.folder / "index.faiss").stat().st_size / args.n
+        alt_disk = sum(f.stat().st_size for f in alt.folder.iterdir()) / args.n
+        for nprobe in args.nprobes:
+            for shortlist in args.shortlists:
+                timed(f"{factory} nprobe {nprobe}, re-ranked x{shortlist}",
+                      lambda q, n=nprobe, s=shortlist, ix=alt: ix.search(q, 10, nprobe=n, shortlist=s).rows,
+                      alt_build, alt_ram, alt_disk)
+        alt = None
     # cold: the re-rank copy evicted from the page cache (mapped pages stay, so close the index first)
     folder = idx.folder
     idx = None

@@ -172,3 +172,20 @@ def test_bad_shards_are_refused(tmp_path):
     with pytest.raises(IndexError_, match="NaN"):
         build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
     assert not (tmp_path / "index").exists()
+
+
+def test_an_opq_rotated_index_takes_nprobe_and_reranks_exactly(tmp_path):
+    """An OPQ rotation in front of the IVF (an IndexPreTransform, as index_bench --factories builds) still
+    gets nprobe through the re-rank stage's parameters, and re-ranks exactly."""
+    both = clustered_vectors(10_100, DIM, n_clusters=300, latent_dim=12, seed=7)
+    vectors, queries = both[:10_000], both[10_000:]
+    _shards(tmp_path / "shards", vectors, per_shard=5_000)
+    info = build_index(tmp_path / "shards", tmp_path / "index", factory="OPQ8_64,IVF64,PQ16x4fs",
+                       log=lambda *_: None)
+    assert info["factory"] == "OPQ8_64,IVF64,PQ16x4fs"
+    idx = GeoIndex(tmp_path / "index")
+    b_sim, b_rows = _brute(vectors.astype(np.float16), queries, 10)
+    recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, b_rows)])  # noqa: E731
+    one, every = idx.search(queries, 10, nprobe=1), idx.search(queries, 10, nprobe=64, shortlist=100)
+    assert recall(one.rows) < recall(every.rows) - 0.05  # nprobe reached the IVF level
+    np.testing.assert_allclose(every.similarity, b_sim, atol=1e-4)  # every list, long shortlist: exact
