@@ -1,6 +1,6 @@
 """Everything that needs a GPU, measured in one run and written as one JSON summary.
 
-    python -m benchmark.gpu_check --out gpu.json                 # full size, on a CUDA GPU (benchmark/gpu_check.sh)
+    python -m benchmark.gpu_check --out gpu.json             # full size, on a CUDA GPU (gpu_check.sh)
     python -m benchmark.gpu_check --small --out small.json       # toy size on any machine: proves the paths
 
     embed        ViT-L-14 (random weights, 224 px, bf16) end to end from 512x384 JPEGs (embed.split: decoding
@@ -28,7 +28,8 @@ import numpy as np
 
 SIZES = {  # full: one H100 within ~8 minutes; small: seconds on a CPU
     "full": {"images": 8192, "jpeg": (512, 384), "model": "random:ViT-L-14", "batch": 256, "ft_steps": 30,
-             "ft_batch": 64, "vectors": 1_000_000, "dim": 768, "queries": 10_000, "engine_model": "random:ViT-B-32"},
+             "ft_batch": 64, "vectors": 1_000_000, "dim": 768, "queries": 10_000,
+             "engine_model": "random:ViT-B-32"},
     "small": {"images": 96, "jpeg": (96, 72), "model": "random:default", "batch": 32, "ft_steps": 3,
               "ft_batch": 16, "vectors": 60_000, "dim": 64, "queries": 200, "engine_model": "random:default"},
 }
@@ -47,8 +48,8 @@ def synthetic_dataset(root: Path, n: int, size: tuple[int, int], seed: int = 0) 
         rows = ["id,latitude,longitude"]
         for i in range(count):
             small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), np.uint8)
-            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(root / "images" / split / f"{split}{i}.jpg",
-                                                                       quality=90)
+            img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+            img.save(root / "images" / split / f"{split}{i}.jpg", quality=90)
             rows.append(f"{split}{i},{lat[i]:.6f},{lon[i]:.6f}")
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -93,7 +94,8 @@ def check_embed(root: Path, work: Path, s: dict) -> dict:
     end_to_end = len(split) / (time.perf_counter() - t0)
     return {"model": backbone.name, "images": len(split), "jpeg": list(s["jpeg"]), "device": fx.device,
             "bf16": fx.bf16, "workers": decode_workers(-1), "forward_only_images_per_s": round(ceiling, 1),
-            "end_to_end_images_per_s": round(end_to_end, 1), "end_to_end_share_of_ceiling": round(end_to_end / ceiling, 3)}
+            "end_to_end_images_per_s": round(end_to_end, 1),
+            "end_to_end_share_of_ceiling": round(end_to_end / ceiling, 3)}
 
 
 def check_finetune(root: Path, work: Path, s: dict) -> dict:
@@ -101,7 +103,8 @@ def check_finetune(root: Path, work: Path, s: dict) -> dict:
     from finetune.trainer import TrainConfig, train
 
     cfg = TrainConfig(data=str(root), base=s["model"], train="last:2", epochs=1, max_steps=s["ft_steps"],
-                      batch_size=s["ft_batch"], warmup_steps=2, workers=decode_workers(-1), val_train_images=256,
+                      batch_size=s["ft_batch"], warmup_steps=2, workers=decode_workers(-1),
+                      val_train_images=256,
                       quadtree_max_points=50, out=str(work / "ft"))
     t0 = time.perf_counter()
     state = train(cfg, log=lambda *_: None)
@@ -109,7 +112,8 @@ def check_finetune(root: Path, work: Path, s: dict) -> dict:
     record = state["history"][-1]
     return {"model": s["model"], "trainable": "last:2", "batch": s["ft_batch"], "steps": state["step"],
             "samples_per_s": round(record["samples_per_s"], 1),
-            "steps_per_s": round(record["samples_per_s"] / s["ft_batch"], 2), "wall_s_with_validation": round(wall, 1)}
+            "steps_per_s": round(record["samples_per_s"] / s["ft_batch"], 2),
+            "wall_s_with_validation": round(wall, 1)}
 
 
 def check_search(s: dict) -> dict:
@@ -146,7 +150,8 @@ def check_search(s: dict) -> dict:
         for i, start in enumerate(range(0, n, 100_000)):
             part = base[start:start + 100_000]
             ids = [str(j) for j in range(start, start + len(part))]
-            write_shard(shards / f"shard-{i:05d}.parquet", ids, np.zeros(len(part)), np.zeros(len(part)), part)
+            zeros = np.zeros(len(part))
+            write_shard(shards / f"shard-{i:05d}.parquet", ids, zeros, zeros, part)
         (shards / "manifest.json").write_text(json.dumps({"backbone": "synthetic", "dim": dim}))
         t0 = time.perf_counter()
         info = build_index(shards, Path(tmp) / "index", log=lambda *_: None)
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__,
                "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (CPU)",
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    checks = {"embed": check_embed, "finetune": check_finetune, "search": check_search, "engine": check_engine}
+    checks = {"embed": check_embed, "finetune": check_finetune, "search": check_search,
+              "engine": check_engine}
     with tempfile.TemporaryDirectory(prefix="geovote-gpu-check-") as tmp:
         work = Path(tmp)
         root = synthetic_dataset(work / "data", s["images"], s["jpeg"])

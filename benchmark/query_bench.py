@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
           f"model {engine.backbone.name}")
     print(f"cold start, process start to answer: {statistics.median(cold):.2f} s "
           f"(runs: {', '.join(f'{c:.2f}' for c in cold)}; target <= 3 s); python -c 'import torch': "
-          f"{statistics.median(torch_only):.2f} s; ratio {statistics.median(cold) / statistics.median(torch_only):.2f}x")
+          f"{statistics.median(torch_only):.2f} s; "
+          f"ratio {statistics.median(cold) / statistics.median(torch_only):.2f}x")
     print(f"warm, one image at a time: {1000 * statistics.median(warm):.1f} ms median, "
           f"{1000 * np.percentile(warm, 95):.1f} ms p95 (target <= 20 ms)")
     print(f"batch of 64: {batch_rate:,.0f} images/s over {len(paths):,} images")

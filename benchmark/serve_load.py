@@ -51,7 +51,8 @@ def load(port: int, payloads: list, clients: int, seconds: float, max_requests: 
             j += clients
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/locate", body=body, headers={"Content-Type": ctype, "Host": "127.0.0.1"})
+                headers = {"Content-Type": ctype, "Host": "127.0.0.1"}
+                conn.request("POST", "/locate", body=body, headers=headers)
                 r = conn.getresponse()
                 r.read()
                 ok, why = r.status == 200, f"HTTP {r.status}"
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(timeout=10)
     print(f"retrieve.serve {' '.join(args.server_flags)} on loopback, {args.seconds:g} s per client count")
-    print(f"{'clients':>8} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
+    print(f"{'clients':>8} {'requests':>9} {'failed':>7} {'req/s':>8} "
+          f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}")
     for r in rows:
-        print(f"{r['clients']:>8} {r['requests']:>9,} {len(r['failures']):>7} {r['rps']:>8.1f} {r['p50']:>7.0f} "
-              f"{r['p95']:>7.0f} {r['p99']:>7.0f}")
+        print(f"{r['clients']:>8} {r['requests']:>9,} {len(r['failures']):>7} {r['rps']:>8.1f} "
+              f"{r['p50']:>7.0f} {r['p95']:>7.0f} {r['p99']:>7.0f}")
     if len(rows) > 1:
         print(f"requests/s with {rows[-1]['clients']} clients / with {rows[0]['clients']}: "
               f"{rows[-1]['rps'] / rows[0]['rps']:.2f}x")

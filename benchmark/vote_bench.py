@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         shards.mkdir()
         for i, start in enumerate(range(0, args.n, 100_000)):
             stop = min(args.n, start + 100_000)
-            write_shard(shards / f"shard-{i:05d}.parquet", [str(j) for j in range(start, stop)], lat[start:stop],
-                        lon[start:stop], base[start:stop])
+            write_shard(shards / f"shard-{i:05d}.parquet", [str(j) for j in range(start, stop)],
+                        lat[start:stop], lon[start:stop], base[start:stop])
         (shards / "manifest.json").write_text('{"backbone": "synthetic", "dim": 512}')
         info = build_index(shards, Path(tmp) / "index", log=lambda *_: None)
         index = GeoIndex(Path(tmp) / "index")
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             vote(res.similarity, res.lat_deg, res.lon_deg, cells, c)
             timings[label] = time.perf_counter() - t0
-    print(f"{args.n:,} vectors ({info['factory']}, shortlist x{info['shortlist']}), {args.queries:,} queries, "
-          f"k = {args.k}")
+    print(f"{args.n:,} vectors ({info['factory']}, shortlist x{info['shortlist']}), "
+          f"{args.queries:,} queries, k = {args.k}")
     print(f"search: {1000 * search_s:.0f} ms ({args.queries / search_s:,.0f} queries/s)")
     for label, t in timings.items():
         print(f"vote, {label}: {1000 * t:.0f} ms = {t / search_s:.0%} of the search")

@@ -212,7 +212,8 @@ def load_hub_or_folder(spec: str) -> Backbone:
         folder = Path(spec).resolve()
         visual, pre = pretrained.create_folder_tower(folder)
         weights = next(folder / f for f in pretrained.HF_WEIGHT_FILES if (folder / f).is_file())
-        return _wrap_open_clip(f"{folder.name}@{_file_sha256(weights)[:12]}", visual, pre, {"folder": str(folder)})
+        name = f"{folder.name}@{_file_sha256(weights)[:12]}"
+        return _wrap_open_clip(name, visual, pre, {"folder": str(folder)})
     except WeightsMissing as e:
         raise BackboneError(str(e)) from None
     except (ValueError, RuntimeError, FileNotFoundError) as e:
@@ -337,10 +338,10 @@ def describe_models() -> str:
     """The registry, for `--model list`: each alias with what it resolves to, then the other forms."""
     lines = ["default              the bundled model: " + str(DEFAULT_MODEL_DIR)]
     lines += [f"{name:<20} {r.describe()}" for name, r in ALIASES.items()]
-    lines += ["ARCH:TAG             any open_clip pretrained pair (open_clip.list_pretrained()), resolved by its tag",
+    lines += ["ARCH:TAG             any open_clip pretrained pair (open_clip.list_pretrained()), by its tag",
               "ARCH:/path/weights   a local open_clip weights file (.bin, .pt, .pth, .safetensors)",
               "hf-hub:ORG/REPO      an open_clip model on the hub (open_clip_config.json + weights)",
-              "FOLDER               a finetune checkpoint folder, or a folder with open_clip_config.json + weights",
+              "FOLDER               a finetune checkpoint, or a folder of open_clip_config.json + weights",
               "random:ARCH          an open_clip architecture (or `default`) with seeded random weights",
               "pixels:N             raw pixels, N x N x 3 (a baseline)"]
     return "\n".join(lines)

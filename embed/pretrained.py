@@ -1,4 +1,4 @@
-"""Pretrained open_clip towers, resolved exactly as open_clip resolves them, from the cache, the hub or a file.
+"""Pretrained open_clip towers, resolved as open_clip resolves them, from the cache, the hub or a file.
 
     ARCH:TAG              open_clip's pretrained configuration for the pair decides everything it sets:
                           QuickGELU (OpenAI's weights were trained with it: ViT-B-32:openai runs as
@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's, preferred first
+# open_clip's weights files on the hub, the preferred first
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_CONFIG_FILE = "open_clip_config.json"
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
@@ -43,7 +44,8 @@ class Resolved:
 
     def describe(self) -> str:
         parts = [f"open_clip {self.arch}"] + ([f"tag {self.tag}"] if self.tag else [])
-        parts += [f"weights {self.weights}"] if self.weights else ([f"hub {self.hf_repo}"] if self.hf_repo else [])
+        if self.weights or self.hf_repo:
+            parts.append(f"weights {self.weights}" if self.weights else f"hub {self.hf_repo}")
         parts += ["QuickGELU"] if self.quick_gelu else []
         return ", ".join(parts)
 
@@ -78,7 +80,8 @@ def resolve_tag(arch: str, tag: str, name: str | None = None) -> Resolved:
     hub = cfg.get("hf_hub", "")
     repo, filename = os.path.split(hub) if hub else ("", "")
     files = (filename,) if filename else HF_WEIGHT_FILES
-    preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    preprocess = {k: cfg[k] for k in keys if cfg.get(k) is not None}
     return Resolved(name or f"{arch}:{tag}", arch, tag, hf_repo=repo, hf_files=files,
                     quick_gelu=bool(cfg.get("quick_gelu", False)), preprocess=preprocess)
 
@@ -179,6 +182,7 @@ def create_folder_tower(path: Path):
     import open_clip
 
     if not any((path / f).is_file() for f in HF_WEIGHT_FILES):
-        raise WeightsMissing(f"{path} has {HF_CONFIG_FILE} but no weights file ({' or '.join(HF_WEIGHT_FILES)})")
+        raise WeightsMissing(f"{path} has {HF_CONFIG_FILE} but no weights file "
+                             f"({' or '.join(HF_WEIGHT_FILES)})")
     model = open_clip.create_model(f"local-dir:{path}")
     return model.visual, dict(getattr(model.visual, "preprocess_cfg", {}) or {})

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 DEFAULTS = {"mlp_ratio": 4.0, "ls_init_value": None, "patch_dropout": 0.0, "attentional_pool": False,
-            "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",
-            "output_tokens": False, "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
-            "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
-            "scale_fc": False, "timm_model_name": None}
+            "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
+            "pool_type": "tok", "output_tokens": False, "act_kwargs": None, "norm_kwargs": None,
+            "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+            "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "timm_model_name": None}
 REQUIRED = ("width", "layers", "patch_size", "image_size")
 
 
@@ -39,7 +39,8 @@ class LayerNorm(nn.LayerNorm):
     """open_clip's: computed in the input's dtype (matters only under autocast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        y = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -75,7 +76,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, embed_dim: int, vision_cfg: dict, quick_gelu: bool = False):
         super().__init__()
-        width, layers, patch = int(vision_cfg["width"]), int(vision_cfg["layers"]), int(vision_cfg["patch_size"])
+        width, layers = int(vision_cfg["width"]), int(vision_cfg["layers"])
+        patch = int(vision_cfg["patch_size"])
         size = vision_cfg["image_size"]
         size = int(size[0] if isinstance(size, (list, tuple)) else size)
         heads = width // int(vision_cfg.get("head_width", 64))

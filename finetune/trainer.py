@@ -86,9 +86,10 @@ class TrainConfig:
                 arch = json.loads(self.arch)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"arch: not JSON ({e}); e.g. {TrainConfig.arch}") from None
-            if not isinstance(arch, dict) or not ({"open_clip"} <= set(arch) or {"embed_dim", "vision_cfg"} <= set(arch)):
-                raise ConfigError('arch: expected {"open_clip": NAME} or {"embed_dim": D, "vision_cfg": {...}}, '
-                                  f"got {self.arch}")
+            named, custom = {"open_clip"}, {"embed_dim", "vision_cfg"}
+            if not isinstance(arch, dict) or not (named <= set(arch) or custom <= set(arch)):
+                raise ConfigError('arch: expected {"open_clip": NAME} or {"embed_dim": D, "vision_cfg": '
+                                  f"{{...}}}}, got {self.arch}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
@@ -226,8 +227,8 @@ def build_model(cfg: TrainConfig, data: Data, device: str) -> Model:
         elif "arch" in src:  # an alias, ARCH:TAG or ARCH:file: rebuilt later as open_clip built it
             arch = {"open_clip": src["arch"], "quick_gelu": bool(src.get("quick_gelu", False))}
         else:
-            raise ConfigError(f"base={cfg.base!r}: fine-tuning starts from an alias, ARCH:TAG, ARCH:/path/weights "
-                              "or a geovote checkpoint folder")
+            raise ConfigError(f"base={cfg.base!r}: fine-tuning starts from an alias, ARCH:TAG, "
+                              "ARCH:/path/weights or a geovote checkpoint folder")
         tower_lr = cfg.backbone_lr
     visual = backbone.model.to(device)
     if device.startswith("cuda") and cfg.grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
@@ -318,7 +319,8 @@ def batch_loss(cfg: TrainConfig, model: Model, forward, x, rows, targets: dict):
                                                                targets["leaf"][rows], targets["offset"][rows])
     z = F.normalize(feat, dim=1)
     if cfg.retrieval_weight:
-        loss = loss + cfg.retrieval_weight * supcon_loss(z, targets["leaf"][rows], cfg.contrastive_temperature)
+        loss = loss + cfg.retrieval_weight * supcon_loss(z, targets["leaf"][rows],
+                                                         cfg.contrastive_temperature)
     if cfg.region_weight:
         loss = loss + cfg.region_weight * supcon_loss(z, targets["region"][rows], cfg.contrastive_temperature)
     return loss
@@ -431,7 +433,7 @@ def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int 
     score = None
     if rank == 0:
         full, failed = {}, {}
-        for name, (split, rows) in splits.items():
+        for name, (_, rows) in splits.items():
             emb = np.zeros((len(rows), model.backbone.dim), np.float32)
             ok = np.zeros(len(rows), bool)
             failed[name] = []
@@ -470,8 +472,9 @@ def save_best(cfg: TrainConfig, model: Model, data: Data, state: dict, out: Path
     from embed.models import save_checkpoint
 
     save_checkpoint(out / "best", model.backbone, model.arch, cfg.name, {
-        "base": cfg.base or "scratch", "objectives": {"hybrid": cfg.hybrid_weight, "region": cfg.region_weight,
-                                                      "retrieval": cfg.retrieval_weight},
+        "base": cfg.base or "scratch",
+        "objectives": {"hybrid": cfg.hybrid_weight, "region": cfg.region_weight,
+                       "retrieval": cfg.retrieval_weight},
         "data": str(data.root), "epochs": state["epoch"], "val_geoscore": score, "config": asdict(cfg)},
         dtype=cfg.save_dtype)
 
@@ -532,8 +535,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     opt, sched = make_optimizer(cfg, model, max(1, total_steps))
     # without the hybrid objective the head's parameters get no gradient: DDP must be told
-    forward = (torch.nn.parallel.DistributedDataParallel(model.module, find_unused_parameters=not cfg.hybrid_weight)
-               if world > 1 else model.module)
+    forward = model.module
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model.module,
+                                                            find_unused_parameters=not cfg.hybrid_weight)
     targets = {"leaf": torch.as_tensor(data.leaf).to(device),
                "offset": torch.as_tensor(data.offset, dtype=torch.float32).to(device),
                "region": torch.as_tensor(data.region).to(device)}
@@ -555,7 +560,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if rank == 0:
             save_last(last, model, opt, sched, state)
         # rank 0's clock decides for everyone: ranks that disagreed would wait on each other forever
-        spent = distributed.broadcast(bool(cfg.max_minutes) and time.perf_counter() - t_start > cfg.max_minutes * 60)
+        over = bool(cfg.max_minutes) and time.perf_counter() - t_start > cfg.max_minutes * 60
+        spent = distributed.broadcast(over)
         if spent:
             log(f"stopping after epoch {state['epoch']}: the {cfg.max_minutes} minute budget is spent")
             break

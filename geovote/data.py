@@ -12,7 +12,8 @@ Every row that cannot be used is counted, written to a rejects CSV with its reas
 one: rejects belong with the caller's outputs, never in the dataset), and reported in one summary line;
 none is dropped silently. A file that cannot be read as one comma-separated UTF-8 row per line (an
 unbalanced quote that swallows the lines after it, another encoding, gzip, semicolons) is refused with a
-DataError that names the file, the line and what would work. The first failing check names the reason, in this order:
+DataError that names the file, the line and what would work. The first failing check names the reason,
+in this order:
 malformed line, missing id, non-numeric or NaN coordinates, latitude outside [-90, 90], longitude outside
 [-180, 180], duplicate id (the first occurrence is kept), image file missing.
 """
@@ -123,7 +124,8 @@ class Split:
             base = self.root / "images" / self.name
             message += f"; images are expected at {base}/**/<id>{IMAGE_SUFFIX}"
             if not base.is_dir():
-                there = sorted(p.name for p in base.parent.iterdir() if p.is_dir()) if base.parent.is_dir() else []
+                parent = base.parent
+                there = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
                 message += f", and {base} does not exist" + (f" (images/ holds: {', '.join(there)})" if there
                                                            else "")
         if rep.rejects_path:
@@ -163,8 +165,8 @@ def csv_columns(csv_path: Path) -> list[str]:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None)
     except UnicodeDecodeError as e:
-        raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} near byte {e.start} of "
-                        "the file): save it as UTF-8") from None
+        raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} near byte "
+                        f"{e.start} of the file): save it as UTF-8") from None
     if not header:
         raise DataError(f"{csv_path} is empty: expected a header with {', '.join(REQUIRED_COLUMNS)}")
     if len(header) == 1 and ";" in header[0] and ID in header[0].split(";"):
@@ -189,7 +191,8 @@ def count_rows(csv_path: Path, block_bytes: int = 1 << 24) -> int:
             p = len(prev)  # an empty line is counted where its closing "\n" is: in this block, once
             n_empty += int(np.count_nonzero((nl[:-1] & nl[1:])[p - 1:]))  # "\n\n"
             if len(a) >= 3:
-                n_empty += int(np.count_nonzero((nl[:-2] & (a[1:-1] == 13) & nl[2:])[max(0, p - 2):]))  # "\n\r\n"
+                crlf = nl[:-2] & (a[1:-1] == 13) & nl[2:]  # "\n\r\n"
+                n_empty += int(np.count_nonzero(crlf[max(0, p - 2):]))
             prev, last = (prev + block)[-2:], block
     if not last:
         return 0
@@ -211,8 +214,8 @@ def _spanning_row(csv_path: Path) -> str:
 
 
 def _multiline_error(csv_path: Path, n_rows: int, n_lines: int) -> DataError:
-    return DataError(f"{csv_path}: {n_lines:,} rows on their lines but {n_rows:,} read: {_spanning_row(csv_path)}; "
-                     "fix the quoting there (geovote reads one row per line)")
+    return DataError(f"{csv_path}: {n_lines:,} rows on their lines but {n_rows:,} read: "
+                     f"{_spanning_row(csv_path)}; fix the quoting there (geovote reads one row per line)")
 
 
 def iter_csv_batches(
@@ -255,10 +258,11 @@ def iter_csv_batches(
         if "Empty CSV file" in message:  # a header with no line end: no rows
             return
         if "invalid UTF8" in message:
-            raise DataError(f"{csv_path} is not UTF-8 text ({message.splitlines()[0]}): save it as UTF-8") from None
+            raise DataError(f"{csv_path} is not UTF-8 text ({message.splitlines()[0]}): "
+                            "save it as UTF-8") from None
         if "out of sync" in message or "quote" in message.lower():
-            raise DataError(f"{csv_path}: {_spanning_row(csv_path)}; fix the quoting there (geovote reads one "
-                            "row per line)") from None
+            raise DataError(f"{csv_path}: {_spanning_row(csv_path)}; fix the quoting there "
+                            "(geovote reads one row per line)") from None
         raise DataError(f"{csv_path}: unreadable as CSV ({message.splitlines()[0]})") from None
 
 

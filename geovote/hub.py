@@ -46,8 +46,8 @@ def check_online(endpoint: str | None = None, timeout_s: float = CONNECT_TIMEOUT
             return
     except urllib.error.HTTPError as e:
         if e.code == 407:
-            raise OfflineError(f"the proxy {proxy} refuses the request to {endpoint} (407: it wants credentials, "
-                               "e.g. HTTPS_PROXY=http://user:password@host:port)") from None
+            raise OfflineError(f"the proxy {proxy} refuses the request to {endpoint} (407: it wants "
+                               "credentials, e.g. HTTPS_PROXY=http://user:password@host:port)") from None
         return  # the hub answered (rate limit, auth, moved): it is reachable; let the client decide
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)

@@ -78,8 +78,9 @@ def check_factory(factory: str, dim: int) -> None:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1] if str(e).strip() else "rejected"
-        raise IndexError_(f"index_factory {factory!r} is not a FAISS factory string for {dim}-d vectors ({first}); "
-                          "e.g. Flat, IVF1024,PQ32x4fs, or leave it empty to choose from the data") from None
+        raise IndexError_(f"index_factory {factory!r} is not a FAISS factory string for {dim}-d vectors "
+                          f"({first}); e.g. Flat, IVF1024,PQ32x4fs, or leave it empty to choose from the "
+                          "data") from None
 
 
 @dataclass
@@ -252,7 +253,8 @@ class GeoIndex:
         try:
             self.dim, self.count = int(self.info["dim"]), int(self.info["count"])
         except (KeyError, TypeError, ValueError):
-            raise IndexError_(f"{self.folder / 'index.json'}: no valid dim and count: rebuild the index") from None
+            raise IndexError_(f"{self.folder / 'index.json'}: no valid dim and count: "
+                              "rebuild the index") from None
         self.vectors = self._open("refine.faiss", lambda p: _fp16_vectors(p, self.dim, self.count))
         self.lat = self._open("latitude.npy", lambda p: np.load(p, mmap_mode="r"))
         self.lon = self._open("longitude.npy", lambda p: np.load(p, mmap_mode="r"))

@@ -2,8 +2,9 @@
 
     answers_for_images(engine, pil_images, names)   -> [answer dict]   (the --json keys + `neighbours`)
     answers(engine, paths)                           -> (path, answer | None, error | None), in order
-    predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix: id,
-                                                        latitude, longitude, confidence), read by benchmark.score
+    predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix:
+                                                        id, latitude, longitude, confidence), for
+                                                        benchmark.score
 """
 from __future__ import annotations
 

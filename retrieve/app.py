@@ -83,8 +83,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     async def only_our_hosts(request: Request, call_next):
         host = request.headers.get("host", "")
         if not any_host and _host_name(host) not in served:
-            return error(400, f"host {host or '(none)'!r} is not served here (serving {', '.join(allowed_hosts)}; "
-                              "retrieve.serve --allow-host adds one)")
+            return error(400, f"host {host or '(none)'!r} is not served here (serving "
+                              f"{', '.join(allowed_hosts)}; retrieve.serve --allow-host adds one)")
         return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)

@@ -66,7 +66,8 @@ class Batcher:
                 continue
             self.batches.append(len(batch))
             try:
-                answers = await run_in_threadpool(self.answer_batch, [b[0] for b in batch], [b[1] for b in batch])
+                images, names = [b[0] for b in batch], [b[1] for b in batch]
+                answers = await run_in_threadpool(self.answer_batch, images, names)
             except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
                 for _, _, future in batch:
                     if not future.done():

@@ -26,7 +26,7 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
 
     rank, world = distributed.init(cfg.dist_timeout_min)
     root = Path(cfg.data) if cfg.data else ensure_sample()
-    cfg = replace(cfg, model=canonical_name(cfg.model))  # a path is stored absolute: queries work from anywhere
+    cfg = replace(cfg, model=canonical_name(cfg.model))  # paths stored absolute: queries work anywhere
     backbone = load_backbone(cfg.model)
     if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after hours of embedding
         from index.store import check_factory
@@ -38,7 +38,8 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
         split = read_split(root, name, rejects_path=layout.rejects(name) if rank == 0 else None)
         if rank == 0:
             log(split.report.summary())
-        embed_split(split, backbone, layout.embeddings(name), cfg, root, rank, world, log)  # ends at a barrier
+        # ends at a barrier under torchrun
+        embed_split(split, backbone, layout.embeddings(name), cfg, root, rank, world, log)
     if rank != 0:  # rank 0 alone indexes and tunes: the others leave rather than wait on a collective
         distributed.leave()
         return layout.root
@@ -53,7 +54,8 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
         if cfg.tune:  # on val, or without one on train images held out of their own search
             _tune(layout, cfg.model, backbone, root, cfg.workers, log)
     if world > 1:
-        log(f"rank 0 indexed and tuned alone in {time.perf_counter() - t_alone:.1f} s (the other ranks had left)")
+        log(f"rank 0 indexed and tuned alone in {time.perf_counter() - t_alone:.1f} s "
+            "(the other ranks had left)")
     distributed.leave()
     return layout.root
 

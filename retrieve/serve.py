@@ -52,18 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
         return 2
     if min(args.max_upload_mb, args.max_megapixels, args.upload_timeout_s) <= 0:
-        print("error: --max-upload-mb, --max-megapixels and --upload-timeout-s must be positive", file=sys.stderr)
+        print("error: --max-upload-mb, --max-megapixels and --upload-timeout-s must be positive",
+              file=sys.stderr)
         return 2
     if args.max_batch < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
-        print("error: --max-batch and --max-queue must be at least 1, --batch-wait-ms at least 0", file=sys.stderr)
+        print("error: --max-batch and --max-queue must be at least 1, --batch-wait-ms at least 0",
+              file=sys.stderr)
         return 2
     try:
         with socket.socket() as probe:  # a port in use: say so before loading anything or printing a banner
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", args.port))
     except OSError as e:
-        print(f"error: cannot listen on 127.0.0.1:{args.port} ({e.strerror}): is another server running there? "
-              "pick another --port", file=sys.stderr)
+        print(f"error: cannot listen on 127.0.0.1:{args.port} ({e.strerror}): is another server running "
+              "there? pick another --port", file=sys.stderr)
         return 2
     try:
         engine = Engine(resolve(index=args.index).require_index())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +122,8 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
         raise TooFewToTune(f"only {int(found.sum())} of {len(found)} tuning images have neighbours in the "
                            f"index: too few to tune (at least {MIN_TUNE_QUERIES})")
     if not found.all():
-        log(f"{int((~found).sum())} of {len(found)} tuning images have no neighbour left; tuning on the others")
+        log(f"{int((~found).sum())} of {len(found)} tuning images have no neighbour left; "
+            "tuning on the others")
         res = replace(res, **{f: getattr(res, f)[found] for f in ("similarity", "rows", "ids", "lat_deg",
                                                                   "lon_deg")})
         true_lat, true_lon, emb = true_lat[found], true_lon[found], emb[found]

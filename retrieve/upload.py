@@ -88,8 +88,8 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int = 4) -> list[
     except Exception as e:  # noqa: BLE001 - python-multipart raises several kinds for broken input
         raise UploadError(400, f"unreadable multipart form: {e}") from None
     if not state["ended"] or not all(p["complete"] for p in parts):
-        raise UploadError(400, "the multipart form ends before its closing boundary (a truncated upload, or a "
-                               "Content-Length shorter than the body?)")
+        raise UploadError(400, "the multipart form ends before its closing boundary (a truncated upload, "
+                               "or a Content-Length shorter than the body?)")
     out = []
     for p in parts:
         _, disposition = parse_options_header(p["headers"].get(b"content-disposition", b""))

@@ -138,7 +138,7 @@ def test_our_vit_is_open_clips_tower(arch):
     torch.manual_seed(0)
     theirs = _build_vision_tower(arch["embed_dim"], CLIPVisionCfg(**arch["vision_cfg"])).eval()
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
+        for _name, p in theirs.named_parameters():
             p.add_(0.3 * torch.randn_like(p))
     ours = vit.VisionTransformer(arch["embed_dim"], arch["vision_cfg"]).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)

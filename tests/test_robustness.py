@@ -19,7 +19,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmark.score import main as score_main
