@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "retrieve.serve", "--port", str(port), *args.server_flags]
     if args.index:
         cmd += ["--index", str(args.index)]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    import tempfile
+
+    server_log = tempfile.TemporaryFile()  # not a pipe: a server that logs a lot never blocks on it
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=server_log,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = []
     try:
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    print(f"error: the server did not start: {server.stderr.read().decode()[-2000:]}",
+                    server_log.seek(0)
+                    print(f"error: the server did not start: {server_log.read().decode()[-2000:]}",
                           file=sys.stderr)
                     return 2
                 time.sleep(0.3)

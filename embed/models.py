@@ -157,7 +157,8 @@ def build_tower(arch: dict, weights_follow: bool = False):
         finally:
             logging.disable(logging.NOTSET)
     try:
-        return _build_vision_tower(int(arch["embed_dim"]), CLIPVisionCfg(**arch["vision_cfg"]))
+        return _build_vision_tower(int(arch["embed_dim"]), CLIPVisionCfg(**arch["vision_cfg"]),
+                                   quick_gelu=bool(arch.get("quick_gelu", False)))
     except (KeyError, TypeError) as e:
         raise BackboneError(f"bad architecture spec {arch}: {e}") from None
 

@@ -124,7 +124,7 @@ class Engine:
 
     def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True):
         """(Prediction, SearchResult) for a batch of query embeddings. `alternatives=False` skips the
-        runner-up peaks (two thirds of the vote's time at k = 100): for answers nobody reads them in."""
+        runner-up peaks (more than half of the vote's time at k = 100): for answers nobody reads them in."""
         params = params or self.params
         if not alternatives:
             params = replace(params, n_alternatives=0)

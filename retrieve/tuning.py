@@ -134,7 +134,7 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
         table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
         for k, temp, bw in itertools.product(grid["k"], grid["temperature"], grid["bandwidth_km"]):
             p = replace(base, k=k, temperature=temp, bandwidth_km=bw)
-            # the runner-up peaks do not move the answer: not computed while choosing (3x faster)
+            # the runner-up peaks do not move the answer: not computed while choosing (2.4x less voting)
             pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, replace(p, n_alternatives=0))
             trials.append((p, score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)))
     best, best_score = max(trials, key=lambda t: t[1]["geoscore"])

@@ -176,3 +176,25 @@ def test_the_bundled_model_loads_without_open_clip():
     bb = wrap_tower("oc", tower, pre["mean"], pre["std"], {})
     e = FeatureExtractor(bb, device="cpu").images([Image.new("RGB", (80, 60), (120, 40, 200))])
     np.testing.assert_allclose(light, e[0], atol=2e-5)
+
+
+def test_a_quickgelu_spec_trains_and_loads_as_the_same_tower():
+    """A custom spec with quick_gelu: the tower finetune trains (open_clip's builder) and the one a query
+    loads (embed.vit) compute the same function with the same weights."""
+    import torch
+
+    from embed.models import build_tower
+
+    arch = {"embed_dim": 16, "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}
+    torch.manual_seed(0)
+    trained = build_tower(arch).eval()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    loaded = build_tower(arch, weights_follow=True).eval()
+    loaded.load_state_dict(trained.state_dict())
+    assert type(trained.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x), rtol=1e-4, atol=1e-4)

@@ -235,7 +235,7 @@ def test_concurrent_uploads_share_a_batch_and_get_their_own_answers(served, samp
         for t in rest:
             t.join(60)
         engine.embed_images = real
-    assert batcher.batches[before:] == [1, len(rest)]  # the held one, then all the others together
+    assert list(batcher.batches)[before:] == [1, len(rest)]  # the held one, then all the others together
     for p in imgs:
         got, want = answers[p.name].json(), alone[p.name]
         assert got["image"] == p.name and got["country"] == want["country"]
@@ -282,3 +282,26 @@ def test_a_full_queue_answers_503_with_retry_after(sample_root, tiny_engine):
             t1.join(60)
             t2.join(60)
     assert [r.status_code for r in results] == [200, 200]
+
+
+def test_the_batcher_survives_a_new_event_loop_and_a_failing_batch():
+    """A second event loop (a restarted server, a second TestClient) gets its own queue and worker; a
+    batch that fails is answered one request at a time, so only the bad request fails."""
+    import asyncio
+
+    from retrieve.batcher import Batcher
+
+    def answer(images, names):
+        if "bad" in names:
+            raise ValueError("bad image")
+        return [f"{n}:{i}" for i, n in zip(images, names)]
+
+    batcher = Batcher(answer, wait_ms=20)
+
+    async def burst(names):
+        return await asyncio.gather(*(batcher.submit(i, n) for i, n in enumerate(names)), return_exceptions=True)
+
+    assert asyncio.run(burst(["a", "b"])) == ["a:0", "b:1"]
+    got = asyncio.run(burst(["c", "bad", "d"]))  # another loop; and one request that fails its batch
+    assert got[0] == "c:0" and got[2] == "d:2" and isinstance(got[1], ValueError)
+    assert list(batcher.batches) == [2, 3]  # each burst went as one batch (the failed one then retried alone)
