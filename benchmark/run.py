@@ -4,16 +4,7 @@
     python -m benchmark.run --data data/osv5m --engine data/osv5m/geovote/vit-l-14-datacomp
     python -m benchmark.run --methods geovote 1-nn hybrid
 
-Methods (benchmark.methods):
-    geovote         our engine: kNN voting over cells + density refinement (parameters tuned on val)
-    1-nn            the nearest training image's location (the OSV-5M paper's retrieval baseline)
-    knn-mean        the softmax-weighted spherical mean of the k neighbours (k, T tuned on val)
-    classification  the paper's head over QuadTree cells, trained here on the frozen train embeddings
-    regression      the paper's regression head (a point on the sphere, great-circle loss)
-    hybrid          the paper's best head: hierarchical cells + per-cell offset
-    mean-location   the training set's mean location on the sphere
-    top-cell        the most populated QuadTree cell's mean location
-    oracle          the training location nearest the truth: the ceiling of any retrieval method here
+Methods: the registry benchmark.methods (listed below in --help).
 
 Writes a run folder: results.json (`methods`: a list of {name, the keys of benchmark.score --json, 95%
 bootstrap intervals}), results.csv, results.md, predictions/<method>.parquet (readable by
@@ -34,7 +25,10 @@ from index.store import IndexError_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmark.run", description=__doc__,
+    import benchmark.methods
+
+    methods = benchmark.methods.__doc__.split("Methods:", 1)[1]
+    ap = argparse.ArgumentParser(prog="python -m benchmark.run", description=f"{__doc__}\nMethods:{methods}",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data")
     ap.add_argument("--engine", help="folder written by embed.build (embeddings/ and index/)")

@@ -26,6 +26,8 @@ from embed.build import main as embed_main
 from finetune.train import main as train_main
 from retrieve.query import main as query_main
 
+from live_server import start_server
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
                                                    "head_width": 16}})
@@ -281,12 +283,6 @@ def test_score_refuses_what_it_cannot_read(sample_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ serve
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(engine, *extra, env=None):
     return subprocess.run([sys.executable, "-m", "retrieve.serve", "--index", str(engine / "index"), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
@@ -307,18 +303,8 @@ def test_serve_refuses_a_bad_or_busy_port_before_the_banner(tiny_engine):
 def live(tiny_engine, tmp_path_factory):
     """A real server (uvicorn) with a 2-second upload timeout and its own empty temporary folder."""
     tmp = tmp_path_factory.mktemp("server-tmp")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "retrieve.serve", "--index", str(tiny_engine / "index"),
-                             "--port", str(port), "--max-upload-mb", "0.2", "--upload-timeout-s", "2"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    proc, port = start_server(tiny_engine / "index", "--max-upload-mb", "0.2", "--upload-timeout-s", "2",
+                              env={"TMPDIR": str(tmp)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     yield port, tmp
     proc.terminate()
     _, err = proc.communicate(timeout=20)

@@ -1,11 +1,8 @@
 """The HTTP API and page: answers, health, OpenAPI, and every kind of bad or hostile upload."""
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pytest
 from PIL import Image
 
 from embed.build import main as embed_main
+from live_server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,12 +137,6 @@ def test_wrong_requests(served):
     assert r.status_code == 415
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -153,18 +145,8 @@ def test_the_page_in_a_real_browser(served, sample_root):
     from playwright.sync_api import sync_playwright
 
     _, out = served
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "retrieve.serve", "--index", str(out / "index"),
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server, port = start_server(out / "index", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
         img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
