@@ -236,17 +236,20 @@ class H3Cells:
         return len(self.resolutions)
 
     def assign(self, lat_deg, lon_deg) -> np.ndarray:
-        import h3
+        import h3.api.basic_int as h3i
 
         lat = np.asarray(lat_deg, np.float64).reshape(-1)
         lon = np.asarray(lon_deg, np.float64).reshape(-1)
         finest = self.resolutions[-1]
         out = np.empty((lat.size, self.n_levels), np.int64)
-        # h3 has no array API: one C call per point (~1 us); parents are derived from the finest cell
-        fine = [h3.latlng_to_cell(a, b, finest) for a, b in zip(lat.tolist(), lon.tolist())]
+        # h3 has no array API: one C call per point. Its integer API skips the hex strings: 3x faster
+        # (5.1M points at two resolutions: ~3 s, against ~9 s through strings); parents come from the
+        # finest cell
+        to_cell, parent = h3i.latlng_to_cell, h3i.cell_to_parent
+        fine = [to_cell(a, b, finest) for a, b in zip(lat.tolist(), lon.tolist())]
         for j, res in enumerate(self.resolutions):
-            cells = fine if res == finest else [h3.cell_to_parent(c, res) for c in fine]
-            out[:, j] = np.array([h3.str_to_int(c) for c in cells], dtype=np.uint64).view(np.int64)
+            cells = fine if res == finest else [parent(c, res) for c in fine]
+            out[:, j] = np.array(cells, dtype=np.uint64).view(np.int64)
         return out
 
     def centers(self, cells: np.ndarray, level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
