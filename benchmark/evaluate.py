@@ -7,7 +7,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmark.methods import METHODS, HeadConfig, Inputs
+import numpy as np
+
+from benchmark.methods import METHODS, HeadConfig, Inputs, Validation
 from geovote.config import ConfigError
 
 
@@ -25,11 +27,14 @@ class RunConfig:
     head_patience: int = HeadConfig.patience
     head_lr: float = HeadConfig.lr
     head_batch: int = HeadConfig.batch
+    head_minutes: float = HeadConfig.minutes
+    head_validate_every_rows: int = HeadConfig.validate_every_rows
     seed: int = 0
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(self.quadtree_max_points, self.head_hidden, self.head_epochs, self.head_patience,
-                          self.head_lr, self.head_batch, self.seed)
+                          self.head_lr, self.head_batch, self.head_minutes, self.head_validate_every_rows,
+                          self.seed)
 
 
 def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
@@ -38,7 +43,6 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     from geovote.data import csv_columns, read_split, split_csv
     from geovote.layout import EngineLayout
     from geovote.metrics import ADMIN_LEVELS
-    from geovote.shards import read_embeddings
     from retrieve.engine import Engine
     from retrieve.tuning import embed_for_eval, tune_and_save
 
@@ -56,7 +60,9 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
         engine = Engine(layout.index, backbone=engine.backbone)
     tuned = json.loads(layout.params.read_text())
     t0 = time.perf_counter()
-    train = read_embeddings(layout.embeddings("train"))
+    # the train rows' locations from the index (row-aligned with the train shards); their embeddings are
+    # streamed by the methods that need them, never loaded whole (5.1M x 768 float32 is 15.7 GB)
+    train_lat, train_lon = np.array(engine.index.lat), np.array(engine.index.lon)
     test_ids, _, _, test_emb = embed_for_eval(engine, root, cfg.split, log=log)
     key_cols = [c for c in ADMIN_LEVELS.values() if c in csv_columns(split_csv(root, cfg.split))]
     truth = read_split(root, cfg.split, columns=key_cols, check_images=False)
@@ -67,15 +73,11 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
             "they are left out of every method's score")
     tlat, tlon = truth.lat_deg[rows], truth.lon_deg[rows]
     true_keys = {c: truth.column(c)[rows] for c in key_cols}
-    log(f"{len(test_ids):,} {cfg.split} images, {len(train):,} training embeddings "
+    log(f"{len(test_ids):,} {cfg.split} images, {len(train_lat):,} training images "
         f"({time.perf_counter() - t0:.1f} s to load)")
 
-    def load_val():
-        _, lat, lon, emb = embed_for_eval(engine, root, "val", log=log)
-        return emb, lat, lon
-
-    inp = Inputs(engine, train.embedding, train.lat_deg, train.lon_deg, test_emb, tlat, tlon, tuned,
-                 cfg.head_config(), load_val, log)
+    inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, test_emb, tlat, tlon, tuned,
+                 cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log)
     preds = {}
     for name in cfg.methods:
         t = time.perf_counter()
@@ -84,8 +86,33 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     results = [{"name": name, **score_method(plat, plon, tlat, tlon, true_keys, cfg.bootstrap, cfg.seed)}
                for name, (plat, plon) in preds.items()]
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("benchmark-%Y%m%d-%H%M%S", time.gmtime())
-    meta = {"data": str(root), "split": cfg.split, "n": int(len(tlat)), "engine": str(layout.root),
+    # what chose each method's settings: the voting's tuning split, and the heads' early-stopping split
+    validation = {"voting": (tuned.get("validation") or {}).get("split"),
+                  "heads": inp._val.name if inp._val is not None else None}
+    meta = {"data": str(root), "split": cfg.split, "validation": validation, "n": int(len(tlat)),
+            "engine": str(layout.root),
             "backbone": engine.index.backbone, "retrieve_params": tuned.get("params"), "config": asdict(cfg)}
     write_outputs(out, results, preds, test_ids, tlat, tlon, meta)
     log(markdown_table(results, meta))
     return out, results
+
+
+def load_validation(engine, root: Path, seed: int = 0, log=print) -> Validation:
+    """The heads' validation: the val split when the dataset has one, else a slice held out of train
+    (geovote.holdout: those rows, their sequences and everything within 1 km are never trained on)."""
+    from geovote.data import DataError, split_csv
+    from geovote.holdout import HOLDOUT_NAME, holdout
+    from geovote.shards import read_embeddings
+    from retrieve.tuning import embed_for_eval, index_sequences
+
+    try:
+        split_csv(root, "val")
+    except DataError:
+        lat, lon = np.asarray(engine.index.lat), np.asarray(engine.index.lon)
+        h = holdout(lat, lon, index_sequences(engine, root), seed=seed)
+        held = read_embeddings(engine.layout.embeddings("train"), h.rows)
+        log(f"no val split: the heads validate on {len(h.rows):,} train images held out "
+            f"({int(h.excluded.sum()):,} rows left out of their training)")
+        return Validation(held.embedding, held.lat_deg, held.lon_deg, HOLDOUT_NAME, h.excluded)
+    _, lat, lon, emb = embed_for_eval(engine, root, "val", log=log)
+    return Validation(emb, lat, lon, "val")

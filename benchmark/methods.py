@@ -40,35 +40,51 @@ def method(name: str):
 
 @dataclass
 class HeadConfig:
-    quadtree_max_points: int = 100  # the heads' cells (OSV-5M used 1000 on 5M images)
+    quadtree_max_points: int = 0  # the heads' cells; 0: N / 5,000, at least 100 (OSV-5M: 1000 at 5M)
     hidden: int = 512
     epochs: int = 60
-    patience: int = 6
+    patience: int = 6  # validations without improvement before stopping
     lr: float = 1e-3
     batch: int = 512
+    minutes: float = 10.0  # each head's training budget (wall clock): 5.1M rows do not fit 60 epochs on a CPU
+    validate_every_rows: int = 500_000  # validate after this many training rows, and after every epoch
     seed: int = 0
+
+    def max_points(self, n_train: int) -> int:
+        return self.quadtree_max_points or max(100, round(n_train / 5000))
+
+
+@dataclass
+class Validation:
+    """What the heads validate on: val, or a slice held out of train (`excluded` rows never trained on)."""
+
+    emb: np.ndarray  # (V, dim) float32
+    lat: np.ndarray
+    lon: np.ndarray
+    name: str
+    excluded: np.ndarray | None = None  # (N,) bool over the train rows, None when val is its own split
 
 
 @dataclass
 class Inputs:
-    """What every method sees: the engine, train embeddings, the test split's embeddings and truth.
-    Validation embeddings are loaded only when a method asks for them (the heads' early stopping)."""
+    """What every method sees: the engine, the train rows' locations and embedding shards (streamed, never
+    all in memory), the test split's embeddings and truth. Validation is loaded when a method asks."""
 
     engine: object  # retrieve.engine.Engine
-    train_emb: np.ndarray  # (N, dim) float32
-    train_lat: np.ndarray
+    train_shards: object  # Path: the train embedding shards, row-aligned with the index
+    train_lat: np.ndarray  # (N,)
     train_lon: np.ndarray
     test_emb: np.ndarray  # (Q, dim) float32
     test_lat: np.ndarray  # truth: only `oracle` may look
     test_lon: np.ndarray
     tuned: dict  # retrieve.json
     heads: HeadConfig
-    load_val: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]  # -> (emb, lat, lon)
+    load_val: Callable[[], Validation]
     log: Callable = print
-    _val: tuple | None = field(default=None, repr=False)
+    _val: Validation | None = field(default=None, repr=False)
 
     @property
-    def val(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def val(self) -> Validation:
         if self._val is None:
             self._val = self.load_val()
         return self._val
@@ -77,22 +93,37 @@ class Inputs:
     def tree(self):
         from geovote.cells import QuadTree
 
-        return QuadTree.build(self.train_lat, self.train_lon, self.heads.quadtree_max_points)
+        return QuadTree.build(self.train_lat, self.train_lon, self.heads.max_points(len(self.train_lat)))
+
+
+QUERY_BATCH = 8192  # test queries per search: 210k at once would hold every shortlist in memory
+
+
+def batched(fn, emb: np.ndarray, size: int = QUERY_BATCH) -> Prediction:
+    """fn(emb) -> (lat, lon), applied to `size` rows at a time."""
+    parts = [fn(emb[i:i + size]) for i in range(0, len(emb), size)] or [(np.zeros(0), np.zeros(0))]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 # ------------------------------------------------------------------------------------------ retrieval
 @method("geovote")
 def geovote(inp: Inputs) -> Prediction:
-    pred, _ = inp.engine.locate(inp.test_emb, alternatives=False)
-    return pred.lat_deg, pred.lon_deg
+    def answer(emb):
+        pred, _ = inp.engine.locate(emb, alternatives=False)
+        return pred.lat_deg, pred.lon_deg
+
+    return batched(answer, inp.test_emb)
 
 
 @method("1-nn")
 def one_nearest(inp: Inputs) -> Prediction:
     from retrieve.predict import one_nn
 
-    res = inp.engine.search(inp.test_emb, 1)
-    return one_nn(res.similarity, res.lat_deg, res.lon_deg)
+    def answer(emb):
+        res = inp.engine.search(emb, 1)
+        return one_nn(res.similarity, res.lat_deg, res.lon_deg)
+
+    return batched(answer, inp.test_emb)
 
 
 @method("knn-mean")
@@ -102,29 +133,65 @@ def knn_mean(inp: Inputs) -> Prediction:
     default = VoteConfig()
     wm = inp.tuned.get("validation", {}).get("weighted mean", {})
     k, temp = wm.get("k", default.k), wm.get("temperature", default.temperature)
-    res = inp.engine.search(inp.test_emb, k)
-    return weighted_mean(res.similarity, res.lat_deg, res.lon_deg, temp)
+    def answer(emb):
+        res = inp.engine.search(emb, k)
+        return weighted_mean(res.similarity, res.lat_deg, res.lon_deg, temp)
+
+    return batched(answer, inp.test_emb)
 
 
 # ------------------------------------------------------------------------------------------------ heads
+def train_batches(folder, keep: np.ndarray, batch: int, rng: np.random.Generator, buffer_shards: int = 4):
+    """One epoch of (rows, float32 embeddings) batches from the train shards: shards in random order, read
+    `buffer_shards` at a time and shuffled together, rows outside `keep` dropped. Memory: the buffer."""
+    from geovote.shards import read_shard, shard_paths, shard_sizes
+
+    paths = shard_paths(folder)
+    sizes, _ = shard_sizes(folder)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = rng.permutation(len(paths))
+    for g in range(0, len(order), buffer_shards):
+        rows, embs = [], []
+        for s in order[g:g + buffer_shards]:
+            r = starts[s] + np.arange(sizes[s])
+            mine = keep[r]
+            if mine.any():
+                rows.append(r[mine])
+                embs.append(read_shard(paths[s]).embedding[mine])
+        if not rows:
+            continue
+        rows, embs = np.concatenate(rows), np.concatenate(embs)
+        perm = rng.permutation(len(rows))
+        for i in range(0, len(perm), batch):
+            pick = perm[i:i + batch]
+            yield rows[pick], embs[pick].astype(np.float32)
+
+
 def train_head(kind: str, inp: Inputs):
-    """Train one of the paper's heads on frozen embeddings; keep the epoch best on validation GeoScore.
+    """Train one of the paper's heads on frozen embeddings streamed from the shards, within the budget
+    (epochs and minutes), on the GPU when torch sees one; keep the state best on validation GeoScore.
     Returns a function emb -> (lat, lon)."""
+    import time
+
     import torch
     from torch import nn
 
     from finetune.heads import CellGeometry, CellHead, RegressionHead, unit_targets
+    from geovote.distributed import pick_device
 
     cfg = inp.heads
+    device = pick_device()
     torch.manual_seed(cfg.seed)
-    emb, lat, lon = inp.train_emb, inp.train_lat, inp.train_lon
-    trunk = nn.Sequential(nn.Linear(emb.shape[1], cfg.hidden), nn.GELU())
+    lat, lon = inp.train_lat, inp.train_lon
+    val = inp.val
+    keep = np.ones(len(lat), bool) if val.excluded is None else ~val.excluded
+    trunk = nn.Sequential(nn.Linear(val.emb.shape[1], cfg.hidden), nn.GELU())
     if kind == "regression":
         head = RegressionHead(cfg.hidden)
         target = unit_targets(lat, lon)
 
-        def loss_fn(h, idx):
-            return head.loss(h, target[idx])
+        def loss_fn(h, rows):
+            return head.loss(h, target[rows].to(device))
     else:
         geometry = CellGeometry(inp.tree)
         hybrid = kind == "hybrid"
@@ -132,40 +199,65 @@ def train_head(kind: str, inp: Inputs):
         leaf = torch.as_tensor(geometry.leaf_of(lat, lon))
         offset = torch.as_tensor(geometry.offset_targets(leaf.numpy(), lat, lon), dtype=torch.float32)
 
-        def loss_fn(h, idx):
-            return head.loss(h, leaf[idx], offset[idx] if hybrid else None)
+        def loss_fn(h, rows):
+            return head.loss(h, leaf[rows].to(device), offset[rows].to(device) if hybrid else None)
 
-    model = nn.Sequential(trunk, head)
+    model = nn.Sequential(trunk, head).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    x = torch.as_tensor(emb)
-    va_emb, va_lat, va_lon = inp.val
-    xv = torch.as_tensor(va_emb)
 
     def predict(e):
         model.eval()
+        out = []
         with torch.no_grad():
-            out = head.predict(trunk(torch.as_tensor(e)))
+            for i in range(0, len(e), QUERY_BATCH):  # a (batch x cells) logit matrix, not (Q x cells)
+                out.append(head.predict(trunk(torch.as_tensor(e[i:i + QUERY_BATCH]).to(device))))
         model.train()
-        return out
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
-    best, best_state, bad, epochs_run = -1.0, None, 0, 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.epochs):
-        epochs_run += 1
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch):
-            opt.zero_grad()
-            loss_fn(trunk(x[idx]), idx).backward()
-            opt.step()
-        val = mean_geoscore(*predict(xv), va_lat, va_lon)
-        if val > best:
-            best, bad = val, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {"best": -1.0, "weights": None, "bad": 0, "validations": 0}
+
+    def validate() -> bool:
+        """Score on validation, keep the best weights; False when patience has run out."""
+        score = mean_geoscore(*predict(val.emb), val.lat, val.lon)
+        state["validations"] += 1
+        if score > state["best"]:
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state.update(best=score, bad=0, weights=weights)
         else:
-            bad += 1
-            if bad >= cfg.patience:
+            state["bad"] += 1
+        return state["bad"] < cfg.patience
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    rows_seen, since_val, epochs_run, steps, going = 0, 0, 0, 0, True
+    budget_s = cfg.minutes * 60
+    while going and epochs_run < cfg.epochs:
+        for rows, x in train_batches(inp.train_shards, keep, cfg.batch, rng):
+            opt.zero_grad()
+            loss_fn(trunk(torch.as_tensor(x).to(device)), torch.as_tensor(rows)).backward()
+            opt.step()
+            steps += 1
+            rows_seen += len(rows)
+            since_val += len(rows)
+            if time.perf_counter() - t0 > budget_s:
+                going = False
                 break
-    model.load_state_dict(best_state)
-    inp.log(f"  {kind} head: validation GeoScore {best:.0f} after {epochs_run} epochs")
+            if since_val >= cfg.validate_every_rows:
+                since_val = 0
+                if not (going := validate()):
+                    break
+        else:
+            epochs_run += 1
+            since_val = 0
+            going = validate()
+    if since_val:  # rows trained since the last validation count too
+        validate()
+    model.load_state_dict(state["weights"])
+    why = ("budget of {:g} min".format(cfg.minutes) if time.perf_counter() - t0 > budget_s else
+           "patience" if state["bad"] >= cfg.patience else f"{cfg.epochs} epochs")
+    inp.log(f"  {kind} head: validation GeoScore {state['best']:.0f} on {val.name}; {rows_seen:,} rows in "
+            f"{steps:,} steps ({epochs_run} full epochs, {time.perf_counter() - t0:.0f} s on {device}, "
+            f"stopped by {why})")
     return predict
 
 

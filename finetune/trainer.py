@@ -158,20 +158,38 @@ class Data:
     region: np.ndarray  # (N,) region label of each row (zeros when the region objective is off)
 
 
-def load_data(cfg: TrainConfig, rank: int = 0) -> Data:
+def load_data(cfg: TrainConfig, rank: int = 0, log=print) -> Data:
     """The splits (rejected rows written beside the run's outputs, by rank 0 only), the QuadTree and
     each training row's targets."""
     from finetune.heads import CellGeometry
     from geovote.bundled_sample import ensure_sample
     from geovote.cells import QuadTree
-    from geovote.data import read_split
+    from geovote.data import DataError, Split, csv_columns, read_split, split_csv
+    from geovote.holdout import HOLDOUT_NAME, holdout
 
     root = Path(cfg.data) if cfg.data else ensure_sample()
     extra = ("unique_region",) if cfg.region_weight > 0 else ()
     out = Path(cfg.out) if rank == 0 else None
+    try:
+        split_csv(root, "val")
+        has_val = True
+    except DataError:
+        has_val = False
+    if not has_val:
+        extra = (*extra, "sequence") if "sequence" in csv_columns(split_csv(root, "train")) else extra
     train_split = read_split(root, "train", columns=extra,
                              rejects_path=out / "rejects-train.csv" if out else None).require_rows()
-    val_split = read_split(root, "val", rejects_path=out / "rejects-val.csv" if out else None).require_rows()
+    if has_val:
+        val_split = read_split(root, "val",
+                               rejects_path=out / "rejects-val.csv" if out else None).require_rows()
+    else:  # OSV-5M has no val: validate on train rows held out of training (geovote.holdout)
+        seq = train_split.column("sequence") if "sequence" in extra else None
+        h = holdout(train_split.lat_deg, train_split.lon_deg, seq, seed=cfg.seed)
+        val_split = Split(root, HOLDOUT_NAME, train_split.table.take(h.rows), train_split.report)
+        train_split = Split(root, "train", train_split.table.take(h.train_rows), train_split.report)
+        if rank == 0:
+            log(f"{root} has no val split: validating on {len(h.rows):,} train images held out "
+                f"({int(h.excluded.sum()):,} rows left out of training)")
     lat, lon = train_split.lat_deg, train_split.lon_deg
     tree = QuadTree.build(lat, lon, cfg.quadtree_max_points, cfg.quadtree_max_depth)
     geometry = CellGeometry(tree)
@@ -516,7 +534,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if rank != 0:  # one voice: rank 0 reports; the others say only what is theirs
         log = _quiet
-    data = load_data(cfg, rank)
+    data = load_data(cfg, rank, log)
     torch.manual_seed(cfg.seed)  # the same initial tower on every rank and in every run of this config
     model = build_model(cfg, data, device)
     dataset = ImageDataset(data.train.image_paths(), train_transform(cfg, model.backbone), cfg.views,

@@ -33,12 +33,12 @@ class Holdout:
 
 def holdout(lat_deg, lon_deg, sequence=None, n: int = HOLDOUT_ROWS, seed: int = 0,
             exclude_km: float = HOLDOUT_EXCLUDE_KM) -> Holdout:
-    """`n` random rows (at most half of them all) and everything that leaves training with them."""
+    """`n` random rows (at most a tenth of them all) and everything that leaves training with them."""
     from scipy.spatial import cKDTree
 
     lat = np.asarray(lat_deg, np.float64)
     total = len(lat)
-    n = min(int(n), total // 2)
+    n = min(int(n), total // 10)
     if n < 1:
         raise ValueError(f"{total} training rows: too few to hold any out for validation")
     rows = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
@@ -49,8 +49,9 @@ def holdout(lat_deg, lon_deg, sequence=None, n: int = HOLDOUT_ROWS, seed: int = 
         held = np.unique(seq[rows])
         excluded |= np.isin(seq, held[held != ""])
     # within exclude_km of a held-out row: a ball query around the n rows, not an N x n distance matrix
-    tree = cKDTree(latlon_to_unit(lat, lon_deg))
-    near = tree.query_ball_point(latlon_to_unit(lat[rows], np.asarray(lon_deg)[rows]), chord_for_km(exclude_km))
+    lon = np.asarray(lon_deg, np.float64)
+    tree = cKDTree(latlon_to_unit(lat, lon))
+    near = tree.query_ball_point(latlon_to_unit(lat[rows], lon[rows]), chord_for_km(exclude_km))
     hits = np.concatenate([np.asarray(h, np.int64) for h in near]) if len(near) else np.zeros(0, np.int64)
     excluded[hits] = True
     return Holdout(rows, excluded)

@@ -70,29 +70,41 @@ CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
 
 
+def index_sequences(engine, data: Path) -> np.ndarray | None:
+    """(N,) the capture `sequence` of each index row ("" where unknown), from the train CSV joined on id;
+    None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from geovote.data import csv_columns, read_split, split_csv
+
+    if "sequence" not in csv_columns(split_csv(data, "train")):
+        return None
+    t = read_split(data, "train", columns=("sequence",), check_images=False)
+    index_ids = pa.array(np.char.decode(np.asarray(engine.index.ids), "utf-8"), pa.string())
+    pos = pc.index_in(index_ids, value_set=t.table.column("id").combine_chunks())
+    seq = t.table.column("sequence").combine_chunks().take(pos)
+    return np.asarray(pc.fill_null(pc.cast(seq, pa.string()), "").to_numpy(zero_copy_only=False), dtype=str)
+
+
 def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
     """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
     neighbourhood (itself, < 1 km, same sequence) from a SearchResult."""
-    from geovote.data import csv_columns, read_split, split_csv
     from geovote.shards import read_embeddings, shard_sizes
 
     folder = engine.layout.embeddings("train")
     total = sum(shard_sizes(folder)[0])
     rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
-    emb = picked.embedding
-    seq_of = None
-    if "sequence" in csv_columns(split_csv(data, "train")):
-        t = read_split(data, "train", columns=("sequence",), check_images=False)
-        seq_of = dict(zip(t.ids.astype(str), t.column("sequence").astype(str)))
+    seq = index_sequences(engine, data)
     q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
 
     def exclude(res):
         own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
                                                            q_lon[:, None]) < CARVE_EXCLUDE_KM)
-        if seq_of is not None:
-            q_seq = np.array([seq_of.get(i, "") for i in q_ids])[:, None]
-            own |= np.vectorize(lambda i: seq_of.get(i, "\0"))(res.ids.astype(str)) == q_seq
+        if seq is not None:
+            q_seq = seq[rows][:, None]
+            own |= (seq[np.maximum(res.rows, 0)] == q_seq) & (q_seq != "") & (res.rows >= 0)
         order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
         keep = ~np.take_along_axis(own, order, 1)
         pick = lambda a, fill: np.where(keep, np.take_along_axis(a, order, 1), fill)  # noqa: E731
@@ -100,7 +112,7 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
                        rows=pick(res.rows, -1), ids=pick(res.ids, ""), lat_deg=pick(res.lat_deg, np.nan),
                        lon_deg=pick(res.lon_deg, np.nan))
 
-    return q_ids, emb, q_lat, q_lon, exclude
+    return q_ids, picked.embedding, q_lat, q_lon, exclude
 
 
 def score(lat, lon, true_lat, true_lon) -> dict:

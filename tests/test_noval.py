@@ -1,0 +1,97 @@
+"""Datasets without a val split (OSV-5M has train and test only): benchmark.run and finetune.train validate
+on a slice held out of train, and nothing of that slice is trained on."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geovote.geo import haversine_km
+from geovote.holdout import HOLDOUT_NAME
+
+TINY = json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                                   "head_width": 16}})
+
+
+@pytest.fixture(scope="module")
+def noval_root(sample_root, tmp_path_factory):
+    """The small sample without val.csv, its train.csv with capture sequences of 5 images."""
+    root = tmp_path_factory.mktemp("noval")
+    with open(sample_root / "train.csv", newline="") as f, open(root / "train.csv", "w", newline="") as g:
+        reader = csv.DictReader(f)
+        writer = csv.DictWriter(g, [*reader.fieldnames, "sequence"])
+        writer.writeheader()
+        for i, row in enumerate(reader):
+            writer.writerow({**row, "sequence": f"seq{i // 5}"})
+    (root / "test.csv").write_bytes((sample_root / "test.csv").read_bytes())
+    os.symlink(sample_root / "images", root / "images")
+    return root
+
+
+@pytest.fixture(scope="module")
+def noval_engine(noval_root, tiny_model, tmp_path_factory):
+    from embed.build import main as embed_main
+
+    out = tmp_path_factory.mktemp("noval-engine")
+    assert embed_main(["--data", str(noval_root), "--model", str(tiny_model), "--out", str(out),
+                       "--workers", "0", "--splits", "train"]) == 0
+    return out
+
+
+def test_benchmark_run_without_val(noval_root, noval_engine, tmp_path, capsys):
+    from benchmark.run import main as run_main
+
+    out = tmp_path / "run"
+    assert run_main(["--data", str(noval_root), "--engine", str(noval_engine), "--out", str(out),
+                     "--set", "bootstrap=20", "--set", "head_epochs=2"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["validation"] == {"voting": "train (held out of its own search)", "heads": HOLDOUT_NAME}
+    assert [m["name"] for m in results["methods"]] == list(__import__("benchmark.methods").methods.METHODS)
+    assert all(m["n"] == 200 for m in results["methods"])
+    assert printed.count("head: validation GeoScore") == 3 and "train images held out" in printed
+
+
+def test_heads_never_train_on_the_held_out_rows(noval_root, noval_engine):
+    """The stream the heads train on yields every kept row exactly once an epoch, and no excluded one."""
+    from benchmark.evaluate import load_validation
+    from benchmark.methods import train_batches
+    from geovote.shards import read_embeddings
+    from retrieve.engine import Engine
+
+    engine = Engine(Path(noval_engine) / "index", load_model=False)
+    val = load_validation(engine, noval_root, seed=0, log=lambda m: None)
+    n = engine.index.count
+    assert val.excluded.shape == (n,) and 0 < val.excluded.sum() < n // 2
+    seen = []
+    all_emb = read_embeddings(engine.layout.embeddings("train")).embedding
+    for rows, x in train_batches(engine.layout.embeddings("train"), ~val.excluded, 64, np.random.default_rng(0),
+                                 buffer_shards=1):
+        np.testing.assert_array_equal(x, all_emb[rows])  # each batch's vectors are its rows' own
+        seen.append(rows)
+    seen = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(seen), np.flatnonzero(~val.excluded))
+    # the validation rows are the held-out ones: their vectors, at their truth
+    held = np.flatnonzero(val.excluded)
+    lat = np.asarray(engine.index.lat)
+    assert np.isin(val.lat, lat[held]).all()
+
+
+def test_finetune_validates_on_held_out_train_rows(noval_root, tmp_path, capsys):
+    from finetune.trainer import TrainConfig, load_data, train
+
+    cfg = TrainConfig(data=str(noval_root), arch=TINY, epochs=1, batch_size=128, workers=0, warmup_steps=2,
+                      out=str(tmp_path / "ft"), quadtree_max_points=200, lr=3e-3)
+    data = load_data(cfg, log=lambda m: None)
+    assert data.val.name == HOLDOUT_NAME and len(data.val) == 200  # a tenth of the 2,000 train rows
+    tr, va = data.train, data.val
+    assert not set(va.ids.astype(str)) & set(tr.ids.astype(str))
+    assert not set(va.column("sequence").astype(str)) & set(tr.column("sequence").astype(str))
+    d_km = haversine_km(tr.lat_deg[:, None], tr.lon_deg[:, None], va.lat_deg[None], va.lon_deg[None])
+    assert d_km.min() >= 1.0
+    assert len(tr) + len(va) <= 2000 and len(tr) >= 2000 - 5 * 200 - 50  # sequences of 5, a few near-twins
+    state = train(cfg)
+    assert 0 < state["best"] <= 5000 and state["history"][0]["val_geoscore"] == state["best"]
+    assert "no val split: validating on 200 train images held out" in capsys.readouterr().out
