@@ -5,6 +5,7 @@
         rejects-<split>.csv             dataset rows that could not be used, with the reason (geovote.data)
         index/                          the FAISS index folder (index.store)
             retrieve.json               voting parameters chosen by retrieve.tune
+            calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
             cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
         predictions-<split>.parquet     retrieve.query --split
 
@@ -22,6 +23,7 @@ from geovote.paths import default_sample_root
 INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 PARAMS_FILE = "retrieve.json"
+CALIBRATION_FILE = "calibration.json"
 
 
 class EngineMissing(FileNotFoundError):
@@ -57,6 +59,10 @@ class EngineLayout:
     @property
     def params(self) -> Path:
         return self.index / PARAMS_FILE
+
+    @property
+    def calibration(self) -> Path:
+        return self.index / CALIBRATION_FILE
 
     def embeddings(self, split: str) -> Path:
         return self.root / EMBEDDINGS_DIR / split

@@ -104,3 +104,40 @@ def score(
         out[f"acc_{level}"] = acc
         out[f"n_{level}"] = n
     return out
+
+
+# ------------------------------------------------------------------------------ calibrated answers
+def calibration_error(prob, hit, bins: int = 10) -> float:
+    """Expected calibration error: the mean over equal-width probability bins of |mean predicted
+    probability - observed frequency|, weighted by the share of answers in the bin."""
+    p = np.asarray(prob, np.float64)
+    y = np.asarray(hit, np.float64)
+    if p.size == 0:
+        return float("nan")
+    b = np.clip((p * bins).astype(int), 0, bins - 1)
+    count = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, y, bins))  # per bin: n * |mean p - mean y|
+    return float(gap.sum() / count.sum())
+
+
+def reliability(prob, hit, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: (mean predicted probability, observed frequency, count); NaN where empty."""
+    p = np.asarray(prob, np.float64)
+    y = np.asarray(hit, np.float64)
+    b = np.clip((p * bins).astype(int), 0, bins - 1)
+    count = np.bincount(b, minlength=bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(b, p, bins) / count, np.bincount(b, y, bins) / count, count
+
+
+def accuracy_vs_coverage(confidence, hit) -> tuple[np.ndarray, np.ndarray, float]:
+    """Answering only the most confident share c of images: (coverage c, accuracy among them, the area
+    under that curve). Ties in confidence are answered together, in input order."""
+    conf = np.asarray(confidence, np.float64)
+    y = np.asarray(hit, np.float64)
+    if conf.size == 0:
+        return np.zeros(0), np.zeros(0), float("nan")
+    order = np.argsort(-conf, kind="stable")
+    n = np.arange(1, len(y) + 1)
+    coverage, accuracy = n / len(y), np.cumsum(y[order]) / n
+    return coverage, accuracy, float(np.mean(accuracy))  # the mean over the n steps of width 1/n

@@ -1,6 +1,12 @@
 """Answers for images and for whole splits: what retrieve.query prints and the server returns.
 
     answers_for_images(engine, pil_images, names)   -> [answer dict]   (the --json keys + `neighbours`)
+
+An answer's `confidence` is P(the true place is within 200 km), `within_km` the same for 1, 25, 200, 750
+and 2500 km, `radius_km` the radius holding it with 90% probability, all calibrated on the tuning split
+(retrieve.calibrate); every candidate's `score` is its own P(within 200 km), the answer first and highest.
+An engine without calibration.json answers `calibrated: false`, the raw vote share as confidence and
+score, and no within_km or radius_km.
     answers(engine, paths)                           -> (path, answer | None, error | None), in order
     predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix:
                                                         id, latitude, longitude, confidence), for
@@ -11,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from retrieve.calibrate import LEVELS_KM
 
 BATCH = 64  # images decoded and embedded together
 SPLIT_BATCH = 4096  # split queries searched and voted together
@@ -28,6 +36,7 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     pred, res = engine.locate(emb)
     place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
+    levels = [str(km) for km in LEVELS_KM]
     out = []
     for i, name in enumerate(names):
         cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
@@ -37,9 +46,14 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
                 cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
                               "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
                               "score": round(float(pred.alt_score[i, a]), 4)})
+        calibrated = pred.within_km is not None
         out.append({
             "image": name, "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
-            "confidence": cands[0]["score"], "country": str(place["country"][i]),
+            "confidence": cands[0]["score"], "calibrated": calibrated,
+            "within_km": dict(zip(levels, (round(float(p), 4) for p in pred.within_km[i]))) if calibrated
+            else None,
+            "radius_km": round(float(pred.radius_km[i]), 1) if calibrated else None,
+            "country": str(place["country"][i]),
             "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
             "city": str(place["city"][i]), "candidates": cands,
             "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),

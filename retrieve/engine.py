@@ -3,6 +3,8 @@
 The index folder carries everything a query needs besides the model (paths: geovote.layout):
     index.json            its embedding manifest names the model (`config.model`) and its weights (`backbone`)
     retrieve.json         voting parameters chosen on validation by `retrieve.tune` (defaults if absent)
+    calibration.json      the answers' probabilities, fitted with them (retrieve.calibrate; without it,
+                          `confidence` is the raw vote share and there is no within_km or radius_km)
     cells-<spec>.npy      each training row's cell at every voting level, computed once and cached
 
 Queries are embedded by the one feature extractor (embed.features) and searched on the GPU when torch
@@ -84,6 +86,15 @@ class Engine:
         if params is None:
             params = load_params(self.layout.params) if self.layout.params.exists() else VoteConfig()
         self.params = params
+        self.calibration = None
+        if self.layout.calibration.exists():
+            from retrieve.calibrate import Calibration, CalibrationError
+            from retrieve.predict import FEATURES
+
+            try:
+                self.calibration = Calibration.load(self.layout.calibration, FEATURES)
+            except CalibrationError as e:
+                raise ConfigError(str(e)) from None
         self._cells: dict[str, np.ndarray] = {}
 
     @property
@@ -122,15 +133,24 @@ class Engine:
     def search(self, emb: np.ndarray, k: int):
         return self.index.search(emb, k=k, backbone=self.backbone.name if self.backbone else None)
 
-    def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True):
-        """(Prediction, SearchResult) for a batch of query embeddings. `alternatives=False` skips the
-        runner-up peaks (more than half of the vote's time at k = 100): for answers nobody reads them in."""
+    def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True,
+               calibrated: bool = True):
+        """(Prediction, SearchResult) for a batch of query embeddings, with calibrated probabilities when
+        the engine has a calibration. `alternatives=False` skips the runner-up peaks (more than half of
+        the vote's time at k = 100): for answers nobody reads them in; a calibrated answer still weighs
+        them (the most probable candidate answers), so they are computed whenever calibrated."""
         params = params or self.params
-        if not alternatives:
+        calibrate = calibrated and self.calibration is not None
+        if not alternatives and not calibrate:
             params = replace(params, n_alternatives=0)
         res = self.search(emb, params.k)
         cells = np.asarray(self.cells(params))[np.maximum(res.rows, 0)]
-        return vote(res.similarity, res.lat_deg, res.lon_deg, cells, params), res
+        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
+        if calibrate:
+            from retrieve.calibrate import apply
+
+            pred = apply(self.calibration, pred)
+        return pred, res
 
 
 __all__ = ["Engine", "Prediction", "VoteConfig", "load_params", "save_params"]

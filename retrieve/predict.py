@@ -10,8 +10,11 @@ stores them per training row, so voting never recomputes a cell).
                kernel density (Gaussian kernel, bandwidth h km, over *all* neighbours, so support just
                across the cell's border counts), then a few mean-shift steps: the answer sits on a density
                peak, not on a mean that can fall in the sea between two cities.
-    confidence: the share of the weight within 2h km of the answer.
-    alternatives: the same peak inside each runner-up cell of the first level, scored by its vote.
+    score    : of the answer and of every alternative alike, the share of the weight within 2h of it
+               (`confidence`, `alt_score`); the engine replaces it by a calibrated probability.
+    alternatives: the same peak inside each runner-up cell of the first level, best score first.
+    features : what retrieve.calibrate turns into probabilities, for the answer and every alternative
+               (FEATURES).
 
 Also the simple variants: 1-NN and the weighted spherical mean of the k neighbours.
 """
@@ -71,14 +74,26 @@ def cell_table(lat_deg: np.ndarray, lon_deg: np.ndarray, cfg: VoteConfig) -> np.
     return table[:, [min(level, table.shape[1] - 1) for level in cfg.levels]]
 
 
+# what the calibration sees of a candidate (retrieve.calibrate): the first six describe the query's
+# neighbours, the next four the candidate point among them, the last whether it is a runner-up peak
+FEATURES = ("top_similarity", "mean_similarity", "similarity_gap", "first_level_share", "final_cell_share",
+            "cell_entropy", "share_within_2h", "share_within_200km", "log_mean_distance_km",
+            "log_nearest_distance_km", "is_alternative")
+
+
 @dataclass
 class Prediction:
     lat_deg: np.ndarray  # (Q,)
     lon_deg: np.ndarray
-    confidence: np.ndarray  # (Q,) in [0, 1]
+    confidence: np.ndarray  # (Q,) in [0, 1]: the weight share within 2h (calibrated by the engine)
     alt_lat_deg: np.ndarray  # (Q, A) runner-up peaks (NaN where fewer)
     alt_lon_deg: np.ndarray
-    alt_score: np.ndarray  # (Q, A) vote share of each runner-up cell (0 where none)
+    alt_score: np.ndarray  # (Q, A) the same measure as `confidence`, of each runner-up peak (0 where none)
+    features: np.ndarray | None = None  # (Q, len(FEATURES)) of the answer
+    alt_features: np.ndarray | None = None  # (Q, A, len(FEATURES)) of each alternative
+    within_km: np.ndarray | None = None  # (Q, len(calibrate.LEVELS_KM)): P(truth within d km), calibrated
+    radius_km: np.ndarray | None = None  # (Q,) radius holding the truth with 90% probability, calibrated
+    alt_within_km: np.ndarray | None = None  # (Q, A, levels)
 
 
 def softmax_weights(sim: np.ndarray, temperature: float) -> np.ndarray:
@@ -149,6 +164,17 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
     return point
 
 
+def _point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.ndarray,
+                    bandwidth_km: float) -> np.ndarray:
+    """(Q, 4) the FEATURES of one point per query among its weighted neighbours."""
+    chord = np.sqrt(np.sum((xyz - point[:, None]) ** 2, axis=2))
+    d_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.nan_to_num(chord) / 2.0, 0.0, 1.0))
+    mean_d = np.sum(np.where(valid, w * d_km, 0.0), axis=1)
+    nearest = np.min(np.where(valid, d_km, 2e4), axis=1)
+    return np.stack([np.sum(w * (d_km <= 2.0 * bandwidth_km), 1), np.sum(w * (d_km <= 200.0), 1),
+                     np.log1p(mean_d), np.log1p(nearest)], axis=1)
+
+
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
          params: VoteConfig) -> Prediction:
     """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
@@ -178,6 +204,24 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
     near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
     confidence = np.sum(w * near, axis=1)
 
+    # the query's own features, shared by its answer and alternatives
+    n_valid = valid.sum(1)
+    ranked = np.sort(np.where(valid, sim, -np.inf), 1)[:, ::-1]  # best first
+    top = np.where(n_valid > 0, ranked[:, 0], 0.0)
+    mean_sim = np.sum(np.where(valid, sim, 0.0), 1) / np.maximum(n_valid, 1)
+    gap = np.where(n_valid > 1, top - ranked[:, min(1, k - 1)], 0.0)
+    first_share = np.max(np.where(valid, first_votes, 0.0), axis=1)
+    final_share = np.sum(w * allowed, axis=1)
+    # entropy of the first level's cell shares: each cell's share counted once (at its first neighbour)
+    first_cells = cells[:, :, 0]
+    order = np.argsort(first_cells, axis=1, kind="stable")
+    head = np.ones(first_cells.shape, bool)
+    head[:, 1:] = np.diff(np.take_along_axis(first_cells, order, 1), axis=1) != 0
+    head &= np.take_along_axis(valid, order, 1)
+    share = np.where(head, np.take_along_axis(first_votes, order, 1), 0.0)
+    entropy = -np.sum(np.where(share > 0, share * np.log(np.maximum(share, 1e-300)), 0.0), axis=1)
+    query_features = np.stack([top, mean_sim, gap, first_share, final_share, entropy], axis=1)
+
     # alternatives: runner-up cells of the first level, best first
     n_alt = params.n_alternatives
     alt_lat = np.full((q, n_alt), np.nan)
@@ -202,4 +246,18 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
             taken |= members
     none = ~valid.any(1)
     lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
-    return Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score)
+    features = np.concatenate([query_features, _point_features(point, xyz, w, valid, params.bandwidth_km),
+                               np.zeros((q, 1))], 1)
+    alt_features = np.zeros((q, n_alt, len(FEATURES)))
+    for a in range(n_alt):
+        has = np.isfinite(alt_lat[:, a])
+        if has.any():
+            p = latlon_to_unit(np.where(has, alt_lat[:, a], 0.0), np.where(has, alt_lon[:, a], 0.0))
+            alt_features[:, a] = np.concatenate(
+                [query_features, _point_features(p, xyz, w, valid, params.bandwidth_km), np.ones((q, 1))], 1)
+            alt_score[:, a] = np.where(has, alt_features[:, a, FEATURES.index("share_within_2h")], 0.0)
+    # alternatives best first by the answer's own measure
+    order = np.argsort(-alt_score, axis=1, kind="stable")
+    alt_lat, alt_lon, alt_score = (np.take_along_axis(a, order, 1) for a in (alt_lat, alt_lon, alt_score))
+    alt_features = np.take_along_axis(alt_features, order[:, :, None], 1)
+    return Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score, features, alt_features)

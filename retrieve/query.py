@@ -6,8 +6,13 @@
 
 --index defaults to the bundled sample's index, built by `python -m embed.build`. An unreadable image gets
 a one-line error naming it; the others are still answered, and the exit code is 1 if any failed.
---json keys: image, latitude, longitude, confidence, country, region, sub_region, city, candidates
-(a list of {latitude, longitude, score}).
+--json keys: image, latitude, longitude, confidence, calibrated, within_km, radius_km, country, region,
+sub_region, city, candidates (a list of {latitude, longitude, score}, the answer first and highest).
+`confidence` is the probability that the true place is within 200 km of the answer; `within_km` gives it
+for 1, 25, 200, 750 and 2500 km ({"1": p, ...}), `radius_km` the radius holding the true place with 90%
+probability, and each candidate's `score` its own probability within 200 km: all calibrated on the
+tuning split by `retrieve.tune`. An engine tuned before calibration existed answers `calibrated: false`,
+the raw vote share as confidence, and null within_km and radius_km.
 """
 from __future__ import annotations
 
@@ -48,7 +53,9 @@ def human(answer: dict, top: int) -> str:
     lat, lon = answer["latitude"], answer["longitude"]
     place = ", ".join(x for x in (answer["city"], answer["region"], answer["country"]) if x)
     conf = answer["confidence"]
-    lines = [f"{answer['image']}: {lat:.5f}, {lon:.5f}  near {place}  (confidence {conf:.0%})",
+    how_sure = (f"{conf:.0%} probability within 200 km; 90% within {answer['radius_km']:,.0f} km"
+                if answer["calibrated"] else f"vote share {conf:.0%}, not calibrated")
+    lines = [f"{answer['image']}: {lat:.5f}, {lon:.5f}  near {place}  ({how_sure})",
              f"  map: {osm_link(lat, lon)}"]
     alts = answer["candidates"][1:top]
     if alts:
@@ -60,7 +67,7 @@ def human(answer: dict, top: int) -> str:
         for i, c in enumerate(alts):
             d = float(haversine_km(lat, lon, c["latitude"], c["longitude"]))
             lines.append(f"    {c['latitude']:.4f}, {c['longitude']:.4f}  near {where['city'][i]}, "
-                         f"{where['country'][i]}  (score {c['score']:.0%}, {d:,.0f} km away)")
+                         f"{where['country'][i]}  ({c['score']:.0%}, {d:,.0f} km away)")
     return "\n".join(lines)
 
 

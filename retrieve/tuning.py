@@ -182,7 +182,39 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
+    cal = fit_calibration(engine, best, emb, lat, lon, split, exclude)
+    scores["calibrated"] = calibrated_scores(engine, best, cal, emb, lat, lon, exclude)
+    cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
                                                                "images": len(emb), **scores},
                                                 "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
     return best, scores, path
+
+
+def _vote_on(engine, params, emb, exclude):
+    from retrieve.predict import vote
+
+    if exclude is None:
+        res = engine.search(emb, params.k)
+    else:
+        res = exclude(engine.search(emb, params.k + CARVE_EXTRA))
+    table = np.asarray(engine.cells(params))[np.maximum(res.rows, 0)]
+    return vote(res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k],
+                table[:, :params.k], params)
+
+
+def fit_calibration(engine, params, emb, lat, lon, split: str, exclude=None):
+    """The answers' calibration (retrieve.calibrate), fitted on the tuning images with the chosen settings."""
+    from retrieve.calibrate import fit, training_rows
+    from retrieve.predict import FEATURES
+
+    x, d = training_rows(_vote_on(engine, params, emb, exclude), lat, lon)
+    return fit(x, d, FEATURES, split)
+
+
+def calibrated_scores(engine, params, cal, emb, lat, lon, exclude=None) -> dict:
+    """The tuning images' metrics with the calibrated decision (the most probable candidate answers)."""
+    from retrieve.calibrate import apply
+
+    pred = apply(cal, _vote_on(engine, params, emb, exclude))
+    return score(pred.lat_deg, pred.lon_deg, lat, lon)

@@ -30,11 +30,21 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
     lines = [json.loads(x) for x in cap.out.strip().splitlines()]
     assert [x["image"] for x in lines] == [str(p) for p in imgs]
     for x in lines:
-        assert set(x) == {"image", "latitude", "longitude", "confidence", "country", "region", "sub_region",
-                          "city", "candidates"}
+        assert set(x) == {"image", "latitude", "longitude", "confidence", "calibrated", "within_km", "radius_km",
+                          "country", "region", "sub_region", "city", "candidates"}
         assert -90 <= x["latitude"] <= 90 and 0 <= x["confidence"] <= 1 and len(x["country"]) == 2
         assert x["candidates"][0] == {"latitude": x["latitude"], "longitude": x["longitude"],
                                       "score": x["confidence"]}
+        # the engine was tuned, so calibrated: confidence is P(within 200 km), probabilities grow with the
+        # distance, the answer's score is the highest, and the 90% radius sits where the levels say
+        assert x["calibrated"] and list(x["within_km"]) == ["1", "25", "200", "750", "2500"]
+        p = list(x["within_km"].values())
+        assert x["confidence"] == x["within_km"]["200"] and p == sorted(p) and 0 <= p[0] and p[-1] <= 1
+        assert all(c["score"] <= x["confidence"] for c in x["candidates"][1:])
+        levels = [1, 25, 200, 750, 2500]
+        above = [km for km, q in zip(levels, p) if q >= 0.9]
+        below = [km for km, q in zip(levels, p) if q < 0.9]
+        assert (not above or x["radius_km"] <= above[0]) and (not below or x["radius_km"] > below[-1])
 
 
 def test_query_for_people_and_folders(sample_root, built, capsys):
@@ -50,7 +60,8 @@ def test_query_for_people_and_folders(sample_root, built, capsys):
     assert len(heads) == len(images)
     for line, a in zip(heads, answers):
         assert line.startswith(f"{a['image']}: {a['latitude']:.5f}, {a['longitude']:.5f}  near ")
-        assert line.endswith(f"(confidence {a['confidence']:.0%})")
+        assert line.endswith(f"({a['confidence']:.0%} probability within 200 km; 90% within "
+                             f"{a['radius_km']:,.0f} km)")
     assert out.count("https://www.openstreetmap.org/?mlat=") == len(images)
 
 
@@ -111,9 +122,14 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     from retrieve.tuning import embed_for_eval
 
     _, lat, lon, emb = embed_for_eval(engine, sample_root, "val")
-    pred, _ = engine.locate(emb)
-    assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
+    raw, _ = engine.locate(emb, calibrated=False)
+    assert mean_geoscore(raw.lat_deg, raw.lon_deg, lat, lon) == pytest.approx(
         saved["validation"]["voting"]["geoscore"], rel=1e-6)
+    # and calibrated (the most probable candidate answers), what tune recorded for that
+    pred, _ = engine.locate(emb)
+    assert engine.calibration is not None and engine.calibration.fitted_on == "val"
+    assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
+        saved["validation"]["calibrated"]["geoscore"], rel=1e-6)
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
 
 

@@ -141,11 +141,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
-def test_the_page_in_a_real_browser(served, sample_root):
+def test_the_page_in_a_real_browser(tiny_engine, sample_root):
+    """On a tuned (so calibrated) engine: the page shows the probability and draws the 90% radius."""
+    from fastapi.testclient import TestClient
     from playwright.sync_api import sync_playwright
 
-    _, out = served
-    server, port = start_server(out / "index", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    from retrieve.app import create_app
+    from retrieve.engine import Engine
+
+    server, port = start_server(tiny_engine / "index", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
         with sync_playwright() as p:
@@ -160,11 +164,15 @@ def test_the_page_in_a_real_browser(served, sample_root):
             assert -90 <= lat <= 90 and -180 <= lon <= 180
             assert page.locator(".marker.answer").count() == 1
             # the page shows what the API answers for the same file
-            client, _ = served
-            want = client.post("/locate", files={"image": (img.name, img.read_bytes(), "image/jpeg")}).json()
+            with TestClient(create_app(Engine(tiny_engine / "index")), base_url="http://127.0.0.1") as client:
+                want = client.post("/locate", files={"image": (img.name, img.read_bytes(), "image/jpeg")}).json()
+            assert want["calibrated"] and want["radius_km"] > 0
             assert (lat, lon) == pytest.approx((want["latitude"], want["longitude"]), abs=1e-4)
             assert page.locator(".marker.neighbour").count() == len(want["neighbours"])
             assert page.text_content("#confidence") == f"{want['confidence']:.0%}"
+            # the 90% radius is drawn around the answer and stated
+            assert page.locator(".marker.radius").count() == 1
+            assert page.text_content("#radius-km") == f"{round(want['radius_km']):,} km"
             # a bad file shows the server's error on the page
             page.set_input_files("#file", files=[{"name": "bad.jpg", "mimeType": "image/jpeg",
                                                   "buffer": b"not an image"}])

@@ -20,8 +20,23 @@ function marker(kind, lat, lon, title) {
   $("map").appendChild(m);
 }
 
+// the circle of radius_km around the answer, as it lies on the equirectangular map (an ellipse)
+function radiusCircle(lat, lon, km) {
+  const c = document.createElement("div");
+  c.className = "marker radius";
+  c.id = "radius";
+  const dLat = km / 111.195, dLon = km / (111.195 * Math.max(Math.cos(lat * Math.PI / 180), 0.01));
+  c.style.left = `${(lon + 180) / 360 * 100}%`;
+  c.style.top = `${(90 - lat) / 180 * 100}%`;
+  c.style.width = `${Math.min(2 * dLon, 360) / 360 * 100}%`;
+  c.style.height = `${Math.min(2 * dLat, 180) / 180 * 100}%`;
+  c.title = `the true place is within ${Math.round(km).toLocaleString()} km with 90% probability`;
+  $("map").appendChild(c);
+}
+
 function show(a) {
   document.querySelectorAll(".marker").forEach((m) => m.remove());
+  if (a.radius_km != null) radiusCircle(a.latitude, a.longitude, a.radius_km);
   for (const n of a.neighbours) marker("neighbour", n.latitude, n.longitude, `${n.id} (${n.similarity})`);
   a.candidates.slice(1).forEach((c) => marker("alternative", c.latitude, c.longitude, `score ${c.score}`));
   marker("answer", a.latitude, a.longitude, "answer");
@@ -34,8 +49,13 @@ function show(a) {
   $("result").innerHTML =
     `<div class="place" id="place">${place}</div>` +
     `<div id="coords">${a.latitude.toFixed(5)}, ${a.longitude.toFixed(5)}</div>` +
-    `<div>confidence <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> · <a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>` +
-    (rows ? `<table><tr><th>#</th><th>alternative</th><th>score</th><th>from the answer</th></tr>${rows}</table>` : "");
+    (a.calibrated
+      ? `<div><b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> probability within 200 km · ` +
+        `90% within <b id="radius-km">${Math.round(a.radius_km).toLocaleString()} km</b> · ` +
+        `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`
+      : `<div>vote share <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> (not calibrated) · ` +
+        `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`) +
+    (rows ? `<table><tr><th>#</th><th>alternative</th><th>${a.calibrated ? "within 200 km" : "vote share"}</th><th>from the answer</th></tr>${rows}</table>` : "");
 }
 
 async function locate(file) {

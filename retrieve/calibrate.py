@@ -1,0 +1,150 @@
+"""Calibrated answers: from what the vote saw (retrieve.predict.FEATURES) to the probability that the true
+place lies within 1, 25, 200, 750 and 2500 km of an answer, and the radius that holds it with 90%.
+
+One logistic regression per distance (scikit-learn's, fitted by retrieve.tuning on the tuning split: val,
+or train images held out of their own search), over standardised features. Stored as plain JSON beside
+retrieve.json (`calibration.json`): applying it is a dot product and a sigmoid in numpy, so a query never
+imports scikit-learn, and nothing is unpickled. Probabilities are made non-decreasing in the distance.
+
+The radius: P(within d) is interpolated linearly in log(1 + d) between the levels, with P(0) = 0 and
+P(half the Earth's circumference) = 1; the radius is where it reaches 90%.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from geovote.geo import EARTH_RADIUS_KM
+
+LEVELS_KM = (1, 25, 200, 750, 2500)
+RADIUS_PROBABILITY = 0.9
+FARTHEST_KM = math.pi * EARTH_RADIUS_KM  # nothing on Earth is further from an answer
+CONFIDENCE_KM = 200  # `confidence` is P(within 200 km)
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class Calibration:
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[list[float]]  # (levels, features)
+    intercept: list[float]
+    fitted_on: str
+    images: int
+    levels_km: list[int] = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        self.levels_km = list(self.levels_km or LEVELS_KM)
+
+    def within(self, features: np.ndarray) -> np.ndarray:
+        """(..., F) features -> (..., levels) probabilities, non-decreasing along the levels."""
+        x = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = x @ np.asarray(self.coef).T + np.asarray(self.intercept)
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        return np.maximum.accumulate(p, axis=-1)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, features: tuple[str, ...]) -> "Calibration":
+        path = Path(path)
+        try:
+            cal = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise CalibrationError(f"{path}: unreadable ({e}); rerun `python -m retrieve.tune`") from None
+        if list(cal.features) != list(features):
+            raise CalibrationError(f"{path} was fitted on other features ({', '.join(cal.features)}); rerun "
+                                   "`python -m retrieve.tune`")
+        return cal
+
+
+def training_rows(pred, true_lat, true_lon) -> tuple[np.ndarray, np.ndarray]:
+    """(features, distance to the truth in km) of every candidate of a Prediction: the answers and their
+    alternatives, so that an alternative's probability is calibrated too (`is_alternative` tells them
+    apart)."""
+    from geovote.geo import haversine_km
+
+    has = np.isfinite(pred.alt_lat_deg)
+    x = np.concatenate([pred.features, pred.alt_features[has]])
+    d_alt = haversine_km(pred.alt_lat_deg, pred.alt_lon_deg, np.asarray(true_lat)[:, None],
+                         np.asarray(true_lon)[:, None])[has]
+    d = np.concatenate([haversine_km(pred.lat_deg, pred.lon_deg, true_lat, true_lon), d_alt])
+    return x, d
+
+
+def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitted_on: str) -> Calibration:
+    """One logistic regression per level of LEVELS_KM, P(dist_km <= level | features)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(features, np.float64)
+    d = np.asarray(dist_km, np.float64)
+    ok = np.all(np.isfinite(x), axis=1) & np.isfinite(d)
+    x, d = x[ok], d[ok]
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    xs = (x - mean) / scale
+    coef, intercept = [], []
+    for level in LEVELS_KM:
+        y = d <= level
+        if y.all() or not y.any():  # one class: a constant, pulled off 0 and 1 by one pseudo-count each
+            p = (y.sum() + 0.5) / (len(y) + 1.0)
+            coef.append([0.0] * x.shape[1])
+            intercept.append(float(np.log(p / (1 - p))))
+            continue
+        model = LogisticRegression(C=1.0, max_iter=2000).fit(xs, y)
+        coef.append(model.coef_[0].tolist())
+        intercept.append(float(model.intercept_[0]))
+    return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on, int(len(d)))
+
+
+def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADIUS_PROBABILITY) -> np.ndarray:
+    """(..., levels) probabilities -> (...) the distance where P(within) reaches `probability`."""
+    p = np.asarray(within, np.float64)
+    shape = p.shape[:-1]
+    p = p.reshape(-1, p.shape[-1])
+    grid_p = np.concatenate([np.zeros((len(p), 1)), p, np.ones((len(p), 1))], axis=1)
+    grid_x = np.log1p(np.array([0.0, *levels_km, FARTHEST_KM]))
+    out = np.empty(len(p))
+    for i, row in enumerate(grid_p):  # np.interp needs increasing x: the probabilities are non-decreasing
+        j = int(np.argmax(row >= probability))
+        lo, hi = row[j - 1], row[j]
+        t = 1.0 if hi <= lo else (probability - lo) / (hi - lo)
+        out[i] = np.expm1(grid_x[j - 1] + t * (grid_x[j] - grid_x[j - 1]))
+    return out.reshape(shape)
+
+
+def apply(cal: Calibration, pred):
+    """The Prediction with calibrated probabilities: within_km, radius_km, confidence = P(within 200 km),
+    and the same measure for every alternative (alt_score). The answer is the most probable candidate:
+    the vote's peak, unless a runner-up peak is more likely within 200 km (under 1% of the sample's
+    answers), when the two change places. Alternatives best first."""
+    c = cal.levels_km.index(CONFIDENCE_KM)
+    none = ~np.isfinite(pred.lat_deg)
+    # candidates side by side: 0 the vote's peak, 1.. its runner-ups
+    lat = np.concatenate([pred.lat_deg[:, None], pred.alt_lat_deg], 1)
+    lon = np.concatenate([pred.lon_deg[:, None], pred.alt_lon_deg], 1)
+    feats = np.concatenate([pred.features[:, None], pred.alt_features], 1)
+    within = cal.within(feats)
+    score = np.where(np.isfinite(lat), within[..., c], -1.0)
+    order = np.argsort(-score, axis=1, kind="stable")  # the peak first among equals
+    take = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[:, :, None], 1)  # noqa: E731
+    lat, lon, feats, within, score = take(lat), take(lon), take(feats), take(within), take(score)
+    within[none, 0] = 0.0
+    return replace(pred, lat_deg=lat[:, 0], lon_deg=lon[:, 0], confidence=within[:, 0, c],
+                   within_km=within[:, 0], features=feats[:, 0],
+                   radius_km=np.where(none, np.nan, radius_km(within[:, 0], cal.levels_km)),
+                   alt_lat_deg=lat[:, 1:], alt_lon_deg=lon[:, 1:], alt_score=np.maximum(score[:, 1:], 0.0),
+                   alt_features=feats[:, 1:], alt_within_km=within[:, 1:])

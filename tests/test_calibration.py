@@ -1,0 +1,74 @@
+"""Calibrated answers: the metrics against hand computations, the calibration against known probabilities,
+the radius against its definition."""
+import numpy as np
+import pytest
+
+from geovote.metrics import accuracy_vs_coverage, calibration_error, reliability
+from retrieve.calibrate import LEVELS_KM, Calibration, fit, radius_km
+
+
+def test_calibration_error_by_hand():
+    p = np.array([0.05, 0.05, 0.95, 0.95, 0.55])
+    y = np.array([0, 1, 1, 1, 0])
+    # bins: [0,.1): mean p .05, freq .5 (n 2); [.5,.6): .55 vs 0 (n 1); [.9,1]: .95 vs 1 (n 2)
+    want = (2 * 0.45 + 1 * 0.55 + 2 * 0.05) / 5
+    assert calibration_error(p, y) == pytest.approx(want)
+    mp, freq, n = reliability(p, y)
+    assert n.tolist() == [2, 0, 0, 0, 0, 1, 0, 0, 0, 2] and freq[0] == 0.5 and np.isnan(mp[1])
+
+
+def test_accuracy_vs_coverage_by_hand():
+    cov, acc, auc = accuracy_vs_coverage([0.9, 0.1, 0.5, 0.7], [1, 0, 0, 1])
+    # most confident first: 0.9 (hit), 0.7 (hit), 0.5 (miss), 0.1 (miss)
+    np.testing.assert_allclose(cov, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(acc, [1, 1, 2 / 3, 0.5])
+    assert auc == pytest.approx((1 + 1 + 2 / 3 + 0.5) / 4)
+
+
+def test_fit_recovers_known_probabilities():
+    """Distances drawn so that P(d <= level) is a known logistic function of one feature: the fitted
+    calibration gives those probabilities back, and is calibrated (small ECE) on fresh draws."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        x = rng.normal(0, 1, (n, 2))  # the second feature is noise
+        u = rng.uniform(0, 1, n)
+        # P(d <= 200) = sigmoid(2 x0); d = 200 * exp(logit(u) - 2 x0) puts the truth within 200 km exactly then
+        d = 200 * np.exp(np.log(u / (1 - u)) - 2 * x[:, 0])
+        return x, d
+
+    x, d = draw(20000)
+    cal = fit(x, d, ("a", "b"), "test")
+    xt, dt = draw(20000)
+    p = cal.within(xt)
+    c = LEVELS_KM.index(200)
+    # 20,000 draws estimate the slope to about 1%: within 0.035 everywhere, within 0.02 for 99%
+    err = np.abs(p[:, c] - 1 / (1 + np.exp(-2 * xt[:, 0])))
+    assert err.max() < 0.035 and np.percentile(err, 99) < 0.02
+    for j, level in enumerate(LEVELS_KM):
+        assert calibration_error(p[:, j], dt <= level) < 0.02, level
+    assert np.all(np.diff(p, axis=1) >= 0)  # never less likely within a larger distance
+
+
+def test_one_class_level_is_a_constant_and_the_round_trip_is_exact(tmp_path):
+    x = np.random.default_rng(1).normal(0, 1, (50, 3))
+    d = np.full(50, 100.0)  # every truth within 200 km, none within 25
+    cal = fit(x, d, ("a", "b", "c"), "t")
+    p = cal.within(x)
+    assert np.all(p[:, 0] < 0.02) and np.all(p[:, 2] > 0.98)
+    back = Calibration.load(cal.save(tmp_path / "c.json"), ("a", "b", "c"))
+    np.testing.assert_array_equal(back.within(x), p)
+    with pytest.raises(ValueError, match="other features"):
+        Calibration.load(tmp_path / "c.json", ("a", "b"))
+
+
+def test_radius_is_where_the_probability_reaches_90_percent():
+    levels = np.log1p([0.0, *LEVELS_KM, np.pi * 6371.0])
+    within = np.array([[0.1, 0.5, 0.8, 0.95, 0.99],  # crosses between 200 and 750
+                       [0.95, 0.96, 0.97, 0.98, 0.99],  # already at 1 km
+                       [0.0, 0.0, 0.1, 0.2, 0.5]])  # beyond 2500 km: up to the far side of the Earth
+    r = radius_km(within)
+    t = (0.9 - 0.8) / (0.95 - 0.8)
+    assert r[0] == pytest.approx(np.expm1(levels[3] + t * (levels[4] - levels[3])))
+    assert 0 < r[1] < 1
+    assert 2500 < r[2] < np.pi * 6371.0
