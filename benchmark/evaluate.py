@@ -38,7 +38,8 @@ class RunConfig:
 
 
 def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
-    from benchmark.report import markdown_table, score_method, write_outputs
+    from benchmark.report import (calibration_report, markdown_table, plot_calibration, score_method,
+                                  write_outputs)
     from geovote.bundled_sample import ensure_sample
     from geovote.data import csv_columns, read_split, split_csv
     from geovote.layout import EngineLayout
@@ -92,7 +93,11 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     meta = {"data": str(root), "split": cfg.split, "validation": validation, "n": int(len(tlat)),
             "engine": str(layout.root),
             "backbone": engine.index.backbone, "retrieve_params": tuned.get("params"), "config": asdict(cfg)}
-    write_outputs(out, results, preds, test_ids, tlat, tlon, meta)
+    if "geovote" in inp.extras:
+        meta["calibration"] = calibration_report(inp.extras["geovote"], *preds["geovote"], tlat, tlon)
+    write_outputs(out, results, preds, test_ids, tlat, tlon, meta, inp.extras)
+    if "geovote" in inp.extras:
+        plot_calibration(out, inp.extras["geovote"], *preds["geovote"], tlat, tlon, cfg.split)
     log(markdown_table(results, meta))
     return out, results
 

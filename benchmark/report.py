@@ -44,15 +44,87 @@ def score_method(plat, plon, tlat, tlon, true_keys: dict, bootstrap: int, seed: 
     return out
 
 
+def calibration_report(extras: dict, plat, plon, tlat, tlon) -> dict:
+    """How far the engine's probabilities can be trusted, on this split: expected calibration error of
+    each within_km level, the coverage of radius_km, the accuracy within 200 km against the share of
+    most confident images answered (and the area under that curve)."""
+    from geovote.metrics import accuracy_vs_coverage, calibration_error
+    from retrieve.calibrate import LEVELS_KM, RADIUS_PROBABILITY
+
+    d = haversine_km(plat, plon, tlat, tlon)
+    ok = np.isfinite(d)
+    within, radius, conf = extras["within_km"][ok], extras["radius_km"][ok], extras["confidence"][ok]
+    d = d[ok]
+    cov, acc, auc = accuracy_vs_coverage(conf, d <= 200)
+    half = int(np.ceil(len(acc) / 2)) - 1
+    return {
+        "ece": {str(km): calibration_error(within[:, j], d <= km) for j, km in enumerate(LEVELS_KM)},
+        "mean_probability": {str(km): float(within[:, j].mean()) for j, km in enumerate(LEVELS_KM)},
+        "observed": {str(km): float((d <= km).mean()) for km in LEVELS_KM},
+        "radius_probability": RADIUS_PROBABILITY,
+        "radius_coverage": float((d <= radius).mean()),
+        "median_radius_km": float(np.median(radius)),
+        "acc_200km_most_confident_half": float(acc[half]) if len(acc) else float("nan"),
+        "auc_acc_200km_vs_coverage": auc,
+    }
+
+
+def plot_calibration(out: Path, extras: dict, plat, plon, tlat, tlon, split: str) -> None:
+    """reliability.png (predicted against observed, per within_km level) and accuracy_vs_coverage.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from geovote.metrics import accuracy_vs_coverage, reliability
+    from retrieve.calibrate import LEVELS_KM
+
+    d = haversine_km(plat, plon, tlat, tlon)
+    ok = np.isfinite(d)
+    within, conf, d = extras["within_km"][ok], extras["confidence"][ok], d[ok]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
+    for j, km in enumerate(LEVELS_KM):
+        mp, freq, n = reliability(within[:, j], d <= km)
+        keep = n > 0
+        ax.plot(mp[keep], freq[keep], marker="o", label=f"within {km:,} km")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"geovote reliability on {split}")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    cov, acc, auc = accuracy_vs_coverage(conf, d <= 200)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(100 * cov, 100 * acc, lw=2)
+    ax.set_xlabel("most confident images answered (%)")
+    ax.set_ylabel("of those, within 200 km (%)")
+    ax.set_title(f"geovote on {split}: accuracy against coverage (area {auc:.3f})")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_coverage.png", dpi=110)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------ outputs
-def write_outputs(out: Path, results: list[dict], preds: dict, ids, tlat, tlon, meta: dict) -> None:
+def write_outputs(out: Path, results: list[dict], preds: dict, ids, tlat, tlon, meta: dict,
+                  extras: dict | None = None) -> None:
+    """`extras`: per method, more columns for its predictions file (the engine's probabilities)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from retrieve.calibrate import LEVELS_KM
+
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     for name, (plat, plon) in preds.items():
-        table = pa.table({"id": pa.array(list(ids), pa.string()), "latitude": plat, "longitude": plon})
-        pq.write_table(table, out / "predictions" / f"{name}.parquet")
+        cols = {"id": pa.array(list(ids), pa.string()), "latitude": plat, "longitude": plon}
+        more = (extras or {}).get(name)
+        if more:
+            cols |= {"confidence": more["confidence"], "radius_km": more["radius_km"],
+                     **{f"within_{km}km": more["within_km"][:, j] for j, km in enumerate(LEVELS_KM)}}
+        pq.write_table(pa.table(cols), out / "predictions" / f"{name}.parquet")
     (out / "results.json").write_text(json.dumps({**meta, "methods": results}, indent=2) + "\n")
     cols = ["name", *SCORE_KEYS, "geoscore_ci95", "acc_country_ci95"]
     with open(out / "results.csv", "w", newline="") as f:
@@ -80,6 +152,15 @@ def markdown_table(results: list[dict], meta: dict) -> str:
             f"{r['median_km']:,.0f} | " + " | ".join(pct(r[f"acc_{k}km"]) for k in (1, 25, 200, 750, 2500))
             + f" | {pct(r['acc_country'])} ({pct(c[0])}-{pct(c[1])}) | {pct(r['acc_region'])} | "
             f"{pct(r['acc_area'])} | {pct(r['acc_city'])} |")
+    cal = meta.get("calibration")
+    if cal:
+        lines += ["", "geovote's probabilities on this split: expected calibration error "
+                  + ", ".join(f"{km} km {v:.3f}" for km, v in cal["ece"].items())
+                  + f"; the 90% radius (median {cal['median_radius_km']:,.0f} km) holds "
+                  f"{100 * cal['radius_coverage']:.1f}% of the truths; the most confident half is within "
+                  f"200 km "
+                  f"{100 * cal['acc_200km_most_confident_half']:.1f}% of the time (area under accuracy "
+                  f"against coverage {cal['auc_acc_200km_vs_coverage']:.3f})"]
     return "\n".join(lines)
 
 

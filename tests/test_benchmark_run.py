@@ -38,8 +38,31 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     for name in ("geovote", "1-nn", "knn-mean"):
         assert by["oracle"]["mean_km"] <= by[name]["mean_km"]
         assert by["oracle"]["geoscore"] >= by[name]["geoscore"]
-    for f in ("results.csv", "results.md", "accuracy_vs_distance.png", "error_map.png"):
+    for f in ("results.csv", "results.md", "accuracy_vs_distance.png", "error_map.png", "reliability.png",
+              "accuracy_vs_coverage.png"):
         assert (out / f).stat().st_size > 0
+    # the engine is calibrated: its report, recomputed here from its predictions file and the truth
+    import pyarrow.parquet as pq
+
+    from geovote.data import read_split
+    from geovote.geo import haversine_km
+
+    t = {k: np.asarray(v) for k, v in pq.read_table(out / "predictions" / "geovote.parquet").to_pydict().items()}
+    truth = read_split(sample_root, "test", check_images=False)
+    pos = {i: j for j, i in enumerate(truth.ids.astype(str))}
+    rows = [pos[i] for i in t["id"]]
+    d = haversine_km(t["latitude"], t["longitude"], truth.lat_deg[rows], truth.lon_deg[rows])
+    cal = results["calibration"]
+    assert cal["radius_coverage"] == pytest.approx(np.mean(d <= t["radius_km"]))
+    for km in (1, 25, 200, 750, 2500):
+        p, hit = t[f"within_{km}km"], d <= km
+        bins = np.minimum((p * 10).astype(int), 9)
+        ece = sum(abs(p[bins == b].mean() - hit[bins == b].mean()) * np.mean(bins == b) for b in set(bins))
+        assert cal["ece"][str(km)] == pytest.approx(ece)
+    conf = t["confidence"]
+    assert np.array_equal(conf, t["within_200km"])
+    top = np.argsort(-conf, kind="stable")[:100]
+    assert cal["acc_200km_most_confident_half"] == pytest.approx(np.mean(d[top] <= 200))
     # the predictions files are what benchmark.score reads, and give the same scores
     again = score_file(out / "predictions" / "hybrid.parquet", sample_root / "test.csv")
     assert again["geoscore"] == pytest.approx(by["hybrid"]["geoscore"])
