@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.methods import METHODS, HeadConfig, Inputs, Validation
+from benchmark.methods import METHODS, HeadConfig, Inputs, MethodUnavailable, Validation
 from geovote.config import ConfigError
 
 
@@ -77,12 +77,17 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     log(f"{len(test_ids):,} {cfg.split} images, {len(train_lat):,} training images "
         f"({time.perf_counter() - t0:.1f} s to load)")
 
-    inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, test_emb, tlat, tlon, tuned,
-                 cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log)
+    country = true_keys.get(ADMIN_LEVELS["country"])
+    inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, test_emb, tlat, tlon, country,
+                 tuned, cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log)
     preds = {}
     for name in cfg.methods:
         t = time.perf_counter()
-        preds[name] = METHODS[name](inp)
+        try:
+            preds[name] = METHODS[name](inp)
+        except MethodUnavailable as e:
+            log(f"  {name}: left out: {e}")
+            continue
         log(f"  {name}: predicted in {time.perf_counter() - t:.1f} s")
     results = [{"name": name, **score_method(plat, plon, tlat, tlon, true_keys, cfg.bootstrap, cfg.seed)}
                for name, (plat, plon) in preds.items()]

@@ -9,6 +9,8 @@ Methods:
     geovote         our engine: kNN voting over cells + density refinement (parameters tuned on val)
     1-nn            the nearest training image's location (the OSV-5M paper's retrieval baseline)
     knn-mean        the softmax-weighted spherical mean of the k neighbours (k, T tuned on val)
+    geovote-within  our engine told each image's true country (`retrieve.query --within CC`): what a user
+                    who knows the country gets; images of a country without training images answer freely
     classification  the paper's head over QuadTree cells, trained here on the frozen train embeddings
     regression      the paper's regression head (a point on the sphere, great-circle loss)
     hybrid          the paper's best head: hierarchical cells + per-cell offset
@@ -29,6 +31,10 @@ from geovote.metrics import mean_geoscore
 
 Prediction = tuple[np.ndarray, np.ndarray]
 METHODS: dict[str, Callable[["Inputs"], Prediction]] = {}
+
+
+class MethodUnavailable(Exception):
+    """A method that cannot run on this dataset (benchmark.run leaves it out and says why)."""
 
 
 def method(name: str):
@@ -77,6 +83,7 @@ class Inputs:
     test_emb: np.ndarray  # (Q, dim) float32
     test_lat: np.ndarray  # truth: only `oracle` may look
     test_lon: np.ndarray
+    test_country: np.ndarray | None  # the truth's unique_country: only `geovote-within` may look
     tuned: dict  # retrieve.json
     heads: HeadConfig
     load_val: Callable[[], Validation]
@@ -121,6 +128,32 @@ def geovote(inp: Inputs) -> Prediction:
         inp.extras["geovote"] = {"within_km": np.concatenate([p.within_km for p in parts]),
                                  "radius_km": np.concatenate([p.radius_km for p in parts]),
                                  "confidence": np.concatenate([p.confidence for p in parts])}
+    return lat, lon
+
+
+@method("geovote-within")
+def geovote_within(inp: Inputs) -> Prediction:
+    from retrieve.region import Region, RegionError
+
+    from dataclasses import replace
+
+    if inp.test_country is None:
+        raise MethodUnavailable("the split has no unique_country column to take the true country from")
+    lat, lon = geovote(replace(inp, extras={}))  # the free answers, kept where a country has no image
+    countries = np.asarray(inp.test_country).astype(str)
+    for cc in np.unique(countries):
+        rows = np.flatnonzero(countries == cc)
+        try:
+            region = Region((cc,))
+            inp.engine.region_rows(region)
+        except RegionError:
+            continue
+
+        def answer(emb, region=region):
+            pred, _ = inp.engine.locate(emb, alternatives=False, region=region)
+            return pred.lat_deg, pred.lon_deg
+
+        lat[rows], lon[rows] = batched(answer, inp.test_emb[rows])
     return lat, lon
 
 

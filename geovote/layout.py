@@ -7,6 +7,7 @@
             retrieve.json               voting parameters chosen by retrieve.tune
             calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
             cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
+            countries.npy               each training row's country code (retrieve.engine, for --within)
         predictions-<split>.parquet     retrieve.query --split
 
 An engine is named by its folder or by its index folder (`--index DIR`: DIR is the index, whatever its
@@ -72,6 +73,10 @@ class EngineLayout:
 
     def cells(self, spec: str) -> Path:
         return self.index / f"cells-{spec}.npy"
+
+    @property
+    def countries(self) -> Path:
+        return self.index / "countries.npy"
 
     def predictions(self, split: str) -> Path:
         return self.root / f"predictions-{split}.parquet"

@@ -326,14 +326,18 @@ class GeoIndex:
         return np.ascontiguousarray(q / norms)
 
     def search(self, queries, k: int = 10, nprobe: int | None = None, shortlist: int | None = None,
-               rerank: bool = True, backbone: str | None = None) -> SearchResult:
-        """k nearest neighbours of each query. `rerank=False` returns the index's own (PQ) order."""
+               rerank: bool = True, backbone: str | None = None, subset=None) -> SearchResult:
+        """k nearest neighbours of each query. `rerank=False` returns the index's own (PQ) order.
+        `subset`: sorted rows to search among (a region): exactly when they are few or on the GPU, else
+        inside FAISS's IVF scan (an IDSelector, with nprobe raised by the share the subset leaves out)."""
         import faiss
 
         q = self.check_queries(queries, backbone)
         k = int(k)
         if k < 1:
             raise IndexError_(f"k must be at least 1, got {k}")
+        if subset is not None:
+            return self._search_subset(q, k, np.asarray(subset, np.int64), nprobe, shortlist)
         if self._gpu_vectors is not None:
             sim, rows = exact_search_torch(self._gpu_vectors, q, k, device=self.device)
         elif self.exact:
@@ -348,6 +352,32 @@ class GeoIndex:
                 sim, rows = self.index.search(q, k, params=ivf)
         return self._result(sim, rows)
 
+    def _search_subset(self, q, k, rows, nprobe, shortlist) -> SearchResult:
+        import faiss
+
+        if rows.size == 0:
+            raise IndexError_("the subset to search holds no vector")
+        if rows[0] < 0 or rows[-1] >= self.count or np.any(np.diff(rows) <= 0):
+            raise IndexError_(f"subset rows must be sorted, distinct and within the {self.count} rows")
+        if self._gpu_vectors is not None:
+            import torch
+
+            sub = self._gpu_vectors.index_select(0, torch.as_tensor(rows, device=self.device))
+            sim, local = exact_search_torch(sub, q, k, device=self.device)
+            return self._result(sim, np.where(local >= 0, rows[np.maximum(local, 0)], -1))
+        if self.exact or rows.size <= EXACT_MAX_VECTORS:
+            return self._result(*exact_search_rows(self.vectors, rows, q, k))
+        ivf_index = faiss.extract_index_ivf(self.index)
+        scale = self.count / rows.size  # lists hold that many times fewer candidates of the subset
+        probes = min(ivf_index.nlist, math.ceil(int(nprobe or self.info["nprobe"]) * scale))
+        selector = faiss.IDSelectorBatch(rows.size, faiss.swig_ptr(rows))
+        ivf = faiss.SearchParametersIVF(nprobe=probes, sel=selector)
+        params = faiss.IndexRefineSearchParameters(k_factor=int(shortlist or self.info["shortlist"]),
+                                                   base_index_params=ivf)
+        sim, found = self.refined.search(q, k, params=params)
+        del selector  # FAISS held a pointer to it (and to rows) until here
+        return self._result(sim, found)
+
     def _result(self, sim: np.ndarray, rows: np.ndarray) -> SearchResult:
         rows = rows.astype(np.int64)
         valid = rows >= 0
@@ -359,6 +389,23 @@ class GeoIndex:
         lon = np.where(valid, self.lon[safe], np.nan)
         sim = np.where(valid, sim, -np.inf).astype(np.float32)
         return SearchResult(sim, np.where(valid, rows, -1), ids, lat, lon)
+
+
+def exact_search_rows(vectors, rows: np.ndarray, queries: np.ndarray, k: int, block: int = 65536):
+    """Exact inner-product top-k of each query among `vectors[rows]` (an fp16 memory map), reading the
+    rows in blocks: (similarity, row) arrays of shape (Q, k), -inf and -1 where fewer than k."""
+    q = np.asarray(queries, np.float32)
+    best_sim = np.full((len(q), k), -np.inf, np.float32)
+    best_row = np.full((len(q), k), -1, np.int64)
+    for start in range(0, rows.size, block):
+        r = rows[start:start + block]
+        s = q @ np.asarray(vectors[r], np.float32).T  # (Q, block)
+        sim = np.concatenate([best_sim, s], 1)
+        cand = np.concatenate([best_row, np.broadcast_to(r, s.shape)], 1)
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if sim.shape[1] > k else np.argsort(-sim, 1)
+        best_sim, best_row = np.take_along_axis(sim, top, 1), np.take_along_axis(cand, top, 1)
+    order = np.argsort(-best_sim, axis=1, kind="stable")
+    return np.take_along_axis(best_sim, order, 1), np.take_along_axis(best_row, order, 1)
 
 
 SCORE_BYTES = 1 << 30  # the (queries x N) score matrix of one exact-search batch stays under 1 GiB

@@ -24,8 +24,9 @@ BATCH = 64  # images decoded and embedded together
 SPLIT_BATCH = 4096  # split queries searched and voted together
 
 
-def answers_for_images(engine, images: list, names: list[str], tta: bool = False) -> list[dict]:
-    """PIL images -> answer dicts (the --json keys plus `neighbours`), in order."""
+def answers_for_images(engine, images: list, names: list[str], tta: bool = False, region=None) -> list[dict]:
+    """PIL images -> answer dicts (the --json keys plus `neighbours`), in order. `region`
+    (retrieve.region.Region): answer only from, and inside, it."""
     from geovote.geocode import reverse_geocode
 
     emb = engine.embed_images(images)
@@ -34,7 +35,7 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
 
         emb = emb + engine.embed_images([ImageOps.mirror(i) for i in images])
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pred, res = engine.locate(emb)
+    pred, res = engine.locate(emb, region=region)
     place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
     levels = [str(km) for km in LEVELS_KM]
     out = []
@@ -64,7 +65,7 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
     return out
 
 
-def answers(engine, paths: list[Path], tta: bool = False):
+def answers(engine, paths: list[Path], tta: bool = False, region=None):
     """Yield (path, answer dict or None, error or None), in order, in batches."""
     from embed.images import ImageFailure, open_rgb
 
@@ -78,7 +79,8 @@ def answers(engine, paths: list[Path], tta: bool = False):
                 ok.append(p)
             except ImageFailure as e:
                 errors[p] = str(e)
-        results = dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta))) if imgs else {}
+        results = (dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta, region)))
+                   if imgs else {})
         for p in chunk:
             yield p, results.get(p), errors.get(p)
 

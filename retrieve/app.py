@@ -64,6 +64,7 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     from embed.images import ImageFailure, open_rgb
     from retrieve.answer import answers_for_images
     from retrieve.batcher import Batcher, QueueFull
+    from retrieve.region import RegionError, parse_region
     from retrieve.upload import UploadError, parse_multipart, read_body
 
     app = FastAPI(title="geovote", version="1", description="Where on Earth was this photo taken?")
@@ -106,7 +107,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     @app.post("/locate", responses={400: {}, 408: {}, 413: {}, 415: {}, 422: {}})
     async def locate(request: Request):
         """Upload an image (multipart field `image`); get its location, place, confidence, alternatives
-        and nearest training images."""
+        and nearest training images. Optional fields `within` (CC[,CC...]) and `bbox` (S,W,N,E): answer
+        only from training images there, and inside."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             return error(415, f"expected multipart/form-data with a field `image`, got {ctype or 'nothing'}")
@@ -119,13 +121,21 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(413, f"upload of {declared:,} bytes is over the limit of {max_upload_bytes:,}")
         try:
             body = await read_body(request.stream(), limit, body_timeout_s)
-            parts = [p for p in parse_multipart(body, ctype) if p.name == "image"]
+            form = parse_multipart(body, ctype)
+            parts = [p for p in form if p.name == "image"]
+            fields = {p.name: p.data.decode("utf-8", "replace") for p in form if p.filename is None}
         except UploadError as e:
             if e.status == 413:  # the limit the user set, not the one with room for the form's own bytes
                 return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
             return error(e.status, str(e))
         if not parts or parts[0].filename is None:
             return error(400, "no file in the form field `image`")
+        try:
+            region = parse_region(fields.get("within"), fields.get("bbox"))
+            if region:
+                engine.region_rows(region)
+        except RegionError as e:
+            return error(422 if "no training image" in str(e) else 400, str(e).replace("--", ""))
         data, name = parts[0].data, parts[0].filename or "upload"
         if not data:
             return error(400, "the uploaded file is empty")
@@ -137,6 +147,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             why = str(e)
             status = 413 if why.startswith("too large") else 415 if why.startswith("not an image") else 422
             return error(status, f"{name}: {why}")
+        if region:  # a region changes the search: answered on its own, beside the batches
+            return (await run_in_threadpool(answers_for_images, engine, [img], [name], False, region))[0]
         try:  # queued on the loop: /health and new uploads are served while a batch runs
             return await batcher.submit(img, name)
         except QueueFull as e:

@@ -6,6 +6,7 @@ The index folder carries everything a query needs besides the model (paths: geov
     calibration.json      the answers' probabilities, fitted with them (retrieve.calibrate; without it,
                           `confidence` is the raw vote share and there is no within_km or radius_km)
     cells-<spec>.npy      each training row's cell at every voting level, computed once and cached
+    countries.npy         each training row's country (reverse_geocoder, as OSV-5M), for regions; cached
 
 Queries are embedded by the one feature extractor (embed.features) and searched on the GPU when torch
 sees one (device "auto"), on the CPU otherwise.
@@ -126,31 +127,101 @@ class Engine:
             self._cells[spec] = table
         return self._cells[spec]
 
+    def countries(self) -> np.ndarray:
+        """(N,) each index row's ISO country code (bytes), computed once and cached in the index folder."""
+        if getattr(self, "_countries", None) is None:
+            path = self.layout.countries
+            table = None
+            if path.exists():
+                try:
+                    table = np.load(path, mmap_mode="r")
+                except (OSError, ValueError, EOFError):
+                    table = None
+                if table is not None and (table.shape != (self.index.count,) or table.dtype.kind != "S"):
+                    table = None  # a cache is rebuilt, never trusted
+            if table is None:
+                from retrieve.region import country_codes
+
+                codes = np.empty(self.index.count, "S2")
+                for start in range(0, self.index.count, 1_000_000):  # bounded memory at 5M rows
+                    stop = min(self.index.count, start + 1_000_000)
+                    codes[start:stop] = np.char.encode(
+                        country_codes(np.asarray(self.index.lat[start:stop]),
+                                      np.asarray(self.index.lon[start:stop])).astype(str), "ascii")
+                table = codes
+                tmp = path.with_name(path.name + ".partial.npy")
+                try:
+                    np.save(tmp, table)
+                    tmp.replace(path)
+                except OSError:
+                    pass
+            self._countries = table
+        return self._countries
+
+    def region_rows(self, region) -> np.ndarray:
+        """Sorted index rows inside `region` (retrieve.region), or RegionError when there are none."""
+        from retrieve.region import RegionError
+
+        inside = region.in_box(self.index.lat, self.index.lon)
+        if region.countries:
+            inside &= np.isin(self.countries(), np.char.encode(np.array(region.countries), "ascii"))
+        rows = np.flatnonzero(inside)
+        if rows.size == 0:
+            raise RegionError(f"no training image of this engine lies in {region.describe()}: nothing to "
+                              "answer from there")
+        return rows
+
     def embed_images(self, images: list) -> np.ndarray:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""
         return self.features.images(images)
 
-    def search(self, emb: np.ndarray, k: int):
-        return self.index.search(emb, k=k, backbone=self.backbone.name if self.backbone else None)
+    def search(self, emb: np.ndarray, k: int, subset=None):
+        return self.index.search(emb, k=k, backbone=self.backbone.name if self.backbone else None,
+                                 subset=subset)
 
     def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True,
-               calibrated: bool = True):
+               calibrated: bool = True, region=None):
         """(Prediction, SearchResult) for a batch of query embeddings, with calibrated probabilities when
         the engine has a calibration. `alternatives=False` skips the runner-up peaks (more than half of
         the vote's time at k = 100): for answers nobody reads them in; a calibrated answer still weighs
-        them (the most probable candidate answers), so they are computed whenever calibrated."""
+        them (the most probable candidate answers), so they are computed whenever calibrated.
+        `region` (retrieve.region.Region): only training images inside vote, and every answer lies
+        inside (a peak that left it moves to the nearest neighbour, which is inside)."""
         params = params or self.params
         calibrate = calibrated and self.calibration is not None
         if not alternatives and not calibrate:
             params = replace(params, n_alternatives=0)
-        res = self.search(emb, params.k)
+        res = self.search(emb, params.k, subset=self.region_rows(region) if region else None)
         cells = np.asarray(self.cells(params))[np.maximum(res.rows, 0)]
         pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
+        if region:
+            pred = _inside(pred, res, region)
         if calibrate:
             from retrieve.calibrate import apply
 
             pred = apply(self.calibration, pred)
         return pred, res
+
+
+def _inside(pred: Prediction, res, region) -> Prediction:
+    """Every candidate point outside `region` moved to the nearest of its query's neighbours (all inside)."""
+    from geovote.geo import haversine_km
+
+    def fix(lat, lon):
+        lat, lon = lat.copy(), lon.copy()
+        out = np.isfinite(lat) & ~region.contains(lat, lon)
+        if out.any():
+            q = np.flatnonzero(out)
+            d = haversine_km(lat[q, None], lon[q, None], res.lat_deg[q], res.lon_deg[q])
+            best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)
+            lat[q], lon[q] = res.lat_deg[q, best], res.lon_deg[q, best]
+        return lat, lon
+
+    lat, lon = fix(pred.lat_deg, pred.lon_deg)
+    alt = [fix(pred.alt_lat_deg[:, a], pred.alt_lon_deg[:, a]) for a in range(pred.alt_lat_deg.shape[1])]
+    alt_lat = np.stack([a[0] for a in alt], 1) if alt else pred.alt_lat_deg
+    alt_lon = np.stack([a[1] for a in alt], 1) if alt else pred.alt_lon_deg
+    return replace(pred, lat_deg=lat, lon_deg=lon, alt_lat_deg=alt_lat, alt_lon_deg=alt_lon)
 
 
 __all__ = ["Engine", "Prediction", "VoteConfig", "load_params", "save_params"]

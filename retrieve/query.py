@@ -29,6 +29,7 @@ from geovote.paths import default_sample_root
 from index.store import IndexError_
 from retrieve.answer import answers, predict_split
 from retrieve.engine import Engine
+from retrieve.region import RegionError, parse_region
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=3, help="answers to show: the best and N-1 alternatives")
     ap.add_argument("--json", action="store_true", help="one JSON object per image and line")
     ap.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    ap.add_argument("--within", metavar="CC[,CC...]",
+                    help="answer only from training images in these countries (ISO 3166 alpha-2), and inside")
+    ap.add_argument("--bbox", metavar="S,W,N,E",
+                    help="answer only from training images in this box (degrees; W > E: across 180; "
+                         "--bbox=S,W,N,E when S is negative)")
     ap.add_argument("--split", help="predict a whole split of --data instead of images")
     ap.add_argument("--data", type=Path, help="dataset root for --split (default: the sample)")
     ap.add_argument("--out", type=Path, help="predictions parquet for --split")
@@ -90,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
     if args.out is not None and (args.out.is_dir() or args.out.suffix not in (".parquet", ".csv")):
         ap.error(f"--out {args.out}: give a file name ending in .parquet or .csv")
+    if args.split and (args.within or args.bbox):
+        ap.error("--within and --bbox apply to images, not to --split")
+    try:
+        region = parse_region(args.within, args.bbox)
+    except RegionError as e:
+        ap.error(str(e))
     layout = resolve(index=args.index)
     try:
         engine = Engine(layout.require_index(), model=args.model)
@@ -108,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("error: no images found in " + " ".join(args.images), file=sys.stderr)
         return 2
-    for path, answer, error in answers(engine, paths, tta=args.tta):
+    try:
+        if region:
+            engine.region_rows(region)  # an empty region is one message, not one per image
+    except RegionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path, answer, error in answers(engine, paths, tta=args.tta, region=region or None):
         if error:
             failed += 1
             print(f"error: {path}: {error}", file=sys.stderr)

@@ -26,7 +26,7 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     assert "| geovote |" in printed and "run folder" in printed
     results = json.loads((out / "results.json").read_text())
     # the documented order, pinned: results.json, the CSV, the table and the plots keep it
-    order = ["geovote", "1-nn", "knn-mean", "classification", "regression", "hybrid", "mean-location", "top-cell",
+    order = ["geovote", "geovote-within", "1-nn", "knn-mean", "classification", "regression", "hybrid", "mean-location", "top-cell",
              "oracle"]
     assert list(METHODS) == order and [m["name"] for m in results["methods"]] == order
     for m in results["methods"]:
@@ -34,6 +34,9 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
         lo, hi = m["geoscore_ci95"]
         assert lo <= m["geoscore"] <= hi
     by = {m["name"]: m for m in results["methods"]}
+    # told the true country, the engine answers inside it: more countries right, and closer
+    assert by["geovote-within"]["acc_country"] > by["geovote"]["acc_country"]
+    assert by["geovote-within"]["geoscore"] > by["geovote"]["geoscore"]
     # the oracle is the ceiling of retrieval: no retrieval method is closer on average
     for name in ("geovote", "1-nn", "knn-mean"):
         assert by["oracle"]["mean_km"] <= by[name]["mean_km"]
