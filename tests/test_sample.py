@@ -20,7 +20,7 @@ def mosaic():
 
 
 def test_layout_columns_and_counts(sample_root):
-    for split, n in (("train", 2000), ("val", 200), ("test", 200)):
+    for split, n in (("train", 2000), ("val", 200), ("test", 200), ("test_far", 100)):
         s = read_split(sample_root, split, columns=["country", "unique_city", "quadtree_10_500"])
         assert len(s) == n and not s.report.rejected
     with open(sample_root / "train.csv", newline="") as f:
@@ -110,3 +110,23 @@ def test_generation_is_deterministic_and_ensure_is_idempotent(tmp_path):
     assert (a / "train.csv").stat().st_mtime_ns == before  # already there: not regenerated
     ensure_sample(a, n_train=301, n_val=30, n_test=30, seed=7)  # made differently: regenerated
     assert len(read_split(a, "train")) == 301
+
+
+def test_far_places_are_land_100km_from_every_sample_place(sample_root, mosaic):
+    from geovote.bundled_sample import is_land
+
+    far = read_split(sample_root, "test_far", columns=["unique_country"])
+    assert len(far) == 100 and not far.report.rejected
+    others = [read_split(sample_root, s, check_images=False) for s in ("train", "val", "test")]
+    lat = np.concatenate([o.lat_deg for o in others])
+    lon = np.concatenate([o.lon_deg for o in others])
+    d = haversine_km(far.lat_deg[:, None], far.lon_deg[:, None], lat[None], lon[None])
+    assert d.min() >= 100.0
+    assert is_land(mosaic, far.lat_deg, far.lon_deg).all() and np.all(np.abs(far.lat_deg) <= 72)
+    # the land test itself, at hand-picked points: open ocean is not land, Paris and the Sahara are
+    np.testing.assert_array_equal(is_land(mosaic, np.array([0.0, 30, -10, 48.85, 23]),
+                                          np.array([-150.0, -40, 80, 2.35, 10])), [False, False, False, True, True])
+    # labelled as OSV-5M labels: the nearest GeoNames place's keys
+    np.testing.assert_array_equal(far.column("unique_country"),
+                                  reverse_geocode_keys(far.lat_deg, far.lon_deg)["unique_country"])
+    assert not set(far.ids) & set(np.concatenate([o.ids for o in others]))
