@@ -189,7 +189,7 @@ class Engine:
         inside (a peak that left it moves to the nearest neighbour, which is inside)."""
         params = params or self.params
         calibrate = calibrated and self.calibration is not None
-        if not alternatives and not calibrate:
+        if not alternatives and not calibrate and not params.hedge_below:  # both weigh the runner-ups
             params = replace(params, n_alternatives=0)
         res = self.search(emb, params.k, subset=self.region_rows(region) if region else None)
         cells = np.asarray(self.cells(params))[np.maximum(res.rows, 0)]

@@ -41,6 +41,10 @@ class VoteConfig:
     mean_shift_steps: int = 3
     n_alternatives: int = 3
     n_starts: int = 8  # the refinement starts from the best of the 8 heaviest neighbours in the cell
+    # hard photos: where the answer's weight share within 2h is below this, answer instead the candidate
+    # (the peak, the runner-up peaks, the neighbours) of highest expected GeoScore under the weighted
+    # neighbours: the minimum-risk answer. 0: never (retrieve.tune turns it on where it helps)
+    hedge_below: float = 0.0
 
     def __post_init__(self):
         self.levels = tuple(int(v) for v in self.levels)
@@ -50,6 +54,8 @@ class VoteConfig:
             raise ValueError(f"levels must be distinct, increasing and >= 0, got {self.levels}")
         if self.k < 1 or self.temperature <= 0 or self.bandwidth_km <= 0 or self.n_starts < 1:
             raise ValueError("k and n_starts must be >= 1, temperature and bandwidth_km > 0")
+        if not 0.0 <= self.hedge_below <= 1.0:
+            raise ValueError(f"hedge_below must be within [0, 1], got {self.hedge_below}")
         if self.mean_shift_steps < 0 or self.n_alternatives < 0:
             raise ValueError("mean_shift_steps and n_alternatives must be >= 0")
 
@@ -175,6 +181,24 @@ def _point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np
                      np.log1p(mean_d), np.log1p(nearest)], axis=1)
 
 
+def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np.ndarray,
+                   alt_latlon: np.ndarray) -> np.ndarray:
+    """(Q, 3) of the candidates (the answer, the runner-up peaks (Q, A, 2) degrees, NaN where none, and
+    the neighbours), the one whose expected GeoScore, sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest;
+    the answer wins ties."""
+    from geovote.metrics import GEOSCORE_SCALE_KM
+
+    finite = np.isfinite(alt_latlon).all(2)
+    alt = latlon_to_unit(np.where(finite, alt_latlon[..., 0], 0.0), np.where(finite, alt_latlon[..., 1], 0.0))
+    cand = np.concatenate([answer[:, None], alt, xyz], axis=1)  # (Q, 1 + A + K, 3)
+    ok = np.concatenate([np.ones((len(w), 1), bool), finite, valid], axis=1)
+    chord = np.sqrt(np.maximum(np.sum((cand[:, :, None] - xyz[:, None]) ** 2, axis=3), 0.0))  # (Q, C, K)
+    d_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
+    expected = np.sum(w[:, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
+    best = np.argmax(np.where(ok, expected, -1.0), axis=1)  # first of equals: the answer
+    return cand[np.arange(len(w)), best]
+
+
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
          params: VoteConfig) -> Prediction:
     """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
@@ -244,6 +268,14 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
             alt_lat[has, a], alt_lon[has, a] = la[has], lo[has]
             alt_score[has, a] = score[np.arange(q), best][has]
             taken |= members
+    if params.hedge_below > 0:
+        hedge = (confidence < params.hedge_below) & valid.any(1)
+        if hedge.any():
+            point[hedge] = min_risk_point(xyz[hedge], w[hedge], valid[hedge], point[hedge],
+                                          np.stack([alt_lat[hedge], alt_lon[hedge]], 2))
+            lat_out, lon_out = unit_to_latlon(point)
+            near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
+            confidence = np.sum(w * near, axis=1)
     none = ~valid.any(1)
     lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
     features = np.concatenate([query_features, _point_features(point, xyz, w, valid, params.bandwidth_km),

@@ -1,11 +1,12 @@
 """The voting predictor against a plain per-query loop, and on hand-made neighbourhoods."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from geovote.cells import H3Cells
-from geovote.geo import haversine_km
+from geovote.geo import haversine_km, latlon_to_unit
 from retrieve.predict import VoteConfig, one_nn, softmax_weights, vote, weighted_mean
 
 R = 6371.0
@@ -163,3 +164,35 @@ def test_softmax_weights_and_empty_queries():
     nan = np.full((1, 3), np.nan)
     pred = vote(sim, nan, nan, np.zeros((1, 3, 1), np.int64), VoteConfig(k=3))
     assert np.isnan(pred.lat_deg[0]) and pred.confidence[0] == 0
+
+
+def test_hedging_answers_the_candidate_of_highest_expected_geoscore():
+    """Three neighbours in Lisbon, one each in Berlin, Warsaw, Vienna and Budapest, all as similar: the
+    vote's cell is Lisbon's; with hedging on, the answer is the candidate maximising
+    sum_j w_j 5000 exp(-d_j / 1492.7), computed here by hand over the same candidates: in central Europe."""
+    from retrieve.predict import min_risk_point
+
+    lat = np.array([[38.72, 38.73, 38.71, 52.52, 52.23, 48.21, 47.50]])
+    lon = np.array([[-9.14, -9.13, -9.15, 13.40, 21.01, 16.37, 19.04]])
+    sim = np.full((1, 7), 0.8)
+    cells = H3Cells((1, 3)).assign(lat[0], lon[0])[None]
+    base = VoteConfig(k=7, temperature=1.0, bandwidth_km=25, n_alternatives=2)
+    plain = vote(sim, lat, lon, cells, base)
+    w = softmax_weights(sim, 0.05)[0]
+    cand = [(plain.lat_deg[0], plain.lon_deg[0])] + list(zip(plain.alt_lat_deg[0], plain.alt_lon_deg[0])) + \
+        list(zip(lat[0], lon[0]))
+    expected = [sum(wj * 5000 * math.exp(-haversine_km(a, b, la, lo) / 1492.7) for wj, la, lo in zip(w, lat[0], lon[0]))
+                for a, b in cand]
+    want = cand[int(np.argmax(expected))]
+    hedged = vote(sim, lat, lon, cells, replace(base, hedge_below=1.0))  # every answer below 100%: hedge
+    assert haversine_km(hedged.lat_deg[0], hedged.lon_deg[0], *want) < 0.01
+    assert haversine_km(*want, plain.lat_deg[0], plain.lon_deg[0]) > 100  # hedging moved it here
+    # a confident answer is left alone
+    sure = vote(sim, lat, lon, cells, replace(base, hedge_below=1e-6))
+    assert (sure.lat_deg[0], sure.lon_deg[0]) == (plain.lat_deg[0], plain.lon_deg[0])
+    # the function itself: two equal neighbours 20 degrees apart score the same at either; the answer,
+    # at the second, wins the tie against the first
+    xyz = latlon_to_unit(np.array([[0.0, 0.0]]), np.array([[10.0, -10.0]]))
+    p = min_risk_point(xyz, np.array([[0.5, 0.5]]), np.ones((1, 2), bool), latlon_to_unit([0.0], [-10.0]),
+                       np.full((1, 1, 2), np.nan))
+    np.testing.assert_allclose(p, latlon_to_unit([0.0], [-10.0]))
