@@ -110,6 +110,13 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
         import pyarrow.csv as pacsv
 
         pacsv.write_csv(table, tmp)
+    elif out.suffix == ".geojson":
+        from retrieve.formats import geojson_text
+
+        points = [{"image": r["id"], "latitude": r["latitude"], "longitude": r["longitude"],
+                   "confidence": r["confidence"]}
+                  for r in table.to_pylist() if r["latitude"] == r["latitude"]]
+        tmp.write_text(geojson_text(points))  # rows without an answer (NaN) have no point
     else:
         pq.write_table(table, tmp)
     tmp.replace(out)  # a killed run leaves no half-written predictions under the real name

@@ -31,6 +31,7 @@ from retrieve.answer import answers, predict_split
 from retrieve.engine import Engine
 from retrieve.region import RegionError, parse_region
 
+SPLIT_SUFFIXES = (".parquet", ".csv", ".geojson")  # --split --out: predictions as a table or map points
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="override the model the index names")
     ap.add_argument("--top", type=int, default=3, help="answers to show: the best and N-1 alternatives")
     ap.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    ap.add_argument("--format", choices=("text", "json", "geojson", "csv"), default=None,
+                    help="text (default), json (= --json), geojson (one FeatureCollection: a Point per "
+                         "image, for QGIS, kepler.gl, geojson.io) or csv (a table)")
     ap.add_argument("--tta", action="store_true", help="average with the mirrored image")
     ap.add_argument("--within", metavar="CC[,CC...]",
                     help="answer only from training images in these countries (ISO 3166 alpha-2), and inside")
@@ -90,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, help="dataset root for --split (default: the sample)")
     ap.add_argument("--out", type=Path, help="predictions parquet for --split")
     args = ap.parse_args(argv)
+    if args.json and args.format not in (None, "json"):
+        ap.error(f"--json and --format {args.format} disagree: give one")
+    fmt = "json" if args.json else (args.format or "text")
     if not args.images and not args.split:
         ap.error("give image files or folders, or --split")
     if args.top < 1:
         ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
-    if args.out is not None and (args.out.is_dir() or args.out.suffix not in (".parquet", ".csv")):
-        ap.error(f"--out {args.out}: give a file name ending in .parquet or .csv")
+    if args.out is not None and (args.out.is_dir() or args.out.suffix not in SPLIT_SUFFIXES):
+        ap.error(f"--out {args.out}: give a file name ending in .parquet, .csv or .geojson")
     if args.split and (args.within or args.bbox):
         ap.error("--within and --bbox apply to images, not to --split")
     try:
@@ -126,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     except RegionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    collected = []  # geojson and csv are one document: written once every image is answered
     for path, answer, error in answers(engine, paths, tta=args.tta, region=region or None):
         if error:
             failed += 1
             print(f"error: {path}: {error}", file=sys.stderr)
-        elif args.json:
+        elif fmt == "json":
             print(json.dumps({k: v for k, v in answer.items() if k != "neighbours"}), flush=True)
-        else:
+        elif fmt == "text":
             print(human(answer, args.top), flush=True)
+        else:
+            collected.append(answer)
+    if fmt in ("geojson", "csv"):
+        from retrieve.formats import csv_text, geojson_text
+
+        sys.stdout.write(geojson_text(collected) + "\n" if fmt == "geojson" else csv_text(collected))
     return 1 if failed else 0
 
 

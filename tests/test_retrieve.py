@@ -204,3 +204,39 @@ def test_without_val_split_tuning_holds_train_images_out_of_their_own_search(sam
     res = exclude(engine.search(emb, 60))
     for q, row in zip(q_ids, res.ids):
         assert all(seq[i] != seq[q] for i in row if i)
+
+
+def test_geojson_and_csv_for_map_tools(sample_root, built, tmp_path, capsys):
+    """--format geojson: one FeatureCollection, valid by the `geojson` library (RFC 7946), a Point per
+    image at [longitude, latitude] with what --json says; --format csv: the same answers as a table."""
+    import csv as csvmod
+    import io
+
+    import geojson
+
+    imgs = sorted((sample_root / "images" / "test").rglob("*.jpg"))[:4]
+    index = str(built / "index")
+    assert query_main([*map(str, imgs), "--index", index, "--json"]) == 0
+    want = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert query_main([*map(str, imgs), "--index", index, "--format", "geojson"]) == 0
+    text = capsys.readouterr().out
+    fc = geojson.loads(text)
+    assert fc.is_valid and fc["type"] == "FeatureCollection" and len(fc["features"]) == 4
+    for f, a in zip(fc["features"], want):
+        assert f["geometry"] == {"type": "Point", "coordinates": [a["longitude"], a["latitude"]]}
+        assert f["properties"] == {k: a[k] for k in ("image", "country", "region", "sub_region", "city",
+                                                      "confidence", "calibrated", "within_km", "radius_km",
+                                                      "candidates")}
+    assert query_main([*map(str, imgs), "--index", index, "--format", "csv"]) == 0
+    rows = list(csvmod.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["image"] for r in rows] == [a["image"] for a in want]
+    for r, a in zip(rows, want):
+        assert float(r["latitude"]) == a["latitude"] and float(r["within_750km"]) == a["within_km"]["750"]
+        assert float(r["radius_km"]) == a["radius_km"] and r["country"] == a["country"]
+    with pytest.raises(SystemExit):
+        query_main([str(imgs[0]), "--index", index, "--json", "--format", "csv"])
+    # a whole split as map points
+    out = tmp_path / "test.geojson"
+    assert query_main(["--split", "test", "--data", str(sample_root), "--index", index, "--out", str(out)]) == 0
+    fc = geojson.loads(out.read_text())
+    assert fc.is_valid and len(fc["features"]) == 200

@@ -1,0 +1,50 @@
+"""Answers in the formats map tools read: GeoJSON (RFC 7946: QGIS, kepler.gl, geojson.io, Google Earth
+via import) and CSV.
+
+    feature_collection(answers)   -> a FeatureCollection: one Point per photo at [longitude, latitude],
+                                     properties: image, place names, confidence, within_km, radius_km,
+                                     candidates
+    csv_text(answers)             -> one row per photo (within_km flattened to within_<d>km columns)
+
+`retrieve.query --format geojson|csv` writes them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from retrieve.calibrate import LEVELS_KM
+
+PLACE_KEYS = ("country", "region", "sub_region", "city")
+
+
+def feature(answer: dict) -> dict:
+    props = {k: answer[k] for k in ("image", *PLACE_KEYS, "confidence", "calibrated", "within_km",
+                                    "radius_km", "candidates") if k in answer}
+    return {"type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [answer["longitude"], answer["latitude"]]},
+            "properties": props}
+
+
+def feature_collection(answers: list[dict]) -> dict:
+    return {"type": "FeatureCollection", "features": [feature(a) for a in answers]}
+
+
+def geojson_text(answers: list[dict]) -> str:
+    return json.dumps(feature_collection(answers), allow_nan=False)
+
+
+CSV_COLUMNS = ("image", "latitude", "longitude", *PLACE_KEYS, "confidence", "radius_km",
+               *(f"within_{km}km" for km in LEVELS_KM))
+
+
+def csv_text(answers: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for a in answers:
+        within = a.get("within_km") or {}
+        row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM}}
+        w.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+    return buf.getvalue()
