@@ -290,11 +290,13 @@ def train_head(kind: str, inp: Inputs):
                     break
         else:
             epochs_run += 1
-            since_val = 0
-            going = validate()
+            if since_val:  # not when the epoch's last batch was just validated
+                since_val = 0
+                going = validate()
     if since_val:  # rows trained since the last validation count too
         validate()
-    model.load_state_dict(state["weights"])
+    if state["weights"] is not None:  # None only if every validation score was NaN: keep the last
+        model.load_state_dict(state["weights"])
     why = ("budget of {:g} min".format(cfg.minutes) if time.perf_counter() - t0 > budget_s else
            "patience" if state["bad"] >= cfg.patience else f"{cfg.epochs} epochs")
     inp.log(f"  {kind} head: validation GeoScore {state['best']:.0f} on {val.name}; {rows_seen:,} rows in "

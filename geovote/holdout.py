@@ -45,7 +45,8 @@ def holdout(lat_deg, lon_deg, sequence=None, n: int = HOLDOUT_ROWS, seed: int = 
     excluded = np.zeros(total, bool)
     excluded[rows] = True
     if sequence is not None:
-        seq = np.asarray(sequence).astype(str)
+        # a missing sequence (None or NaN from the CSV reader) is no sequence, not one shared by all
+        seq = np.array(["" if s is None or s != s else str(s) for s in sequence], dtype=str)
         held = np.unique(seq[rows])
         excluded |= np.isin(seq, held[held != ""])
     # within exclude_km of a held-out row: a ball query around the n rows, not an N x n distance matrix

@@ -364,7 +364,12 @@ class GeoIndex:
 
             sub = self._gpu_vectors.index_select(0, torch.as_tensor(rows, device=self.device))
             sim, local = exact_search_torch(sub, q, k, device=self.device)
-            return self._result(sim, np.where(local >= 0, rows[np.maximum(local, 0)], -1))
+            found = rows[local]
+            if found.shape[1] < k:  # fewer rows than k: padded as the CPU path pads
+                pad = k - found.shape[1]
+                sim = np.concatenate([sim, np.full((len(sim), pad), -np.inf, np.float32)], 1)
+                found = np.concatenate([found, np.full((len(found), pad), -1, np.int64)], 1)
+            return self._result(sim, found)
         if self.exact or rows.size <= EXACT_MAX_VECTORS:
             return self._result(*exact_search_rows(self.vectors, rows, q, k))
         ivf_index = faiss.extract_index_ivf(self.index)

@@ -132,8 +132,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(400, "no file in the form field `image`")
         try:
             region = parse_region(fields.get("within"), fields.get("bbox"))
-            if region:
-                engine.region_rows(region)
+            if region:  # over every row of the index (and, the first time, their countries): off the loop
+                await run_in_threadpool(engine.region_rows, region)
         except RegionError as e:
             return error(422 if "no training image" in str(e) else 400, str(e).replace("--", ""))
         data, name = parts[0].data, parts[0].filename or "upload"

@@ -162,10 +162,15 @@ class Engine:
         """Sorted index rows inside `region` (retrieve.region), or RegionError when there are none."""
         from retrieve.region import RegionError
 
-        inside = region.in_box(self.index.lat, self.index.lon)
-        if region.countries:
-            inside &= np.isin(self.countries(), np.char.encode(np.array(region.countries), "ascii"))
-        rows = np.flatnonzero(inside)
+        cache = self.__dict__.setdefault("_region_rows", {})
+        if region not in cache:
+            inside = region.in_box(self.index.lat, self.index.lon)
+            if region.countries:
+                inside &= np.isin(self.countries(), np.char.encode(np.array(region.countries), "ascii"))
+            if len(cache) >= 16:  # a few regions are asked again and again; their rows are kept
+                cache.pop(next(iter(cache)))
+            cache[region] = np.flatnonzero(inside)
+        rows = cache[region]
         if rows.size == 0:
             raise RegionError(f"no training image of this engine lies in {region.describe()}: nothing to "
                               "answer from there")
@@ -195,7 +200,7 @@ class Engine:
         cells = np.asarray(self.cells(params))[np.maximum(res.rows, 0)]
         pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
         if region:
-            pred = _inside(pred, res, region)
+            pred = _inside(pred, res, region, params)
         if calibrate:
             from retrieve.calibrate import apply
 
@@ -203,25 +208,43 @@ class Engine:
         return pred, res
 
 
-def _inside(pred: Prediction, res, region) -> Prediction:
-    """Every candidate point outside `region` moved to the nearest of its query's neighbours (all inside)."""
-    from geovote.geo import haversine_km
+def _inside(pred: Prediction, res, region, params: VoteConfig) -> Prediction:
+    """Every candidate point outside `region` moved to the nearest of its query's neighbours (all inside),
+    its point features (retrieve.predict.FEATURES) recomputed there; an alternative that lands on the
+    answer is dropped."""
+    from geovote.geo import haversine_km, latlon_to_unit
+    from retrieve.predict import FEATURES, point_features, softmax_weights
 
-    def fix(lat, lon):
-        lat, lon = lat.copy(), lon.copy()
+    k = min(params.k, res.similarity.shape[1])
+    nlat, nlon = res.lat_deg[:, :k], res.lon_deg[:, :k]
+    valid = np.isfinite(res.similarity[:, :k]) & np.isfinite(nlat)
+    w = softmax_weights(res.similarity[:, :k], params.temperature)
+    xyz = latlon_to_unit(np.where(valid, nlat, 0.0), np.where(valid, nlon, 0.0))
+    first = FEATURES.index("share_within_2h")  # the point features: 4 columns from here
+
+    def fix(lat, lon, feats):
+        lat, lon, feats = lat.copy(), lon.copy(), feats.copy()
         out = np.isfinite(lat) & ~region.contains(lat, lon)
         if out.any():
             q = np.flatnonzero(out)
-            d = haversine_km(lat[q, None], lon[q, None], res.lat_deg[q], res.lon_deg[q])
+            d = haversine_km(lat[q, None], lon[q, None], nlat[q], nlon[q])
             best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)
-            lat[q], lon[q] = res.lat_deg[q, best], res.lon_deg[q, best]
-        return lat, lon
+            lat[q], lon[q] = nlat[q, best], nlon[q, best]
+            point = latlon_to_unit(lat[q], lon[q])
+            feats[q, first:first + 4] = point_features(point, xyz[q], w[q], valid[q], params.bandwidth_km)
+        return lat, lon, feats
 
-    lat, lon = fix(pred.lat_deg, pred.lon_deg)
-    alt = [fix(pred.alt_lat_deg[:, a], pred.alt_lon_deg[:, a]) for a in range(pred.alt_lat_deg.shape[1])]
-    alt_lat = np.stack([a[0] for a in alt], 1) if alt else pred.alt_lat_deg
-    alt_lon = np.stack([a[1] for a in alt], 1) if alt else pred.alt_lon_deg
-    return replace(pred, lat_deg=lat, lon_deg=lon, alt_lat_deg=alt_lat, alt_lon_deg=alt_lon)
+    lat, lon, feats = fix(pred.lat_deg, pred.lon_deg, pred.features)
+    alt_lat, alt_lon = pred.alt_lat_deg.copy(), pred.alt_lon_deg.copy()
+    alt_feats, alt_score = pred.alt_features.copy(), pred.alt_score.copy()
+    for a in range(alt_lat.shape[1]):
+        alt_lat[:, a], alt_lon[:, a], alt_feats[:, a] = fix(alt_lat[:, a], alt_lon[:, a], alt_feats[:, a])
+        alt_score[:, a] = np.where(np.isfinite(alt_lat[:, a]), alt_feats[:, a, first], 0.0)
+        same = haversine_km(alt_lat[:, a], alt_lon[:, a], lat, lon) < 0.001
+        alt_lat[same, a], alt_lon[same, a], alt_score[same, a] = np.nan, np.nan, 0.0
+    confidence = np.where(np.isfinite(lat), feats[:, first], 0.0)
+    return replace(pred, lat_deg=lat, lon_deg=lon, confidence=confidence, features=feats, alt_lat_deg=alt_lat,
+                   alt_lon_deg=alt_lon, alt_features=alt_feats, alt_score=alt_score)
 
 
 __all__ = ["Engine", "Prediction", "VoteConfig", "load_params", "save_params"]

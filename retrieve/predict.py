@@ -170,7 +170,7 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
     return point
 
 
-def _point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.ndarray,
+def point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.ndarray,
                     bandwidth_km: float) -> np.ndarray:
     """(Q, 4) the FEATURES of one point per query among its weighted neighbours."""
     chord = np.sqrt(np.sum((xyz - point[:, None]) ** 2, axis=2))
@@ -182,10 +182,10 @@ def _point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np
 
 
 def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np.ndarray,
-                   alt_latlon: np.ndarray) -> np.ndarray:
-    """(Q, 3) of the candidates (the answer, the runner-up peaks (Q, A, 2) degrees, NaN where none, and
-    the neighbours), the one whose expected GeoScore, sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest;
-    the answer wins ties."""
+                   alt_latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((Q, 3) point, (Q,) its index) of the candidates (0 the answer, 1..A the runner-up peaks (Q, A, 2)
+    degrees, NaN where none, then the neighbours), the one whose expected GeoScore,
+    sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest; the answer wins ties."""
     from geovote.metrics import GEOSCORE_SCALE_KM
 
     finite = np.isfinite(alt_latlon).all(2)
@@ -196,7 +196,7 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
     d_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
     expected = np.sum(w[:, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
     best = np.argmax(np.where(ok, expected, -1.0), axis=1)  # first of equals: the answer
-    return cand[np.arange(len(w)), best]
+    return cand[np.arange(len(w)), best], best
 
 
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
@@ -271,14 +271,19 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
     if params.hedge_below > 0:
         hedge = (confidence < params.hedge_below) & valid.any(1)
         if hedge.any():
-            point[hedge] = min_risk_point(xyz[hedge], w[hedge], valid[hedge], point[hedge],
-                                          np.stack([alt_lat[hedge], alt_lon[hedge]], 2))
+            point[hedge], chosen = min_risk_point(xyz[hedge], w[hedge], valid[hedge], point[hedge],
+                                                  np.stack([alt_lat[hedge], alt_lon[hedge]], 2))
+            was_alt = (chosen >= 1) & (chosen <= n_alt)  # a runner-up became the answer: not listed twice
+            rows = np.flatnonzero(hedge)[was_alt]
+            alt_lat[rows, chosen[was_alt] - 1] = np.nan
+            alt_lon[rows, chosen[was_alt] - 1] = np.nan
+            alt_score[rows, chosen[was_alt] - 1] = 0.0
             lat_out, lon_out = unit_to_latlon(point)
             near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
             confidence = np.sum(w * near, axis=1)
     none = ~valid.any(1)
     lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
-    features = np.concatenate([query_features, _point_features(point, xyz, w, valid, params.bandwidth_km),
+    features = np.concatenate([query_features, point_features(point, xyz, w, valid, params.bandwidth_km),
                                np.zeros((q, 1))], 1)
     alt_features = np.zeros((q, n_alt, len(FEATURES)))
     for a in range(n_alt):
@@ -286,7 +291,7 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
         if has.any():
             p = latlon_to_unit(np.where(has, alt_lat[:, a], 0.0), np.where(has, alt_lon[:, a], 0.0))
             alt_features[:, a] = np.concatenate(
-                [query_features, _point_features(p, xyz, w, valid, params.bandwidth_km), np.ones((q, 1))], 1)
+                [query_features, point_features(p, xyz, w, valid, params.bandwidth_km), np.ones((q, 1))], 1)
             alt_score[:, a] = np.where(has, alt_features[:, a, FEATURES.index("share_within_2h")], 0.0)
     # alternatives best first by the answer's own measure
     order = np.argsort(-alt_score, axis=1, kind="stable")

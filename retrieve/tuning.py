@@ -206,8 +206,8 @@ def _vote_on(engine, params, emb, exclude):
 
     if exclude is None:
         res = engine.search(emb, params.k)
-    else:
-        res = exclude(engine.search(emb, params.k + CARVE_EXTRA))
+    else:  # the neighbours tune() saw: the same search, the same exclusions
+        res = exclude(engine.search(emb, max(params.k, *GRID["k"]) + CARVE_EXTRA))
     table = np.asarray(engine.cells(params))[np.maximum(res.rows, 0)]
     return vote(res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k],
                 table[:, :params.k], params)
@@ -227,4 +227,5 @@ def calibrated_scores(engine, params, cal, emb, lat, lon, exclude=None) -> dict:
     from retrieve.calibrate import apply
 
     pred = apply(cal, _vote_on(engine, params, emb, exclude))
-    return score(pred.lat_deg, pred.lon_deg, lat, lon)
+    ok = np.isfinite(pred.lat_deg)  # as tune() does: a held-out query may have lost every neighbour
+    return score(pred.lat_deg[ok], pred.lon_deg[ok], lat[ok], lon[ok])

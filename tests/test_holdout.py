@@ -36,3 +36,12 @@ def test_holdout_is_seeded_and_refuses_a_split_too_small():
     assert len(holdout(lat, lon, n=1000).rows) == 5  # at most a tenth of train is held out
     with pytest.raises(ValueError, match="too few"):
         holdout(lat[:9], lon[:9])
+
+
+def test_rows_without_a_sequence_share_none():
+    """The CSV reader gives None for an empty `sequence`: those rows are not one shared sequence."""
+    rng = np.random.default_rng(2)
+    lat, lon = rng.uniform(-60, 60, 1000), rng.uniform(-180, 180, 1000)  # spread out: no one within 1 km
+    seq = np.array([None if i % 2 else f"s{i}" for i in range(1000)], dtype=object)
+    h = holdout(lat, lon, seq, n=20, seed=0)
+    np.testing.assert_array_equal(np.flatnonzero(h.excluded), h.rows)  # the 20 rows and nothing else

@@ -193,6 +193,7 @@ def test_hedging_answers_the_candidate_of_highest_expected_geoscore():
     # the function itself: two equal neighbours 20 degrees apart score the same at either; the answer,
     # at the second, wins the tie against the first
     xyz = latlon_to_unit(np.array([[0.0, 0.0]]), np.array([[10.0, -10.0]]))
-    p = min_risk_point(xyz, np.array([[0.5, 0.5]]), np.ones((1, 2), bool), latlon_to_unit([0.0], [-10.0]),
-                       np.full((1, 1, 2), np.nan))
+    p, chosen = min_risk_point(xyz, np.array([[0.5, 0.5]]), np.ones((1, 2), bool), latlon_to_unit([0.0], [-10.0]),
+                               np.full((1, 1, 2), np.nan))
     np.testing.assert_allclose(p, latlon_to_unit([0.0], [-10.0]))
+    assert chosen.tolist() == [0]
