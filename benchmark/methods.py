@@ -90,6 +90,7 @@ class Inputs:
     log: Callable = print
     _val: Validation | None = field(default=None, repr=False)
     extras: dict = field(default_factory=dict)  # what a method reports besides its answers
+    answered: dict = field(default_factory=dict)  # method -> its answers, for a method built on another
 
     @property
     def val(self) -> Validation:
@@ -124,6 +125,7 @@ def geovote(inp: Inputs) -> Prediction:
         return pred.lat_deg, pred.lon_deg
 
     lat, lon = batched(answer, inp.test_emb)
+    inp.answered["geovote"] = (lat, lon)
     if parts and parts[0].within_km is not None:  # a calibrated engine: benchmark.report scores it
         inp.extras["geovote"] = {"within_km": np.concatenate([p.within_km for p in parts]),
                                  "radius_km": np.concatenate([p.radius_km for p in parts]),
@@ -139,7 +141,9 @@ def geovote_within(inp: Inputs) -> Prediction:
 
     if inp.test_country is None:
         raise MethodUnavailable("the split has no unique_country column to take the true country from")
-    lat, lon = geovote(replace(inp, extras={}))  # the free answers, kept where a country has no image
+    # the free answers (geovote's, when it ran), kept where a country has no training image
+    free = inp.answered.get("geovote") or geovote(replace(inp, extras={}, answered={}))
+    lat, lon = free[0].copy(), free[1].copy()
     countries = np.asarray(inp.test_country).astype(str)
     for cc in np.unique(countries):
         rows = np.flatnonzero(countries == cc)
