@@ -154,6 +154,15 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         except QueueFull as e:
             return error(503, f"busy: {e}; try again shortly", headers={"Retry-After": "1"})
 
+    @app.get("/gallery/{image_id}", responses={404: {}})
+    async def gallery(image_id: str):
+        """A training image of this engine by its id (the thumbnails beside an answer): only images of
+        the gallery the engine was built from are served, never another path."""
+        path = await run_in_threadpool(engine.gallery_image, image_id)
+        if path is None:
+            return error(404, f"no gallery image {image_id!r} in this engine")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html")

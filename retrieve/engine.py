@@ -176,6 +176,33 @@ class Engine:
                               "answer from there")
         return rows
 
+    def gallery_image(self, image_id: str):
+        """The file of one of this engine's training images (the evidence behind an answer), or None: only
+        an id the index holds, and only a file inside <dataset>/images/<split>/ of the embeddings it was
+        built from (one sub-folder deep, as OSV-5M's archives and the sample unpack), is ever returned."""
+        from pathlib import Path
+
+        manifest = self.index.info.get("embedding_manifest") or {}
+        root, split = manifest.get("dataset"), manifest.get("split", "train")
+        if not root or not image_id or not str(image_id).isprintable():
+            return None
+        try:
+            wanted = str(image_id).encode("utf-8")
+        except UnicodeError:
+            return None
+        if not np.any(np.asarray(self.index.ids) == wanted):  # ~15 ms over 5M ids
+            return None
+        base = (Path(root) / "images" / split).resolve()
+        name = f"{image_id}.jpg"
+        candidates = [base / name]
+        if base.is_dir():
+            candidates += [d / name for d in sorted(base.iterdir()) if d.is_dir()]
+        for path in candidates:
+            path = path.resolve()  # a link out of the gallery resolves outside `base`: refused
+            if path.is_file() and base in path.parents and len(path.relative_to(base).parts) <= 2:
+                return path
+        return None
+
     def embed_images(self, images: list) -> np.ndarray:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""
         return self.features.images(images)

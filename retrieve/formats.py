@@ -21,7 +21,7 @@ PLACE_KEYS = ("country", "region", "sub_region", "city")
 
 def feature(answer: dict) -> dict:
     props = {k: answer[k] for k in ("image", *PLACE_KEYS, "confidence", "calibrated", "within_km",
-                                    "radius_km", "candidates") if k in answer}
+                                    "radius_km", "candidates", "evidence") if k in answer}
     return {"type": "Feature",
             "geometry": {"type": "Point", "coordinates": [answer["longitude"], answer["latitude"]]},
             "properties": props}

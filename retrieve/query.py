@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="text (default), json (= --json), geojson (one FeatureCollection: a Point per "
                          "image, for QGIS, kepler.gl, geojson.io) or csv (a table)")
     ap.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    ap.add_argument("--evidence", type=int, default=0, metavar="N",
+                    help="with --json/--format: the N nearest gallery images behind each answer (id, "
+                         "coordinates, similarity, the image file)")
     ap.add_argument("--within", metavar="CC[,CC...]",
                     help="answer only from training images in these countries (ISO 3166 alpha-2), and inside")
     ap.add_argument("--bbox", metavar="S,W,N,E",
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     fmt = "json" if args.json else (args.format or "text")
     if not args.images and not args.split:
         ap.error("give image files or folders, or --split")
+    if args.evidence < 0:
+        ap.error(f"--evidence must be 0 or more, got {args.evidence}")
     if args.top < 1:
         ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
     if args.out is not None and (args.out.is_dir() or args.out.suffix not in SPLIT_SUFFIXES):
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     collected = []  # geojson and csv are one document: written once every image is answered
     for path, answer, error in answers(engine, paths, tta=args.tta, region=region or None):
+        if answer is not None and args.evidence:
+            answer["evidence"] = [{**n, "path": str(engine.gallery_image(n["id"]) or "")}
+                                  for n in answer["neighbours"][:args.evidence]]
         if error:
             failed += 1
             print(f"error: {path}: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """retrieve.query and retrieve.tune end to end through main([...]) on the small sample."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -240,3 +241,18 @@ def test_geojson_and_csv_for_map_tools(sample_root, built, tmp_path, capsys):
     assert query_main(["--split", "test", "--data", str(sample_root), "--index", index, "--out", str(out)]) == 0
     fc = geojson.loads(out.read_text())
     assert fc.is_valid and len(fc["features"]) == 200
+
+
+def test_evidence_names_the_gallery_images_behind_an_answer(sample_root, built, capsys):
+    img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+    assert query_main([str(img), "--index", str(built / "index"), "--json", "--evidence", "3"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    engine = Engine(built / "index")
+    from embed.images import open_rgb
+
+    res = engine.search(engine.embed_images([open_rgb(img, engine.backbone.image_size)]), engine.params.k)
+    assert [e["id"] for e in a["evidence"]] == list(res.ids[0][:3])
+    for e in a["evidence"]:
+        path = Path(e["path"])
+        assert path.name == f"{e['id']}.jpg" and (sample_root / "images" / "train").resolve() in path.parents
+    assert engine.gallery_image("../train") is None and engine.gallery_image("") is None

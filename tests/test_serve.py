@@ -173,6 +173,10 @@ def test_the_page_in_a_real_browser(tiny_engine, sample_root):
             # the 90% radius is drawn around the answer and stated
             assert page.locator(".marker.radius").count() == 1
             assert page.text_content("#radius-km") == f"{round(want['radius_km']):,} km"
+            # the evidence: the nearest gallery images as thumbnails, served from the gallery
+            page.wait_for_function("[...document.querySelectorAll('#evidence img')].every(i => i.complete)")
+            assert page.locator("#evidence img").count() == min(8, len(want["neighbours"]))
+            assert page.evaluate("document.querySelector('#evidence img').naturalWidth") > 0
             # a bad file shows the server's error on the page
             page.set_input_files("#file", files=[{"name": "bad.jpg", "mimeType": "image/jpeg",
                                                   "buffer": b"not an image"}])
@@ -295,3 +299,20 @@ def test_the_batcher_survives_a_new_event_loop_and_a_failing_batch():
     got = asyncio.run(burst(["c", "bad", "d"]))  # another loop; and one request that fails its batch
     assert got[0] == "c:0" and got[2] == "d:2" and isinstance(got[1], ValueError)
     assert list(batcher.batches) == [2, 3]  # each burst went as one batch (the failed one then retried alone)
+
+
+def test_gallery_serves_only_the_engines_own_training_images(served, sample_root):
+    """GET /gallery/<id>: the training image behind a neighbour, byte for byte; nothing else."""
+    client, out = served
+    img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
+    a = client.post("/locate", files={"image": (img.name, img.read_bytes(), "image/jpeg")}).json()
+    first = a["neighbours"][0]["id"]
+    r = client.get(f"/gallery/{first}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == next((sample_root / "images" / "train").rglob(f"{first}.jpg")).read_bytes()
+    test_id = img.stem  # a real image of the dataset, but not in the engine's gallery (test split)
+    for bad in (test_id, "nope", "..%2F..%2Fval.csv", "%2E%2E"):
+        assert client.get(f"/gallery/{bad}").status_code == 404, bad
+    for url in ("/gallery/..", "/gallery/../test.csv"):  # the client normalises these away from /gallery
+        r = client.get(url)
+        assert r.headers["content-type"] != "image/jpeg" and b"latitude,longitude" not in r.content

@@ -56,6 +56,24 @@ function show(a) {
       : `<div>vote share <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> (not calibrated) · ` +
         `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`) +
     (rows ? `<table><tr><th>#</th><th>alternative</th><th>${a.calibrated ? "within 200 km" : "vote share"}</th><th>from the answer</th></tr>${rows}</table>` : "");
+  showEvidence(a.neighbours.slice(0, 8));
+}
+
+// why the engine thinks so: its nearest gallery images, served by the server from that gallery only
+function showEvidence(neighbours) {
+  const box = $("evidence");
+  box.replaceChildren();
+  for (const n of neighbours) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = `/gallery/${encodeURIComponent(n.id)}`;
+    img.alt = `gallery image ${n.id}`;
+    img.title = `${n.id}: similarity ${n.similarity}, ${n.latitude.toFixed(3)}, ${n.longitude.toFixed(3)}`;
+    const cap = document.createElement("figcaption");
+    cap.textContent = `${n.latitude.toFixed(2)}, ${n.longitude.toFixed(2)}`;
+    fig.append(img, cap);
+    box.appendChild(fig);
+  }
 }
 
 async function locate(file) {
