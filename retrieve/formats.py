@@ -4,7 +4,8 @@ via import) and CSV.
     feature_collection(answers)   -> a FeatureCollection: one Point per photo at [longitude, latitude],
                                      properties: image, place names, confidence, within_km, radius_km,
                                      candidates
-    csv_text(answers)             -> one row per photo (within_km flattened to within_<d>km columns)
+    csv_text(answers)             -> one row per photo (within_km flattened to within_<d>km columns, the
+                                     evidence as gallery ids joined by ";")
 
 `retrieve.query --format geojson|csv` writes them.
 """
@@ -36,7 +37,7 @@ def geojson_text(answers: list[dict]) -> str:
 
 
 CSV_COLUMNS = ("image", "latitude", "longitude", *PLACE_KEYS, "confidence", "radius_km",
-               *(f"within_{km}km" for km in LEVELS_KM))
+               *(f"within_{km}km" for km in LEVELS_KM), "evidence")
 
 
 def csv_text(answers: list[dict]) -> str:
@@ -45,6 +46,7 @@ def csv_text(answers: list[dict]) -> str:
     w.writerow(CSV_COLUMNS)
     for a in answers:
         within = a.get("within_km") or {}
-        row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM}}
+        row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM},
+               "evidence": ";".join(e["id"] for e in a.get("evidence") or [])}  # gallery ids, nearest first
         w.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
     return buf.getvalue()
