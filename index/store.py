@@ -36,6 +36,13 @@ HNSW_COARSE_FROM = 1_000_000  # from here the coarse quantizer itself is searche
 TRAIN_PER_LIST = 100  # training vectors per IVF list (FAISS warns below 39)
 TRAIN_MAX = 256 * 1024
 DEFAULT_NPROBE = 16
+# a subset (a region) is searched exactly up to this many rows: the IVF scan restricted to a share f of
+# the rows needs nprobe / f lists to find as many of them, so its cost grows as 1/f while an exact search
+# over the subset (one BLAS matmul per batch of queries) grows as f. With 4-bit fast-scan codes at
+# ~2e9 look-ups/s and fp32 matmuls at ~5e10 flop/s on 2 cores, 768-d at 5.1M rows, they cross near
+# f = 0.15 (800k rows); 500k keeps the exact path on the safe side of it. (At 5.1M a first rehearsal with
+# 50k ran countries of 50k-800k rows through the IVF path at up to 1,300 of 2,048 lists a query.)
+SUBSET_EXACT_MAX = 500_000
 DEFAULT_SHORTLIST = 30  # candidates re-ranked = shortlist * k, up to 1M vectors (recall@10 0.985 there)
 
 
@@ -370,7 +377,7 @@ class GeoIndex:
                 sim = np.concatenate([sim, np.full((len(sim), pad), -np.inf, np.float32)], 1)
                 found = np.concatenate([found, np.full((len(found), pad), -1, np.int64)], 1)
             return self._result(sim, found)
-        if self.exact or rows.size <= EXACT_MAX_VECTORS:
+        if self.exact or rows.size <= SUBSET_EXACT_MAX:
             return self._result(*exact_search_rows(self.vectors, rows, q, k))
         ivf_index = faiss.extract_index_ivf(self.index)
         scale = self.count / rows.size  # lists hold that many times fewer candidates of the subset

@@ -54,7 +54,10 @@ def _index(tmp_path, n=60_000, dim=32, factory="IVF64,PQ8x4fs"):
     return GeoIndex(tmp_path / "index"), emb.astype(np.float32), rng
 
 
-def test_subset_search_finds_only_the_subset_and_its_true_neighbours(tmp_path):
+def test_subset_search_finds_only_the_subset_and_its_true_neighbours(tmp_path, monkeypatch):
+    import index.store
+
+    monkeypatch.setattr(index.store, "SUBSET_EXACT_MAX", 10_000)  # so that 55,000 rows take the IVF path
     index, emb, rng = _index(tmp_path)
     queries = emb[rng.choice(len(emb), 50, replace=False)] + 0.05 * rng.normal(size=(50, emb.shape[1]))
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
