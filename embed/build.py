@@ -24,6 +24,7 @@ from embed.models import BackboneError
 from embed.split import EmbedConfig
 from geovote.config import ConfigError, add_config_args, load_config, overrides_from_args
 from geovote.data import DataError
+from geovote.photos import PhotoError
 from geovote.shards import ShardError
 from index.store import IndexError_
 from retrieve.pipeline import build_engine
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="dataset root in OSV-5M layout (default: the bundled sample)")
     ap.add_argument("--splits", nargs="+", help="splits to embed (default: train)")
+    ap.add_argument("--photos", help="instead of --data: a folder of geotagged photos (EXIF GPS)")
+    ap.add_argument("--photos-csv", help="with --photos: path,latitude,longitude for photos lacking EXIF GPS")
     ap.add_argument("--model", help="backbone name, weights or folder (default: the bundled model); "
                                     "`--model list` shows every form")
     ap.add_argument("--out", help="output folder (default: <data>/geovote/<model>)")
@@ -46,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_models())
         return 0
-    overrides = overrides_from_args(args, ("data", "model", "out", "batch_size", "workers", "splits"))
+    if args.photos and args.data:
+        ap.error("--photos and --data: give one (a folder of photos, or a dataset in OSV-5M layout)")
+    if args.photos_csv and not args.photos:
+        ap.error("--photos-csv goes with --photos")
+    overrides = overrides_from_args(args, ("data", "model", "out", "batch_size", "workers", "splits",
+                                           "photos", "photos_csv"))
     try:
         cfg = load_config(EmbedConfig, args.config, overrides)
         out = build_engine(cfg)
-    except (ConfigError, DataError, BackboneError, ShardError, IndexError_) as e:
+    except (ConfigError, DataError, BackboneError, ShardError, IndexError_, PhotoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: {out}")

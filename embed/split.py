@@ -40,6 +40,8 @@ FAILURES = "failures.csv"
 @dataclass
 class EmbedConfig:
     data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample (generated on first use)
+    photos: str = ""  # instead of a dataset: a folder of geotagged photos (geovote.photos)
+    photos_csv: str = ""  # path,latitude,longitude for photos whose EXIF lacks coordinates
     splits: tuple[str, ...] = ("train",)
     model: str = "default"  # see embed.models
     out: str = ""  # "" = <data>/geovote/<model>

@@ -179,7 +179,8 @@ class Engine:
     def gallery_image(self, image_id: str):
         """The file of one of this engine's training images (the evidence behind an answer), or None: only
         an id the index holds, and only a file inside <dataset>/images/<split>/ of the embeddings it was
-        built from (one sub-folder deep, as OSV-5M's archives and the sample unpack), is ever returned."""
+        built from (one sub-folder deep, as OSV-5M's archives and the sample unpack), or for a gallery of
+        photos (embed.build --photos) the file at that relative path inside its folder, is ever returned."""
         from pathlib import Path
 
         manifest = self.index.info.get("embedding_manifest") or {}
@@ -192,6 +193,10 @@ class Engine:
             return None
         if not np.any(np.asarray(self.index.ids) == wanted):  # ~15 ms over 5M ids
             return None
+        if (manifest.get("config") or {}).get("photos"):
+            base = Path(root).resolve()
+            path = (base / str(image_id)).resolve()  # a link or a ".." out of the folder: refused below
+            return path if path.is_file() and base in path.parents else None
         base = (Path(root) / "images" / split).resolve()
         name = f"{image_id}.jpg"
         candidates = [base / name]

@@ -24,6 +24,8 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
 
     from embed.models import canonical_name
 
+    if cfg.photos:
+        return build_photo_engine(cfg, log)
     rank, world = distributed.init(cfg.dist_timeout_min)
     root = Path(cfg.data) if cfg.data else ensure_sample()
     cfg = replace(cfg, model=canonical_name(cfg.model))  # paths stored absolute: queries work anywhere
@@ -57,6 +59,37 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
         log(f"rank 0 indexed and tuned alone in {time.perf_counter() - t_alone:.1f} s "
             "(the other ranks had left)")
     distributed.leave()
+    return layout.root
+
+
+def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
+    """An engine over a folder of geotagged photos (geovote.photos): the photos with coordinates are the
+    gallery (ids: their paths relative to the folder), the others are listed in rejects-photos.csv; then
+    the index and the tuning on photos held out of their own search, as for a dataset without val."""
+    from embed.models import canonical_name, load_backbone
+    from geovote.paths import default_sample_root
+    from geovote.photos import scan_photos, write_rejects
+    from index.store import build_index, index_is_current
+
+    root = Path(cfg.photos).resolve()
+    cfg = replace(cfg, model=canonical_name(cfg.model), photos=str(root), splits=("train",))
+    backbone = load_backbone(cfg.model)
+    split, rejected = scan_photos(root, cfg.photos_csv or None)
+    layout = (EngineLayout(Path(cfg.out)) if cfg.out else
+              EngineLayout(default_sample_root().parent / "photos" / root.name / engine_name(cfg.model,
+                                                                                            backbone.name)))
+    write_rejects(layout.rejects("photos"), rejected)
+    reasons = ", ".join(f"{n:,} {why}" for why, n in split.report.rejected.most_common())
+    left_out = f", {len(rejected):,} left out ({reasons}; listed in {layout.rejects('photos')})"
+    log(f"{root}: {split.report.rows:,} photos, {len(split):,} with coordinates"
+        + (left_out if rejected else ""))
+    split.require_rows()
+    embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
+    if cfg.index:
+        if not index_is_current(layout.index, layout.embeddings("train"), cfg.index_factory or None):
+            build_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
+        if cfg.tune:
+            _tune(layout, cfg.model, backbone, root, cfg.workers, log)
     return layout.root
 
 

@@ -77,9 +77,12 @@ def index_sequences(engine, data: Path) -> np.ndarray | None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from geovote.data import csv_columns, read_split, split_csv
+    from geovote.data import DataError, csv_columns, read_split, split_csv
 
-    if "sequence" not in csv_columns(split_csv(data, "train")):
+    try:
+        if "sequence" not in csv_columns(split_csv(data, "train")):
+            return None
+    except DataError:  # a gallery of photos has no train.csv
         return None
     t = read_split(data, "train", columns=("sequence",), check_images=False)
     index_ids = pa.array(np.char.decode(np.asarray(engine.index.ids), "utf-8"), pa.string())
