@@ -121,3 +121,20 @@ def test_photos_refused_clearly(tmp_path, capsys):
     shutil.copy(__file__, empty / "x.txt")
     assert embed_main(["--photos", str(empty), "--out", str(tmp_path / "e")]) == 2
     assert "0 usable rows" in capsys.readouterr().err
+
+
+def test_a_changed_folder_is_refused_not_mixed(photo_folder, tiny_model, tmp_path, capsys):
+    from embed.build import main as embed_main
+
+    root, _ = photo_folder
+    mine = tmp_path / "photos"
+    shutil.copytree(root, mine, ignore=shutil.ignore_patterns("trip1", "trip2"))  # a smaller gallery
+    out = tmp_path / "engine"
+    args = ["--photos", str(mine), "--model", str(tiny_model), "--out", str(out), "--workers", "0",
+            "--set", "tune=false"]
+    assert embed_main(args) == 0
+    assert embed_main(args) == 0  # the same folder again: nothing to redo
+    shutil.copy(mine / "trip0" / "day0" / "img_0000.png", mine / "added.png")
+    capsys.readouterr()
+    assert embed_main(args) == 2
+    assert "holds an earlier run with a different rows" in capsys.readouterr().err
