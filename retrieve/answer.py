@@ -86,14 +86,16 @@ def answers(engine, paths: list[Path], tta: bool = False, region=None):
 
 
 def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, log=None) -> Path:
-    """Embed a split (resumable, into the engine folder) and write its predictions as parquet."""
+    """Embed a split (resumable, into the engine folder) and write its predictions: id, latitude,
+    longitude, confidence, and for a calibrated engine radius_km and within_<d>km; parquet, CSV or
+    GeoJSON by `out`'s suffix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from geovote.shards import iter_shards
     from retrieve.tuning import ensure_embedded
 
-    ids, lat, lon, conf = [], [], [], []
+    ids, lat, lon, conf, radius, within = [], [], [], [], [], []
     for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):
         for start in range(0, len(shard), SPLIT_BATCH):
             pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32),
@@ -102,8 +104,16 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
             lat.append(pred.lat_deg)
             lon.append(pred.lon_deg)
             conf.append(pred.confidence)
-    table = pa.table({"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
-                      "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)})
+            if pred.within_km is not None:
+                radius.append(pred.radius_km)
+                within.append(pred.within_km)
+    cols = {"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
+            "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)}
+    if within:
+        w = np.concatenate(within)
+        cols |= {"radius_km": np.concatenate(radius),
+                 **{f"within_{km}km": w[:, j] for j, km in enumerate(LEVELS_KM)}}
+    table = pa.table(cols)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     if out.suffix == ".csv":
