@@ -81,6 +81,31 @@ class Report:
         return line
 
 
+class ImagePaths:
+    """The image path of each row, as a sequence: one Arrow string array, a Path made only when asked for.
+    A list of 5.1M Path objects costs ~1 GB, and every DataLoader worker forked from the process touches
+    their reference counts, copying the pages they sit on."""
+
+    def __init__(self, root: Path, relative: pa.Array):
+        self.root, self.relative = Path(root), relative
+
+    def __len__(self) -> int:
+        return len(self.relative)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.root / p for p in self.relative[i].to_pylist()]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        return self.root / self.relative[i].as_py()
+
+    def __iter__(self):
+        for batch in range(0, len(self), 65536):
+            yield from self[batch:batch + 65536]
+
+
 @dataclass
 class Split:
     """The valid rows of one split: an Arrow table with `id`, `latitude`, `longitude` (float64),
@@ -109,8 +134,8 @@ class Split:
     def column(self, name: str) -> np.ndarray:
         return self.table.column(name).to_numpy(zero_copy_only=False)
 
-    def image_paths(self) -> list[Path]:
-        return [self.root / p for p in self.table.column("path").to_pylist()]
+    def image_paths(self) -> "ImagePaths":
+        return ImagePaths(self.root, self.table.column("path").combine_chunks())
 
     def require_rows(self) -> "Split":
         """This split, or a DataError saying why no row survived and where images are looked for."""
