@@ -136,3 +136,13 @@ def test_count_rows_equals_counting_lines_whatever_the_block_size(tmp_path):
         path.write_bytes(data)
         want = max(0, len([line for line in data.replace(b"\r\n", b"\n").split(b"\n") if line.strip()]) - 1)
         assert [count_rows(path, size) for size in range(1, 9)] == [want] * 8, data
+
+
+def test_image_paths_are_a_lazy_sequence_of_the_same_paths(sample_root):
+    split = read_split(sample_root, "val")
+    paths = split.image_paths()
+    want = [sample_root / p for p in split.table.column("path").to_pylist()]
+    assert len(paths) == len(want) == 200 and list(paths) == want
+    assert paths[0] == want[0] and paths[-1] == want[-1] and paths[10:13] == want[10:13]
+    with pytest.raises(IndexError):
+        paths[200]
