@@ -194,12 +194,18 @@ def test_finetune_skips_an_unreadable_image_and_lists_it(sample_root, tmp_path):
     assert digest(root) == before
 
 
-def test_finetune_without_val_names_it_and_writes_nothing_into_the_dataset(small, tmp_path):
+def test_finetune_without_val_says_what_it_validates_on_and_writes_nothing_into_the_dataset(small, tmp_path):
+    """OSV-5M has no val: fine-tuning validates on train images held out (issue #15), says so, and leaves
+    the dataset as it found it."""
     root, _ = small
     before = digest(root)
-    rc, err = run(train_main, ["--set", f"data={json.dumps(str(root))}", "--set", f"arch={json.dumps(TINY)}",
-                               "--set", f"out={json.dumps(str(tmp_path / 'run'))}"])
-    assert rc == 2 and "no val.csv in" in err, err
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train_main(["--set", f"data={json.dumps(str(root))}", "--set", f"arch={json.dumps(TINY)}",
+                         "--set", f"out={json.dumps(str(tmp_path / 'run'))}", "--set", "epochs=1",
+                         "--set", "workers=0", "--set", "batch_size=16"])
+    assert rc == 0, err.getvalue()
+    assert "has no val split: validating on 6 train images held out" in out.getvalue()
     assert digest(root) == before
 
 
@@ -497,7 +503,7 @@ def test_finetune_batch_larger_than_the_training_set(small, tmp_path):
 def test_query_output_and_top_are_checked(engine_copy, sample_root, tmp_path):
     rc, err = run(query_main, ["--split", "test", "--data", sample_root, "--index", engine_copy / "index",
                                "--out", tmp_path])
-    assert rc == 2 and "give a file name ending in .parquet or .csv" in err
+    assert rc == 2 and "give a file name ending in .parquet, .csv or .geojson" in err
     img = sorted((sample_root / "images" / "test").rglob("*.jpg"))[0]
     rc, err = run(query_main, [img, "--index", engine_copy / "index", "--top", "0"])
     assert rc == 2 and "--top must be at least 1" in err
