@@ -403,19 +403,27 @@ class GeoIndex:
         return SearchResult(sim, np.where(valid, rows, -1), ids, lat, lon)
 
 
-def exact_search_rows(vectors, rows: np.ndarray, queries: np.ndarray, k: int, block: int = 65536):
+def exact_search_rows(vectors, rows: np.ndarray, queries: np.ndarray, k: int, block: int = 65536,
+                      score_bytes: int = 1 << 28):
     """Exact inner-product top-k of each query among `vectors[rows]` (an fp16 memory map), reading the
-    rows in blocks: (similarity, row) arrays of shape (Q, k), -inf and -1 where fewer than k."""
+    rows in blocks and taking the queries in chunks whose (chunk x block) scores stay under `score_bytes`
+    (8,192 queries against a 65,536-row block made ~15 GB of temporaries: the scores, their concatenation,
+    the candidate rows and argpartition's indices): (similarity, row) arrays of shape (Q, k), -inf and -1
+    where fewer than k."""
     q = np.asarray(queries, np.float32)
     best_sim = np.full((len(q), k), -np.inf, np.float32)
     best_row = np.full((len(q), k), -1, np.int64)
+    chunk = max(1, score_bytes // (4 * (block + k)))
     for start in range(0, rows.size, block):
         r = rows[start:start + block]
-        s = q @ np.asarray(vectors[r], np.float32).T  # (Q, block)
-        sim = np.concatenate([best_sim, s], 1)
-        cand = np.concatenate([best_row, np.broadcast_to(r, s.shape)], 1)
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if sim.shape[1] > k else np.argsort(-sim, 1)
-        best_sim, best_row = np.take_along_axis(sim, top, 1), np.take_along_axis(cand, top, 1)
+        vec = np.asarray(vectors[r], np.float32)
+        for a in range(0, len(q), chunk):
+            s = q[a:a + chunk] @ vec.T  # (chunk, block)
+            sim = np.concatenate([best_sim[a:a + chunk], s], 1)
+            cand = np.concatenate([best_row[a:a + chunk], np.broadcast_to(r, s.shape)], 1)
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if sim.shape[1] > k else np.argsort(-sim, 1)
+            best_sim[a:a + chunk] = np.take_along_axis(sim, top, 1)
+            best_row[a:a + chunk] = np.take_along_axis(cand, top, 1)
     order = np.argsort(-best_sim, axis=1, kind="stable")
     return np.take_along_axis(best_sim, order, 1), np.take_along_axis(best_row, order, 1)
 

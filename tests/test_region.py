@@ -145,3 +145,21 @@ def test_query_and_server_regions(sample_root, tiny_engine, capsys):
         assert r.status_code == 422 and "no training image" in r.json()["error"]
     d = haversine_km(a["latitude"], a["longitude"], b["latitude"], b["longitude"])
     assert np.isfinite(d)
+
+
+def test_exact_subset_search_in_chunks_equals_one_pass():
+    """Queries in chunks and rows in blocks (memory bounded) give what one brute-force pass gives."""
+    from index.store import exact_search_rows
+
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(5000, 16)).astype(np.float16)
+    rows = np.sort(rng.choice(5000, 3000, replace=False))
+    q = rng.normal(size=(257, 16)).astype(np.float32)
+    sim, found = exact_search_rows(vectors, rows, q, k=7, block=500, score_bytes=4 * 507 * 10)  # 10 queries a chunk
+    full = q @ vectors[rows].astype(np.float32).T
+    want = rows[np.argsort(-full, axis=1, kind="stable")[:, :7]]
+    np.testing.assert_array_equal(found, want)
+    np.testing.assert_allclose(sim, np.take_along_axis(full, np.argsort(-full, axis=1, kind="stable")[:, :7], 1),
+                               rtol=1e-5)
+    few, rows_few = exact_search_rows(vectors, rows[:3], q[:2], k=5)  # fewer rows than k: padded
+    assert np.all(rows_few[:, 3:] == -1) and np.all(np.isinf(few[:, 3:]))
