@@ -195,8 +195,9 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
-    cal = fit_calibration(engine, best, emb, lat, lon, split, exclude)
-    scores["calibrated"] = calibrated_scores(engine, best, cal, emb, lat, lon, exclude)
+    voted = _vote_on(engine, best, emb, exclude)  # one search and vote serve the fit and its score
+    cal = fit_calibration(voted, lat, lon, split)
+    scores["calibrated"] = calibrated_scores(voted, cal, lat, lon)
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
                                                                "images": len(emb), **scores},
@@ -216,19 +217,20 @@ def _vote_on(engine, params, emb, exclude):
                 table[:, :params.k], params)
 
 
-def fit_calibration(engine, params, emb, lat, lon, split: str, exclude=None):
-    """The answers' calibration (retrieve.calibrate), fitted on the tuning images with the chosen settings."""
+def fit_calibration(voted, lat, lon, split: str):
+    """The answers' calibration (retrieve.calibrate), fitted on the tuning images' vote (the chosen
+    settings' Prediction) against their truth."""
     from retrieve.calibrate import fit, training_rows
     from retrieve.predict import FEATURES
 
-    x, d = training_rows(_vote_on(engine, params, emb, exclude), lat, lon)
+    x, d = training_rows(voted, lat, lon)
     return fit(x, d, FEATURES, split)
 
 
-def calibrated_scores(engine, params, cal, emb, lat, lon, exclude=None) -> dict:
+def calibrated_scores(voted, cal, lat, lon) -> dict:
     """The tuning images' metrics with the calibrated decision (the most probable candidate answers)."""
     from retrieve.calibrate import apply
 
-    pred = apply(cal, _vote_on(engine, params, emb, exclude))
+    pred = apply(cal, voted)
     ok = np.isfinite(pred.lat_deg)  # as tune() does: a held-out query may have lost every neighbour
     return score(pred.lat_deg[ok], pred.lon_deg[ok], lat[ok], lon[ok])
