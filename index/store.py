@@ -38,10 +38,9 @@ TRAIN_MAX = 256 * 1024
 DEFAULT_NPROBE = 16
 # a subset (a region) is searched exactly up to this many rows: the IVF scan restricted to a share f of
 # the rows needs nprobe / f lists to find as many of them, so its cost grows as 1/f while an exact search
-# over the subset (one BLAS matmul per batch of queries) grows as f. With 4-bit fast-scan codes at
-# ~2e9 look-ups/s and fp32 matmuls at ~5e10 flop/s on 2 cores, 768-d at 5.1M rows, they cross near
-# f = 0.15 (800k rows); 500k keeps the exact path on the safe side of it. (At 5.1M a first rehearsal with
-# 50k ran countries of 50k-800k rows through the IVF path at up to 1,300 of 2,048 lists a query.)
+# over the subset (one BLAS matmul per batch of queries) grows as f. A cost model, not a measurement:
+# assuming 4-bit fast-scan look-ups some 25x cheaper per code than a 768-d fp32 dot product, the two
+# cross near f = 0.15 at 5.1M rows; 500k stays on the exact side of that. The crossover is unmeasured.
 SUBSET_EXACT_MAX = 500_000
 DEFAULT_SHORTLIST = 30  # candidates re-ranked = shortlist * k, up to 1M vectors (recall@10 0.985 there)
 
@@ -407,9 +406,9 @@ def exact_search_rows(vectors, rows: np.ndarray, queries: np.ndarray, k: int, bl
                       score_bytes: int = 1 << 28):
     """Exact inner-product top-k of each query among `vectors[rows]` (an fp16 memory map), reading the
     rows in blocks and taking the queries in chunks whose (chunk x block) scores stay under `score_bytes`
-    (8,192 queries against a 65,536-row block made ~15 GB of temporaries: the scores, their concatenation,
-    the candidate rows and argpartition's indices): (similarity, row) arrays of shape (Q, k), -inf and -1
-    where fewer than k."""
+    (a whole batch at once held the scores, their concatenation, the int64 candidate rows and
+    argpartition's indices side by side: (Q x block) four times over): (similarity, row) arrays of
+    shape (Q, k), -inf and -1 where fewer than k."""
     q = np.asarray(queries, np.float32)
     best_sim = np.full((len(q), k), -np.inf, np.float32)
     best_row = np.full((len(q), k), -1, np.int64)

@@ -129,8 +129,8 @@ def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADI
 def apply(cal: Calibration, pred):
     """The Prediction with calibrated probabilities: within_km, radius_km, confidence = P(within 200 km),
     and the same measure for every alternative (alt_score). The answer is the most probable candidate:
-    the vote's peak, unless a runner-up peak is more likely within 200 km (under 1% of the sample's
-    answers), when the two change places. Alternatives best first."""
+    the vote's peak, unless a runner-up peak is more likely within 200 km, when the two change
+    places. Alternatives best first."""
     c = cal.levels_km.index(CONFIDENCE_KM)
     none = ~np.isfinite(pred.lat_deg)
     # candidates side by side: 0 the vote's peak, 1.. its runner-ups
