@@ -82,6 +82,33 @@ def test_subset_search_finds_only_the_subset_and_its_true_neighbours(tmp_path, m
         index.search(queries, k=10, subset=np.array([5, 3]))
 
 
+def test_a_large_subset_is_found_among_the_unrestricted_neighbours_or_searched_filtered(tmp_path,
+                                                                                       monkeypatch):
+    """Queries inside a large region take their region rows from the unrestricted top PREFILTER_FACTOR * k;
+    queries outside it, with too few region rows there, fall back to the filtered search. Both are
+    checked against brute force over the region."""
+    import index.store
+
+    monkeypatch.setattr(index.store, "PREFILTER_FROM", 1_000)
+    index, emb, rng = _index(tmp_path)
+    rows = np.flatnonzero(emb[:, 0] > 0)  # a "region" of about half the rows, contiguous in embedding space
+    inside = rng.choice(rows, 40, replace=False)
+    outside = rng.choice(np.flatnonzero(emb[:, 0] < -0.3), 40, replace=False)
+    queries = emb[np.concatenate([inside, outside])] + 0.05 * rng.normal(size=(80, emb.shape[1]))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    filtered = []
+    real = index._filtered
+    monkeypatch.setattr(index, "_filtered", lambda q, *a: filtered.append(len(q)) or real(q, *a))
+
+    res = index.search(queries, k=10, subset=rows, shortlist=100)
+    assert np.isin(res.rows, rows).all() and np.all(np.diff(res.similarity, axis=1) <= 0)
+    truth = rows[np.argsort(-(queries @ emb[rows].T), axis=1)[:, :10]]
+    got = np.array([len(set(a) & set(b)) / 10 for a, b in zip(res.rows, truth)])
+    assert got[:40].mean() >= 0.95 and got[40:].mean() >= 0.95, (got[:40].mean(), got[40:].mean())
+    # the inside queries were answered by the prefilter, every outside one by the filtered search
+    assert len(filtered) == 1 and 40 <= filtered[0] < 80, filtered
+
+
 def test_within_the_true_country_answers_inside_it_and_scores_higher(sample_root, tiny_engine):
     from geovote.data import read_split
     from geovote.metrics import mean_geoscore
