@@ -7,12 +7,17 @@ Output folder (EngineLayout.embeddings(split)):
     manifest.json            backbone, preprocessing, dim, rows, dataset, config, version (written last)
     failures.csv             images that could not be embedded, with the reason
     plan.json                pins backbone, dataset, split, rows and ids, so a resumed run cannot mix them
+    fingerprints.npy         uint64 per embedded row (shard order): a hash of its id, coordinates and, for
+                             photos, file size and modification time (written once the run is finished)
 
 Resumable: shard NNNNN holds rows [NNNNN * shard_rows, ...) of the split's valid rows and is written
-atomically, so a rerun embeds only the shards that are missing. Under torchrun rank r embeds the shards
-s with s % world == r; rank 0 writes the manifest once all are there. The images are turned into vectors
-by the one feature extractor (embed.features). `python -m embed.build` is the command that runs this,
-then the index and the tuning (retrieve.pipeline).
+atomically, so a rerun embeds only the shards that are missing. Updatable: when a finished run's split
+gained, lost or changed rows (a photo folder or a CSV that grew), a rerun embeds only the rows whose
+fingerprint the run lacks, takes the others' vectors from its shards, and replaces the folder by renames
+(update_split); a dataset image replaced under the same id and coordinates is not noticed. Under
+torchrun rank r embeds the shards s with s % world == r; rank 0 writes the manifest once all are there.
+The images are turned into vectors by the one feature extractor (embed.features). `python -m embed.build`
+is the command that runs this, then the index and the tuning (retrieve.pipeline).
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from geovote.shards import MANIFEST, shard_paths, write_shard
 
 PLAN = "plan.json"
 FAILURES = "failures.csv"
+FINGERPRINTS = "fingerprints.npy"
+UPDATABLE = {"rows", "ids_sha256"}  # plan keys a finished run may be updated across (rows came and went)
 
 
 @dataclass
@@ -112,6 +119,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     from geovote import distributed
 
     split.require_rows()  # before anything is written: no plan.json for a split with nothing to embed
+    if rank == 0:
+        _finish_swap(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_for(split, backbone, cfg, root)
     plan_path = out_dir / PLAN
@@ -119,7 +128,13 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         old = json.loads(plan_path.read_text())
         if old != plan:
             changed = [k for k in plan if old.get(k) != plan[k]]
-            raise DataError(f"{out_dir} holds an earlier run with a different {', '.join(changed)}; "
+            updatable = set(changed) <= UPDATABLE and (out_dir / FINGERPRINTS).is_file()
+            if updatable and world == 1:
+                return update_split(split, backbone, out_dir, cfg, plan, log)
+            why = (" (an update runs in one process: rerun without torchrun)" if updatable else
+                   "; it can be updated only once finished, by this version" if set(changed) <= UPDATABLE
+                   else "")
+            raise DataError(f"{out_dir} holds an earlier run with a different {', '.join(changed)}{why}; "
                             "use another --out or delete it")
     elif rank == 0:
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
@@ -128,6 +143,10 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if not (out_dir / f"shard-{s:05d}.parquet").exists()]
     if world == 1 and not todo and (out_dir / MANIFEST).exists():  # finished before, and the plan matches
+        if not (out_dir / FINGERPRINTS).is_file():  # a run from before fingerprints: taken as current
+            write_fingerprints(out_dir, split)
+        elif not np.array_equal(np.load(out_dir / FINGERPRINTS), held_fingerprints(out_dir, split)):
+            return update_split(split, backbone, out_dir, cfg, plan, log)  # same ids, photos edited
         return json.loads((out_dir / MANIFEST).read_text())
     if len(todo) < len(mine):
         log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
@@ -171,7 +190,124 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         distributed.barrier()
     if rank != 0:
         return None
-    return finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
+    manifest = finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
+    write_fingerprints(out_dir, split)
+    return manifest
+
+
+def row_fingerprints(split) -> np.ndarray:
+    """uint64 per row of the split: a hash of its id, coordinates and, when the split has them (photos),
+    file size and modification time. Two runs over a row with equal fingerprints embed the same image."""
+    cols = [split.ids.astype(str), split.lat_deg, split.lon_deg]
+    cols += [split.column(c) for c in ("size", "mtime_ns") if c in split.table.column_names]
+    out = np.empty(len(split), np.uint64)
+    for i, row in enumerate(zip(*cols)):
+        digest = hashlib.blake2b(repr(tuple(str(v) for v in row)).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little")
+    return out
+
+
+def held_fingerprints(out_dir: Path, split) -> np.ndarray:
+    """The fingerprints of the split's rows that the shards in `out_dir` hold (all but its failures)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    with open(out_dir / FAILURES, newline="") as f:
+        failed = [r[0] for r in list(csv.reader(f))[1:]]
+    held = np.asarray(pc.invert(pc.is_in(split.table.column("id"), value_set=pa.array(failed, pa.string()))))
+    return row_fingerprints(split)[held]
+
+
+def write_fingerprints(out_dir: Path, split) -> None:
+    fp = held_fingerprints(out_dir, split)
+    tmp = out_dir / (FINGERPRINTS + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, fp)
+    tmp.replace(out_dir / FINGERPRINTS)
+
+
+def _staged(out_dir: Path) -> tuple[Path, Path]:
+    """(the folder an update is assembled in, the name the folder it replaces takes meanwhile)"""
+    return out_dir.with_name(out_dir.name + ".update"), out_dir.with_name(out_dir.name + ".replaced")
+
+
+def _finish_swap(out_dir: Path) -> None:
+    """Complete or undo an update that stopped between its renames (update_split), so that `out_dir` is
+    whole again: the finished new folder wins, else the old one comes back."""
+    import shutil
+
+    stage, replaced = _staged(out_dir)
+    if not out_dir.exists() and replaced.exists():
+        if (stage / FINGERPRINTS).is_file():
+            stage.rename(out_dir)
+        else:
+            replaced.rename(out_dir)
+    for leftover in (stage, replaced):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, log=print) -> dict:
+    """Bring a finished run in `out_dir` up to date with `split`: rows whose fingerprint the run holds
+    keep their vectors, the others (added or changed) are embedded, rows no longer in the split are
+    dropped. The new folder is assembled beside it and takes its place by two renames (_finish_swap
+    completes them after a crash). Returns the new manifest."""
+    import shutil
+
+    from geovote.shards import read_embeddings
+
+    t0 = time.perf_counter()
+    old_fp = np.load(out_dir / FINGERPRINTS)
+    new_fp = row_fingerprints(split)
+    order = np.argsort(old_fp)
+    pos = np.minimum(np.searchsorted(old_fp[order], new_fp), max(len(old_fp) - 1, 0))
+    reuse = old_fp[order][pos] == new_fp if len(old_fp) else np.zeros(len(new_fp), bool)
+    old_rows = order[pos[reuse]]  # the shard row holding each kept row's vector
+    todo = np.flatnonzero(~reuse)
+    n = len(split)
+    log(f"{split.name}: updating {out_dir}: {int(reuse.sum()):,} of {n:,} images unchanged, {len(todo):,} "
+        f"new or changed to embed, {len(old_fp) - int(reuse.sum()):,} no longer there")
+    ids, lat, lon, paths = split.ids.astype(str), split.lat_deg, split.lon_deg, split.image_paths()
+    emb_new = np.zeros((len(todo), backbone.dim), np.float16)
+    why_new = [""] * len(todo)
+    if len(todo):
+        extractor = FeatureExtractor(backbone, batch_size=cfg.batch_size)
+        files = ImageFiles(paths, extractor.transform(), backbone.image_size, cfg.max_pixels)
+        batches = [todo[i:i + cfg.batch_size].tolist() for i in range(0, len(todo), cfg.batch_size)]
+        for rows, emb, reasons in extractor.dataset(files, batches, decode_workers(cfg.workers)):
+            at = np.searchsorted(todo, rows)
+            emb_new[at] = emb.astype(np.float16)
+            for i, why in zip(at, reasons):
+                why_new[i] = why
+    kept_rows = np.unique(old_rows)
+    kept = read_embeddings(out_dir, rows=kept_rows, dtype=np.float16).embedding
+    where_kept = np.full(n, -1, np.int64)
+    where_kept[np.flatnonzero(reuse)] = np.searchsorted(kept_rows, old_rows)
+    where_new = np.full(n, -1, np.int64)
+    where_new[todo] = np.arange(len(todo))
+    stage, replaced = _staged(out_dir)
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    n_shards = max(1, -(-n // cfg.shard_rows))
+    n_failed = 0
+    for shard in range(n_shards):
+        rows = np.arange(shard * cfg.shard_rows, min(n, (shard + 1) * cfg.shard_rows))
+        failed = [(ids[r], str(paths[r]), why_new[where_new[r]]) for r in rows
+                  if where_new[r] >= 0 and why_new[where_new[r]]]
+        n_failed += len(failed)
+        ok = np.array([where_kept[r] >= 0 or not why_new[where_new[r]] for r in rows], bool)
+        emb = np.where((where_kept[rows] >= 0)[:, None], kept[np.maximum(where_kept[rows], 0)],
+                       emb_new[np.maximum(where_new[rows], 0)])[ok]
+        write_split_shard(stage, shard, [(rows[ok], emb, failed)], ids, lat, lon, backbone.dim)
+    (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
+    manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed,
+                            time.perf_counter() - t0, log)
+    write_fingerprints(stage, split)  # last: it marks the staged folder complete (_finish_swap)
+    out_dir.rename(replaced)
+    stage.rename(out_dir)
+    shutil.rmtree(replaced)
+    return manifest
 
 
 def write_split_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim: int) -> None:

@@ -92,7 +92,7 @@ def scan_photos(folder: str | Path, coordinates_csv: str | Path | None = None):
     extra = read_coordinates_csv(Path(coordinates_csv)) if coordinates_csv else {}
     files = sorted(Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names
                    if name.lower().endswith(PHOTO_SUFFIXES))
-    ids, lat, lon, rejected = [], [], [], []
+    ids, lat, lon, size, mtime, rejected = [], [], [], [], [], []
     for path in files:
         rel = path.relative_to(root).as_posix()
         found = exif_latlon(path)  # opens the file: an unreadable one is rejected whatever the CSV says
@@ -105,12 +105,17 @@ def scan_photos(folder: str | Path, coordinates_csv: str | Path | None = None):
         if why:
             rejected.append((rel, why))
             continue
+        stat = path.stat()
         ids.append(rel)
         lat.append(found[0])
         lon.append(found[1])
+        size.append(stat.st_size)
+        mtime.append(stat.st_mtime_ns)
     table = pa.table({"id": pa.array(ids, pa.string()), "latitude": pa.array(lat, pa.float64()),
                       "longitude": pa.array(lon, pa.float64()),
-                      "path": pa.array(ids, pa.string())})  # relative to the root, as read_split's paths
+                      "path": pa.array(ids, pa.string()),  # relative to the root, as read_split's paths
+                      # a photo edited in place keeps its path: these tell a rerun to embed it again
+                      "size": pa.array(size, pa.int64()), "mtime_ns": pa.array(mtime, pa.int64())})
     report = Report(root / "(photos)")
     report.rows, report.valid = len(files), len(ids)
     for _, why in rejected:

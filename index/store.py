@@ -151,10 +151,59 @@ def index_is_current(index_dir: str | Path, shard_dir: str | Path, factory: str 
             and (factory is None or info.get("factory") == factory))
 
 
+REBUILD_GROWTH = 4  # an index is retrained once it holds this many times the vectors it was trained on
+
+
+def refresh_index(shard_dir: str | Path, out: str | Path, factory: str | None = None, log=print) -> dict:
+    """Bring the index folder `out` up to date with the shards: nothing when it is current; when the
+    shards changed (rows added, removed, replaced) and the index still suits them, its trained coarse
+    quantizer and codebooks are kept and only the vectors are added anew (no training); else it is
+    built from scratch, saying why. Returns index.json."""
+    out = Path(out)
+    if index_is_current(out, shard_dir, factory):
+        log(f"index: {out} is up to date with the embeddings")
+        return json.loads((out / "index.json").read_text())
+    why = _why_retrain(shard_dir, out, factory)
+    if why is None:
+        old = json.loads((out / "index.json").read_text())
+        named = None if old.get("factory_chosen", True) else old["factory"]  # chosen again: the same
+        return build_index(shard_dir, out, factory=named, trained=out / "index.faiss",
+                           trained_count=old.get("trained_count", old["count"]), log=log)
+    if why:
+        log(f"index: building anew: {why}")
+    return build_index(shard_dir, out, factory=factory, log=log)
+
+
+def _why_retrain(shard_dir, out: Path, factory: str | None) -> str | None:
+    """None when the index in `out` may keep its training for the shards; else why not ("" when there is
+    no usable index to speak of)."""
+    try:
+        info = json.loads((out / "index.json").read_text())
+        if info.get("version") != INDEX_VERSION or not (out / "index.faiss").is_file():
+            return ""
+        sizes, dim = shard_sizes(shard_dir)
+        manifest = read_manifest(shard_dir)
+    except (OSError, ValueError, ShardError):
+        return ""
+    n, trained = sum(sizes), int(info.get("trained_count", info.get("count", 0)))
+    if info.get("dim") != dim or info.get("backbone") != manifest.get("backbone"):
+        return "the embeddings come from another model"
+    if factory and factory != info.get("factory"):
+        return f"index_factory {factory} asked for, the index is {info.get('factory')}"
+    if not factory and info.get("factory_chosen", True) and choose_factory(n, dim) != info.get("factory"):
+        return (f"{n:,} vectors call for {choose_factory(n, dim)}; the index is {info.get('factory')}, "
+                f"chosen for {trained:,}")
+    if n > REBUILD_GROWTH * trained:
+        return f"{n:,} vectors, more than {REBUILD_GROWTH}x the {trained:,} it was trained on"
+    return None
+
+
 def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = None,
                 nprobe: int = DEFAULT_NPROBE, shortlist: int | None = None, seed: int = 0,
-                log=print) -> dict:
-    """Build the index folder `out` from the shards in `shard_dir`, in bounded memory. Returns index.json."""
+                trained: Path | None = None, trained_count: int | None = None, log=print) -> dict:
+    """Build the index folder `out` from the shards in `shard_dir`, in bounded memory. Returns index.json.
+    `trained`: an index file of the same factory whose training (coarse quantizer, codebooks) is kept
+    instead of training anew; `trained_count`: how many vectors that training was done for."""
     import faiss
 
     t0 = time.perf_counter()
@@ -167,6 +216,7 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
         raise IndexError_(f"{shard_dir}: the shards hold no vectors")
     if manifest.get("dim", dim) != dim:
         raise IndexError_(f"{shard_dir}: manifest says dim {manifest.get('dim')}, shards hold {dim}")
+    chosen = not factory
     factory = factory or choose_factory(n, dim)
     check_factory(factory, dim)
     tmp = out.with_name(out.name + ".partial")
@@ -197,8 +247,13 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
         a.flush()
     t_copy = time.perf_counter()
 
-    # 2. train on a sample, then add in batches: never all float32 vectors at once
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    # 2. train on a sample (or keep an earlier training), then add in batches: never all float32 vectors
+    if trained is not None:
+        index = faiss.read_index(str(trained))
+        index.reset()  # the vectors go; the quantizer and codebooks stay
+    else:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        trained_count = n
     if not index.is_trained:
         nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 256
         n_train = min(n, max(nlist * TRAIN_PER_LIST, 10_000), TRAIN_MAX)
@@ -218,14 +273,15 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
     info = {
         "version": INDEX_VERSION, "factory": factory, "metric": "inner_product", "dim": dim, "count": n,
         "nprobe": nprobe, "shortlist": shortlist or default_shortlist(n), "embedding_manifest": manifest,
-        "backbone": manifest.get("backbone"),
+        "backbone": manifest.get("backbone"), "factory_chosen": chosen, "trained_count": trained_count,
         "build_seconds": {"copy": t_copy - t0, "train": t_train - t_copy, "add": t_add - t_train},
     }
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log(f"index: {n:,} vectors of {dim} dims, {factory}, built in {time.perf_counter() - t0:.1f} s -> {out}")
+    how = f"its training for {trained_count:,} kept" if trained is not None else "built"
+    log(f"index: {n:,} vectors of {dim} dims, {factory}, {how} in {time.perf_counter() - t0:.1f} s -> {out}")
     return info
 
 

@@ -47,12 +47,9 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
         return layout.root
     t_alone = time.perf_counter()
     if cfg.index and "train" in cfg.splits:
-        from index.store import build_index, index_is_current
+        from index.store import refresh_index
 
-        if index_is_current(layout.index, layout.embeddings("train"), cfg.index_factory or None):
-            log(f"index: {layout.index} is up to date with the train embeddings")
-        else:
-            build_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
+        refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:  # on val, or without one on train images held out of their own search
             _tune(layout, cfg.model, backbone, root, cfg.workers, log)
     if world > 1:
@@ -69,7 +66,7 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     from embed.models import canonical_name, load_backbone
     from geovote.paths import default_sample_root
     from geovote.photos import scan_photos, write_rejects
-    from index.store import build_index, index_is_current
+    from index.store import refresh_index
 
     root = Path(cfg.photos).resolve()
     cfg = replace(cfg, model=canonical_name(cfg.model), photos=str(root), splits=("train",))
@@ -86,8 +83,7 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     split.require_rows()
     embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
     if cfg.index:
-        if not index_is_current(layout.index, layout.embeddings("train"), cfg.index_factory or None):
-            build_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
+        refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:
             _tune(layout, cfg.model, backbone, root, cfg.workers, log)
     return layout.root

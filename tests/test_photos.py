@@ -123,18 +123,139 @@ def test_photos_refused_clearly(tmp_path, capsys):
     assert "0 usable rows" in capsys.readouterr().err
 
 
-def test_a_changed_folder_is_refused_not_mixed(photo_folder, tiny_model, tmp_path, capsys):
+def _shard_vectors(folder):
+    from geovote.shards import read_embeddings
+
+    s = read_embeddings(folder, dtype=np.float16)
+    return dict(zip(s.ids.astype(str), s.embedding))
+
+
+def test_a_changed_folder_updates_the_engine_without_a_rebuild(photo_folder, tiny_model, tmp_path, capsys):
+    """Photos added, removed and edited in place: a rerun embeds only the new and edited ones, keeps the
+    index's training, and ends with exactly the vectors and search results of a build from scratch."""
+    import faiss
+
     from embed.build import main as embed_main
+    from index.store import GeoIndex
 
     root, _ = photo_folder
     mine = tmp_path / "photos"
-    shutil.copytree(root, mine, ignore=shutil.ignore_patterns("trip1", "trip2"))  # a smaller gallery
+    shutil.copytree(root, mine, ignore=shutil.ignore_patterns("trip2", "*.csv"))  # 200 of the 300
     out = tmp_path / "engine"
     args = ["--photos", str(mine), "--model", str(tiny_model), "--out", str(out), "--workers", "0",
+            "--set", "tune=false", "--set", "index_factory=IVF4,Flat"]
+    assert embed_main(args) == 0
+    before = _shard_vectors(out / "embeddings" / "train")
+    first = GeoIndex(out / "index")  # held: the quantizer below points into it
+    centroids = faiss.downcast_index(faiss.extract_index_ivf(first.index).quantizer).reconstruct_n(0, 4)
+    capsys.readouterr()
+    assert embed_main(args) == 0  # the same folder again: nothing to redo
+    assert "unchanged" not in capsys.readouterr().out
+
+    shutil.copytree(root / "trip2", mine / "trip2")  # 100 added
+    removed = sorted(p.relative_to(mine).as_posix() for p in (mine / "trip0").rglob("*.jpg"))[:7]
+    for rel in removed:
+        (mine / rel).unlink()
+    edited = "trip1/day1/img_0001.jpg"  # the same path, another picture (and so another size)
+    other = next(p for p in (root / "trip0").rglob("*.jpg") if p.name != "img_0001.jpg")
+    with Image.open(other) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mine / edited, "JPEG", exif=im.getexif(),
+                                                           quality=60)
+    capsys.readouterr()
+    assert embed_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "192 of 293 images unchanged, 101 new or changed to embed, 8 no longer there" in printed, printed
+    assert "its training for 200 kept" in printed
+
+    after = _shard_vectors(out / "embeddings" / "train")
+    fresh = tmp_path / "fresh"  # the same folder built from scratch
+    assert embed_main(args[:5] + [str(fresh)] + args[6:]) == 0
+    scratch = _shard_vectors(fresh / "embeddings" / "train")
+    assert sorted(after) == sorted(scratch) and not set(removed) & set(after)
+    for rel, vec in after.items():
+        np.testing.assert_allclose(vec, scratch[rel], atol=2e-3)
+        if rel in before and rel != edited:
+            np.testing.assert_array_equal(vec, before[rel])  # kept, not embedded again
+    assert np.abs(after[edited].astype(np.float32) - before[edited]).max() > 10 * 2e-3  # embedded anew
+
+    updated, rebuilt = GeoIndex(out / "index"), GeoIndex(fresh / "index")
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(updated.index).quantizer)
+    np.testing.assert_array_equal(quantizer.reconstruct_n(0, 4), centroids)
+    queries = np.stack(list(scratch.values())[::10]).astype(np.float32)
+    a, b = updated.search(queries, k=10, nprobe=4), rebuilt.search(queries, k=10, nprobe=4)
+    np.testing.assert_array_equal(a.ids, b.ids)  # every list probed: both exact over the same vectors
+
+
+def test_an_interrupted_update_is_finished_or_undone(tmp_path):
+    """The update replaces the embeddings folder by two renames; a crash between them leaves the old
+    folder renamed away: the next run puts back the finished new one, or else the old one."""
+    from embed.split import FINGERPRINTS, _finish_swap, _staged
+
+    out = tmp_path / "train"
+    for finished, expect in ((True, "new"), (False, "old")):
+        stage, replaced = _staged(out)
+        stage.mkdir(parents=True)
+        (stage / "which").write_text("new")
+        if finished:
+            (stage / FINGERPRINTS).write_bytes(b"")
+        replaced.mkdir()
+        (replaced / "which").write_text("old")
+        _finish_swap(out)
+        assert (out / "which").read_text() == expect and not stage.exists() and not replaced.exists()
+        shutil.rmtree(out)
+
+
+def test_an_index_outgrowing_its_training_is_built_anew(tmp_path):
+    from geovote.shards import write_shard
+    from index.store import refresh_index
+
+    rng = np.random.default_rng(0)
+
+    def shards(n):
+        folder = tmp_path / f"shards{n}"
+        folder.mkdir()
+        emb = rng.normal(size=(n, 16)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        write_shard(folder / "shard-00000.parquet", [str(i) for i in range(n)], np.zeros(n), np.zeros(n), emb)
+        (folder / "manifest.json").write_text(json.dumps({"dim": 16, "backbone": "b", "rows": n}))
+        return folder
+
+    said = []
+    refresh_index(shards(1000), tmp_path / "index", factory="IVF8,Flat", log=said.append)
+    assert refresh_index(shards(3000), tmp_path / "index", factory="IVF8,Flat", log=said.append)[
+        "trained_count"] == 1000
+    info = refresh_index(shards(5000), tmp_path / "index", factory="IVF8,Flat", log=said.append)
+    assert info["trained_count"] == 5000 and info["count"] == 5000
+    assert said[1].endswith("IVF8,Flat, its training for 1,000 kept in " + said[1].split(" kept in ")[1])
+    assert said[2] == "index: building anew: 5,000 vectors, more than 4x the 1,000 it was trained on"
+
+
+def test_a_dataset_whose_csv_gained_rows_is_updated(sample_root, tiny_model, tmp_path, capsys):
+    """The same update for a dataset in OSV-5M's layout: rows appended to train.csv are embedded, the
+    others kept, and the result equals a build from scratch."""
+    from embed.build import main as embed_main
+
+    root = tmp_path / "ds"
+    lines = (sample_root / "train.csv").read_text().splitlines()[:121]
+    header = next(csv.reader([lines[0]]))
+    (root / "images" / "train").mkdir(parents=True)
+    for line in lines[1:]:
+        i = next(csv.reader([line]))[header.index("id")]
+        shutil.copy(next((sample_root / "images" / "train").rglob(f"{i}.jpg")), root / "images" / "train")
+    (root / "train.csv").write_text("\n".join(lines[:81]) + "\n")  # 80 rows first
+    args = ["--data", str(root), "--model", str(tiny_model), "--out", str(tmp_path / "e"), "--workers", "0",
             "--set", "tune=false"]
     assert embed_main(args) == 0
-    assert embed_main(args) == 0  # the same folder again: nothing to redo
-    shutil.copy(mine / "trip0" / "day0" / "img_0000.png", mine / "added.png")
+    before = _shard_vectors(tmp_path / "e" / "embeddings" / "train")
+    (root / "train.csv").write_text("\n".join(lines[:1] + lines[11:]) + "\n")  # 10 gone, 40 added
     capsys.readouterr()
-    assert embed_main(args) == 2
-    assert "holds an earlier run with a different rows" in capsys.readouterr().err
+    assert embed_main(args) == 0
+    assert "70 of 110 images unchanged, 40 new or changed to embed, 10 no longer there" in capsys.readouterr().out
+    after = _shard_vectors(tmp_path / "e" / "embeddings" / "train")
+    assert embed_main(args[:5] + [str(tmp_path / "fresh")] + args[6:]) == 0
+    scratch = _shard_vectors(tmp_path / "fresh" / "embeddings" / "train")
+    assert sorted(after) == sorted(scratch) and len(after) == 110
+    for i, vec in after.items():
+        np.testing.assert_allclose(vec, scratch[i], atol=2e-3)
+        if i in before:
+            np.testing.assert_array_equal(vec, before[i])

@@ -415,7 +415,7 @@ def test_a_run_killed_during_tuning_is_finished_by_a_rerun(sample_root, tiny_mod
     r = subprocess.run(_embed_cmd(sample_root, tiny_model, out), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "is up to date with the train embeddings" in r.stdout  # not rebuilt
+    assert "is up to date with the embeddings" in r.stdout  # not rebuilt
     clean = tmp_path / "clean"
     subprocess.run(_embed_cmd(sample_root, tiny_model, clean), cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
