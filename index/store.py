@@ -420,7 +420,7 @@ class GeoIndex:
         else:
             ivf = faiss.SearchParametersIVF(nprobe=int(nprobe or self.info["nprobe"]))
             if rerank:
-                shortlist = int(shortlist or self.info["shortlist"])
+                shortlist = float(shortlist or self.info["shortlist"])
                 params = faiss.IndexRefineSearchParameters(k_factor=shortlist, base_index_params=ivf)
                 sim, rows = self.refined.search(q, k, params=params)
             else:
@@ -454,6 +454,8 @@ class GeoIndex:
     def _prefiltered(self, q, k, rows, nprobe, shortlist):
         """The first k subset rows among each query's unrestricted top PREFILTER_FACTOR * k, in order:
         (similarity, row) with -inf / -1 rows where fewer than k were there."""
+        # as many candidates re-ranked as for the k asked (k x shortlist): the cost of an ordinary search
+        shortlist = max(1.0, float(shortlist or self.info["shortlist"]) / PREFILTER_FACTOR)
         cand_sim, cand = self._search_rows(q, k * PREFILTER_FACTOR, nprobe, shortlist)
         pos = np.minimum(np.searchsorted(rows, cand), rows.size - 1)
         inside = (cand >= 0) & (rows[pos] == cand)

@@ -127,6 +127,14 @@ class Engine:
             self._cells[spec] = table
         return self._cells[spec]
 
+    def _rows_by_country(self) -> tuple[np.ndarray, np.ndarray]:
+        """(country codes sorted, the rows in that order): one sort, then a country's rows are a slice"""
+        if getattr(self, "_by_country", None) is None:
+            codes = np.asarray(self.countries())
+            order = np.argsort(codes, kind="stable")
+            self._by_country = codes[order], order
+        return self._by_country
+
     def countries(self) -> np.ndarray:
         """(N,) each index row's ISO country code (bytes), computed once and cached in the index folder."""
         if getattr(self, "_countries", None) is None:
@@ -164,12 +172,18 @@ class Engine:
 
         cache = self.__dict__.setdefault("_region_rows", {})
         if region not in cache:
-            inside = region.in_box(self.index.lat, self.index.lon)
-            if region.countries:
-                inside &= np.isin(self.countries(), np.char.encode(np.array(region.countries), "ascii"))
+            if region.countries:  # each country's rows are a slice of the rows sorted by country
+                codes, order = self._rows_by_country()
+                keys = [c.encode("ascii") for c in region.countries]
+                parts = [order[np.searchsorted(codes, key, "left"):np.searchsorted(codes, key, "right")]
+                         for key in keys]
+                rows = np.sort(np.concatenate(parts))
+                rows = rows[region.in_box(self.index.lat[rows], self.index.lon[rows])]
+            else:
+                rows = np.flatnonzero(region.in_box(self.index.lat, self.index.lon))
             if len(cache) >= 16:  # a few regions are asked again and again; their rows are kept
                 cache.pop(next(iter(cache)))
-            cache[region] = np.flatnonzero(inside)
+            cache[region] = rows
         rows = cache[region]
         if rows.size == 0:
             raise RegionError(f"no training image of this engine lies in {region.describe()}: nothing to "

@@ -190,3 +190,23 @@ def test_exact_subset_search_in_chunks_equals_one_pass():
                                rtol=1e-5)
     few, rows_few = exact_search_rows(vectors, rows[:3], q[:2], k=5)  # fewer rows than k: padded
     assert np.all(rows_few[:, 3:] == -1) and np.all(np.isinf(few[:, 3:]))
+
+
+def test_region_rows_equal_a_scan_of_every_row(tiny_engine):
+    """Rows of a region come from slices of the rows sorted by country: checked against testing each row."""
+    from retrieve.engine import Engine
+
+    engine = Engine(tiny_engine / "index")
+    codes = np.asarray(engine.countries())
+    lat, lon = np.asarray(engine.index.lat), np.asarray(engine.index.lon)
+    common = [c.decode() for c, _ in sorted(zip(*np.unique(codes, return_counts=True)), key=lambda t: -t[1])[:3]]
+    checked = 0
+    for region in (Region((common[0],)), Region(tuple(common)), Region((common[1],), (-60, -180, 50, 20)),
+                   Region((), (-30, 170, 10, -170))):
+        expect = region.in_box(lat, lon)
+        if region.countries:
+            expect &= np.isin(codes, [c.encode() for c in region.countries])
+        if expect.any():
+            np.testing.assert_array_equal(engine.region_rows(region), np.flatnonzero(expect))
+            checked += 1
+    assert checked >= 3
