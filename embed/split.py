@@ -41,7 +41,7 @@ from geovote.shards import MANIFEST, shard_paths, write_shard
 PLAN = "plan.json"
 FAILURES = "failures.csv"
 FINGERPRINTS = "fingerprints.npy"
-UPDATABLE = {"rows", "ids_sha256"}  # plan keys a finished run may be updated across (rows came and went)
+UPDATABLE = {"rows", "ids_sha256", "rows_sha256"}  # plan keys a finished run is updated across
 
 
 @dataclass
@@ -107,10 +107,16 @@ def shard_batches(shards: list[tuple[int, int]], batch_size: int) -> list[list[i
             for b in range(start, stop, batch_size)]
 
 
-def plan_for(split, backbone, cfg: EmbedConfig, root: Path) -> dict:
+def plan_for(split, backbone, cfg: EmbedConfig, root: Path, fingerprints: np.ndarray | None = None) -> dict:
+    """What a run embeds. `fingerprints` (row_fingerprints): their digest joins the plan, and so the
+    manifest and the index built from it, which an edited row (new coordinates, a photo changed in
+    place) then no longer matches."""
     ids_hash = hashlib.sha256("\n".join(split.ids.astype(str)).encode()).hexdigest()[:16]
-    return {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
+    plan = {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
             "split": split.name, "rows": len(split), "ids_sha256": ids_hash, "shard_rows": cfg.shard_rows}
+    if fingerprints is not None:
+        plan["rows_sha256"] = hashlib.sha256(np.ascontiguousarray(fingerprints).tobytes()).hexdigest()[:16]
+    return plan
 
 
 def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, rank: int = 0, world: int = 1,
@@ -121,16 +127,23 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     split.require_rows()  # before anything is written: no plan.json for a split with nothing to embed
     if rank == 0:
         _finish_swap(out_dir)
+    if world > 1:  # no rank makes the folder while rank 0 may still be putting an update back in place
+        distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_for(split, backbone, cfg, root)
+    fingerprints = row_fingerprints(split)
+    plan = plan_for(split, backbone, cfg, root, fingerprints)
     plan_path = out_dir / PLAN
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
+        if old != plan and "rows_sha256" not in old and old == plan_for(split, backbone, cfg, root):
+            old = plan  # a run from before fingerprints, of the same rows: taken as current (rank 0 says so)
+            if rank == 0:
+                plan_path.write_text(json.dumps(plan, indent=2) + "\n")
         if old != plan:
             changed = [k for k in plan if old.get(k) != plan[k]]
             updatable = set(changed) <= UPDATABLE and (out_dir / FINGERPRINTS).is_file()
             if updatable and world == 1:
-                return update_split(split, backbone, out_dir, cfg, plan, log)
+                return update_split(split, backbone, out_dir, cfg, plan, fingerprints, log)
             why = (" (an update runs in one process: rerun without torchrun)" if updatable else
                    "; it can be updated only once finished, by this version" if set(changed) <= UPDATABLE
                    else "")
@@ -143,10 +156,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if not (out_dir / f"shard-{s:05d}.parquet").exists()]
     if world == 1 and not todo and (out_dir / MANIFEST).exists():  # finished before, and the plan matches
-        if not (out_dir / FINGERPRINTS).is_file():  # a run from before fingerprints: taken as current
-            write_fingerprints(out_dir, split)
-        elif not np.array_equal(np.load(out_dir / FINGERPRINTS), held_fingerprints(out_dir, split)):
-            return update_split(split, backbone, out_dir, cfg, plan, log)  # same ids, photos edited
+        if not (out_dir / FINGERPRINTS).is_file():  # a run from before fingerprints
+            write_fingerprints(out_dir, split, fingerprints)
         return json.loads((out_dir / MANIFEST).read_text())
     if len(todo) < len(mine):
         log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
@@ -191,7 +202,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     if rank != 0:
         return None
     manifest = finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
-    write_fingerprints(out_dir, split)
+    write_fingerprints(out_dir, split, fingerprints)
     return manifest
 
 
@@ -207,19 +218,16 @@ def row_fingerprints(split) -> np.ndarray:
     return out
 
 
-def held_fingerprints(out_dir: Path, split) -> np.ndarray:
-    """The fingerprints of the split's rows that the shards in `out_dir` hold (all but its failures)."""
+def write_fingerprints(out_dir: Path, split, fingerprints: np.ndarray) -> None:
+    """fingerprints.npy: the fingerprints of the split's rows that the shards in `out_dir` hold (all but
+    its failures), in shard order."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     with open(out_dir / FAILURES, newline="") as f:
         failed = [r[0] for r in list(csv.reader(f))[1:]]
     held = np.asarray(pc.invert(pc.is_in(split.table.column("id"), value_set=pa.array(failed, pa.string()))))
-    return row_fingerprints(split)[held]
-
-
-def write_fingerprints(out_dir: Path, split) -> None:
-    fp = held_fingerprints(out_dir, split)
+    fp = fingerprints[held]
     tmp = out_dir / (FINGERPRINTS + ".partial")
     with open(tmp, "wb") as f:
         np.save(f, fp)
@@ -247,7 +255,8 @@ def _finish_swap(out_dir: Path) -> None:
             shutil.rmtree(leftover)
 
 
-def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, log=print) -> dict:
+def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, fingerprints: np.ndarray,
+                 log=print) -> dict:
     """Bring a finished run in `out_dir` up to date with `split`: rows whose fingerprint the run holds
     keep their vectors, the others (added or changed) are embedded, rows no longer in the split are
     dropped. The new folder is assembled beside it and takes its place by two renames (_finish_swap
@@ -258,7 +267,7 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, l
 
     t0 = time.perf_counter()
     old_fp = np.load(out_dir / FINGERPRINTS)
-    new_fp = row_fingerprints(split)
+    new_fp = fingerprints
     order = np.argsort(old_fp)
     pos = np.minimum(np.searchsorted(old_fp[order], new_fp), max(len(old_fp) - 1, 0))
     reuse = old_fp[order][pos] == new_fp if len(old_fp) else np.zeros(len(new_fp), bool)
@@ -266,7 +275,8 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, l
     todo = np.flatnonzero(~reuse)
     n = len(split)
     log(f"{split.name}: updating {out_dir}: {int(reuse.sum()):,} of {n:,} images unchanged, {len(todo):,} "
-        f"new or changed to embed, {len(old_fp) - int(reuse.sum()):,} no longer there")
+        f"to embed (new, changed or failed before), {len(old_fp) - int(reuse.sum()):,} earlier ones dropped "
+        "(removed or changed)")
     ids, lat, lon, paths = split.ids.astype(str), split.lat_deg, split.lon_deg, split.image_paths()
     emb_new = np.zeros((len(todo), backbone.dim), np.float16)
     why_new = [""] * len(todo)
@@ -276,7 +286,8 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, l
         batches = [todo[i:i + cfg.batch_size].tolist() for i in range(0, len(todo), cfg.batch_size)]
         for rows, emb, reasons in extractor.dataset(files, batches, decode_workers(cfg.workers)):
             at = np.searchsorted(todo, rows)
-            emb_new[at] = emb.astype(np.float16)
+            ok = np.array([r == "" for r in reasons], bool)
+            emb_new[at[ok]] = emb.astype(np.float16)  # vectors of the images that could be read, in order
             for i, why in zip(at, reasons):
                 why_new[i] = why
     kept_rows = np.unique(old_rows)
@@ -297,13 +308,16 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, l
                   if where_new[r] >= 0 and why_new[where_new[r]]]
         n_failed += len(failed)
         ok = np.array([where_kept[r] >= 0 or not why_new[where_new[r]] for r in rows], bool)
-        emb = np.where((where_kept[rows] >= 0)[:, None], kept[np.maximum(where_kept[rows], 0)],
-                       emb_new[np.maximum(where_new[rows], 0)])[ok]
+        emb = np.empty((len(rows), backbone.dim), np.float16)
+        from_old, from_new = where_kept[rows] >= 0, where_new[rows] >= 0
+        emb[from_old] = kept[where_kept[rows][from_old]]
+        emb[from_new] = emb_new[where_new[rows][from_new]]
+        emb = emb[ok]
         write_split_shard(stage, shard, [(rows[ok], emb, failed)], ids, lat, lon, backbone.dim)
     (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed,
                             time.perf_counter() - t0, log)
-    write_fingerprints(stage, split)  # last: it marks the staged folder complete (_finish_swap)
+    write_fingerprints(stage, split, fingerprints)  # last: it marks the staged folder complete (_finish_swap)
     out_dir.rename(replaced)
     stage.rename(out_dir)
     shutil.rmtree(replaced)

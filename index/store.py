@@ -166,7 +166,8 @@ def refresh_index(shard_dir: str | Path, out: str | Path, factory: str | None = 
     why = _why_retrain(shard_dir, out, factory)
     if why is None:
         old = json.loads((out / "index.json").read_text())
-        named = None if old.get("factory_chosen", True) else old["factory"]  # chosen again: the same
+        # as asked, else chosen again (the same string: _why_retrain checked), else the one named before
+        named = factory or (None if old.get("factory_chosen", True) else old["factory"])
         return build_index(shard_dir, out, factory=named, trained=out / "index.faiss",
                            trained_count=old.get("trained_count", old["count"]), log=log)
     if why:

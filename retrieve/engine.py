@@ -174,7 +174,7 @@ class Engine:
         if region not in cache:
             if region.countries:  # each country's rows are a slice of the rows sorted by country
                 codes, order = self._rows_by_country()
-                keys = [c.encode("ascii") for c in region.countries]
+                keys = [c.encode("ascii") for c in dict.fromkeys(region.countries)]  # each once
                 parts = [order[np.searchsorted(codes, key, "left"):np.searchsorted(codes, key, "right")]
                          for key in keys]
                 rows = np.sort(np.concatenate(parts))

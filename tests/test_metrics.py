@@ -99,20 +99,23 @@ def test_cached_place_table_answers_exactly_as_the_package(tmp_path, monkeypatch
 
 
 def test_a_few_points_are_scanned_to_the_same_place_as_the_tree():
-    """Up to SCAN_MAX points skip the KD-tree (a query's answers): each must land on the tree's place, or
-    on one exactly as near (places sharing coordinates)."""
+    """Up to SCAN_MAX points skip the KD-tree (a query's answers): each must land on the tree's place,
+    also where several places share coordinates."""
     from geovote import geocode
 
     p = geocode.places()
     rng = np.random.default_rng(5)
     lat, lon = rng.uniform(-90, 90, 3000), rng.uniform(-180, 180, 3000)
-    lat[:50], lon[:50] = p.lat_deg[:50] + 1e-4, p.lon_deg[:50]  # right beside places, too
+    _, group, size = np.unique(p.lat_deg + 1j * p.lon_deg, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(size[group] > 1)  # places sharing their coordinates: ties for the scan
+    assert len(shared) > 100
+    for offset in (0.0, 1e-4, -3e-3):  # on them and beside them
+        lat = np.concatenate([lat, p.lat_deg[shared] + offset])
+        lon = np.concatenate([lon, p.lon_deg[shared] - offset / 2])
     scanned = np.concatenate([p.nearest(lat[i:i + geocode.SCAN_MAX], lon[i:i + geocode.SCAN_MAX])
                               for i in range(0, len(lat), geocode.SCAN_MAX)])
     _, tree = p.tree.query(np.stack([lat, lon], 1), k=1)
-    d2 = lambda idx: (lat - p.lat_deg[idx]) ** 2 + (lon - p.lon_deg[idx]) ** 2  # noqa: E731
-    np.testing.assert_array_equal(d2(scanned), d2(tree))
-    assert np.mean(scanned == tree) > 0.99
+    np.testing.assert_array_equal(scanned, tree)
 
 
 def test_the_place_table_file_is_the_packages():

@@ -164,7 +164,8 @@ def test_a_changed_folder_updates_the_engine_without_a_rebuild(photo_folder, tin
     capsys.readouterr()
     assert embed_main(args) == 0
     printed = capsys.readouterr().out
-    assert "192 of 293 images unchanged, 101 new or changed to embed, 8 no longer there" in printed, printed
+    assert ("192 of 293 images unchanged, 101 to embed (new, changed or failed before), 8 earlier ones "
+            "dropped (removed or changed)") in printed, printed
     assert "its training for 200 kept" in printed
 
     after = _shard_vectors(out / "embeddings" / "train")
@@ -250,7 +251,8 @@ def test_a_dataset_whose_csv_gained_rows_is_updated(sample_root, tiny_model, tmp
     (root / "train.csv").write_text("\n".join(lines[:1] + lines[11:]) + "\n")  # 10 gone, 40 added
     capsys.readouterr()
     assert embed_main(args) == 0
-    assert "70 of 110 images unchanged, 40 new or changed to embed, 10 no longer there" in capsys.readouterr().out
+    assert "70 of 110 images unchanged, 40 to embed (new, changed or failed before), 10 earlier ones dropped" \
+        in capsys.readouterr().out
     after = _shard_vectors(tmp_path / "e" / "embeddings" / "train")
     assert embed_main(args[:5] + [str(tmp_path / "fresh")] + args[6:]) == 0
     scratch = _shard_vectors(tmp_path / "fresh" / "embeddings" / "train")
@@ -259,3 +261,73 @@ def test_a_dataset_whose_csv_gained_rows_is_updated(sample_root, tiny_model, tmp
         np.testing.assert_allclose(vec, scratch[i], atol=2e-3)
         if i in before:
             np.testing.assert_array_equal(vec, before[i])
+
+
+def test_updates_that_only_remove_replace_everything_retry_failures_or_move_coordinates(sample_root, tiny_model,
+                                                                                     tmp_path, capsys):
+    """Each update ends where a build from scratch of the same CSV ends: the same vectors, failures and
+    coordinates in the shards and in the index."""
+    from embed.build import main as embed_main
+    from index.store import GeoIndex
+
+    root = tmp_path / "ds"
+    lines = (sample_root / "train.csv").read_text().splitlines()[:101]
+    header = next(csv.reader([lines[0]]))
+    (root / "images" / "train").mkdir(parents=True)
+    for line in lines[1:]:
+        i = next(csv.reader([line]))[header.index("id")]
+        shutil.copy(next((sample_root / "images" / "train").rglob(f"{i}.jpg")), root / "images" / "train")
+    broken = next(csv.reader([lines[3]]))[header.index("id")]
+    (root / "images" / "train" / f"{broken}.jpg").write_bytes(b"\xff\xd8 not a whole jpeg")
+    lat_col = header.index("latitude")
+
+    def moved(line):  # the same image a degree further north
+        cells = next(csv.reader([line]))
+        cells[lat_col] = str(float(cells[lat_col]) + 1.0)
+        return ",".join(cells)
+
+    args = ["--model", str(tiny_model), "--workers", "0", "--set", "tune=false"]
+    steps = [lines[:41],  # 40 rows, one image broken
+             lines[:1] + lines[11:41] + lines[41:51],  # some removed, some added: the failure retried
+             lines[:1] + lines[21:31],  # removed only, fewer rows than a shard before
+             lines[:1] + lines[51:101],  # every row new
+             lines[:1] + lines[51:60] + [moved(lines[60])] + lines[61:101]]  # one row's coordinates moved
+    for n, step in enumerate(steps):
+        (root / "train.csv").write_text("\n".join(step) + "\n")
+        assert embed_main(["--data", str(root), "--out", str(tmp_path / "e")] + args) == 0
+        assert embed_main(["--data", str(root), "--out", str(tmp_path / f"fresh{n}")] + args) == 0
+        after = _shard_vectors(tmp_path / "e" / "embeddings" / "train")
+        scratch = _shard_vectors(tmp_path / f"fresh{n}" / "embeddings" / "train")
+        assert sorted(after) == sorted(scratch), n
+        for i, vec in after.items():
+            np.testing.assert_allclose(vec, scratch[i], atol=2e-3)
+        for name in ("failures.csv",):
+            assert (tmp_path / "e" / "embeddings" / "train" / name).read_text() == \
+                (tmp_path / f"fresh{n}" / "embeddings" / "train" / name).read_text().replace(
+                    f"fresh{n}", "e"), n
+        a, b = GeoIndex(tmp_path / "e" / "index"), GeoIndex(tmp_path / f"fresh{n}" / "index")
+        order_a, order_b = np.argsort(np.asarray(a.ids)), np.argsort(np.asarray(b.ids))
+        np.testing.assert_array_equal(np.asarray(a.ids)[order_a], np.asarray(b.ids)[order_b])
+        np.testing.assert_array_equal(np.asarray(a.lat)[order_a], np.asarray(b.lat)[order_b])
+    printed = capsys.readouterr().out
+    assert "49 of 50 images unchanged, 1 to embed" in printed  # the moved row alone
+
+
+def test_an_index_keeps_the_factory_it_was_asked_for(tmp_path):
+    """An index whose factory was chosen from the data (Flat), then named by the user after growing past
+    the size where the data would choose IVF: the string it records is the one it is built with."""
+    from geovote.shards import write_shard
+    from index.store import GeoIndex, refresh_index
+
+    rng = np.random.default_rng(1)
+    for n in (20_000, 60_000):
+        folder = tmp_path / f"s{n}"
+        folder.mkdir()
+        emb = rng.normal(size=(n, 16)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        write_shard(folder / "shard-00000.parquet", [str(i) for i in range(n)], np.zeros(n), np.zeros(n), emb)
+        (folder / "manifest.json").write_text(json.dumps({"dim": 16, "backbone": "b", "rows": n}))
+    assert refresh_index(tmp_path / "s20000", tmp_path / "index", log=lambda *_: None)["factory"] == "Flat"
+    info = refresh_index(tmp_path / "s60000", tmp_path / "index", factory="Flat", log=lambda *_: None)
+    assert info["factory"] == "Flat" and not info["factory_chosen"] and info["trained_count"] == 20_000
+    assert GeoIndex(tmp_path / "index").exact
