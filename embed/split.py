@@ -8,7 +8,7 @@ Output folder (EngineLayout.embeddings(split)):
     failures.csv             images that could not be embedded, with the reason
     plan.json                pins backbone, dataset, split, rows and ids, so a resumed run cannot mix them
     fingerprints.npy         uint64 per embedded row (shard order): a hash of its id, coordinates and, for
-                             photos, file size and modification time (written once the run is finished)
+                             photos, file size and modification time (written just before the manifest)
 
 Resumable: shard NNNNN holds rows [NNNNN * shard_rows, ...) of the split's valid rows and is written
 atomically, so a rerun embeds only the shards that are missing. Updatable: when a finished run's split
@@ -201,9 +201,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
         distributed.barrier()
     if rank != 0:
         return None
-    manifest = finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log)
-    write_fingerprints(out_dir, split, fingerprints)
-    return manifest
+    return finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log,
+                        lambda: write_fingerprints(out_dir, split, fingerprints))
 
 
 def row_fingerprints(split) -> np.ndarray:
@@ -246,7 +245,7 @@ def _finish_swap(out_dir: Path) -> None:
 
     stage, replaced = _staged(out_dir)
     if not out_dir.exists() and replaced.exists():
-        if (stage / FINGERPRINTS).is_file():
+        if (stage / MANIFEST).is_file():
             stage.rename(out_dir)
         else:
             replaced.rename(out_dir)
@@ -315,9 +314,9 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
         emb = emb[ok]
         write_split_shard(stage, shard, [(rows[ok], emb, failed)], ids, lat, lon, backbone.dim)
     (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
-    manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed,
-                            time.perf_counter() - t0, log)
-    write_fingerprints(stage, split, fingerprints)  # last: it marks the staged folder complete (_finish_swap)
+    elapsed = time.perf_counter() - t0
+    manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed, elapsed, log,
+                            lambda: write_fingerprints(stage, split, fingerprints))  # complete: manifest
     out_dir.rename(replaced)
     stage.rename(out_dir)
     shutil.rmtree(replaced)
@@ -339,7 +338,9 @@ def write_split_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim
 
 
 def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
-                  n_failed_now: int, elapsed: float, log) -> dict:
+                  n_failed_now: int, elapsed: float, log, before_manifest=None) -> dict:
+    """Gather the failures, check the count and write the manifest, last: a folder with a manifest is a
+    finished run. `before_manifest()` writes what must be there when it is (the fingerprints)."""
     import pyarrow.parquet as pq
 
     missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
@@ -356,6 +357,8 @@ def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards
         w.writerows(failures)
     if rows + len(failures) != plan["rows"]:
         raise DataError(f"{out_dir}: {rows} embedded + {len(failures)} failed != {plan['rows']} rows")
+    if before_manifest is not None:
+        before_manifest()
     manifest = {**plan, "rows": rows, "failures": len(failures), "valid_rows": plan["rows"],
                 "n_shards": n_shards, "preprocessing": backbone.preprocessing(),
                 "config": asdict(cfg), "code_version": code_version(),

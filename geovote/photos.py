@@ -92,6 +92,9 @@ def scan_photos(folder: str | Path, coordinates_csv: str | Path | None = None):
     extra = read_coordinates_csv(Path(coordinates_csv)) if coordinates_csv else {}
     files = sorted(Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names
                    if name.lower().endswith(PHOTO_SUFFIXES))
+    if not files:
+        raise PhotoError(f"{root}: no photos in it or its sub-folders (looked for "
+                         f"{', '.join(s.lstrip('.') for s in PHOTO_SUFFIXES)})")
     ids, lat, lon, size, mtime, rejected = [], [], [], [], [], []
     for path in files:
         rel = path.relative_to(root).as_posix()

@@ -172,6 +172,10 @@ def refresh_index(shard_dir: str | Path, out: str | Path, factory: str | None = 
                            trained_count=old.get("trained_count", old["count"]), log=log)
     if why:
         log(f"index: building anew: {why}")
+        old = json.loads((out / "index.json").read_text())
+        named_before = not old.get("factory_chosen", True) and old.get("dim") == shard_sizes(shard_dir)[1]
+        if not factory and named_before:
+            factory = old.get("factory")  # the factory the user named before is kept, as an update keeps it
     return build_index(shard_dir, out, factory=factory, log=log)
 
 

@@ -7,6 +7,7 @@ stage's driver. `python -m embed.build` is its command.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -71,17 +72,24 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     root = Path(cfg.photos).resolve()
     cfg = replace(cfg, model=canonical_name(cfg.model), photos=str(root), splits=("train",))
     backbone = load_backbone(cfg.model)
+    if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after the embedding
+        from index.store import check_factory
+
+        check_factory(cfg.index_factory, backbone.dim)
     split, rejected = scan_photos(root, cfg.photos_csv or None)
+    # by default beside the sample, named after the folder and a hash of its path: two folders called
+    # `pics` get two engines
+    folder = f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
     layout = (EngineLayout(Path(cfg.out)) if cfg.out else
-              EngineLayout(default_sample_root().parent / "photos" / root.name / engine_name(cfg.model,
-                                                                                            backbone.name)))
-    write_rejects(layout.rejects("photos"), rejected)
+              EngineLayout(default_sample_root().parent / "photos" / folder / engine_name(cfg.model,
+                                                                                         backbone.name)))
     reasons = ", ".join(f"{n:,} {why}" for why, n in split.report.rejected.most_common())
     left_out = f", {len(rejected):,} left out ({reasons}; listed in {layout.rejects('photos')})"
     log(f"{root}: {split.report.rows:,} photos, {len(split):,} with coordinates"
         + (left_out if rejected else ""))
     split.require_rows()
     embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
+    write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
     if cfg.index:
         refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:

@@ -120,7 +120,18 @@ def test_photos_refused_clearly(tmp_path, capsys):
     empty.mkdir()
     shutil.copy(__file__, empty / "x.txt")
     assert embed_main(["--photos", str(empty), "--out", str(tmp_path / "e")]) == 2
-    assert "0 usable rows" in capsys.readouterr().err
+    assert "empty: no photos in it or its sub-folders (looked for jpg, jpeg, png" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_bad_factory_is_refused_before_any_photo_is_embedded(photo_folder, tiny_model, tmp_path, capsys):
+    from embed.build import main as embed_main
+
+    root, _ = photo_folder
+    assert embed_main(["--photos", str(root), "--model", str(tiny_model), "--out", str(tmp_path / "e"),
+                       "--set", "index_factory=bogus"]) == 2
+    assert "is not a FAISS factory string" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # nothing embedded, no rejects file written
 
 
 def _shard_vectors(folder):
@@ -190,7 +201,8 @@ def test_a_changed_folder_updates_the_engine_without_a_rebuild(photo_folder, tin
 def test_an_interrupted_update_is_finished_or_undone(tmp_path):
     """The update replaces the embeddings folder by two renames; a crash between them leaves the old
     folder renamed away: the next run puts back the finished new one, or else the old one."""
-    from embed.split import FINGERPRINTS, _finish_swap, _staged
+    from embed.split import _finish_swap, _staged
+    from geovote.shards import MANIFEST
 
     out = tmp_path / "train"
     for finished, expect in ((True, "new"), (False, "old")):
@@ -198,7 +210,7 @@ def test_an_interrupted_update_is_finished_or_undone(tmp_path):
         stage.mkdir(parents=True)
         (stage / "which").write_text("new")
         if finished:
-            (stage / FINGERPRINTS).write_bytes(b"")
+            (stage / MANIFEST).write_text("{}")
         replaced.mkdir()
         (replaced / "which").write_text("old")
         _finish_swap(out)
@@ -225,8 +237,9 @@ def test_an_index_outgrowing_its_training_is_built_anew(tmp_path):
     refresh_index(shards(1000), tmp_path / "index", factory="IVF8,Flat", log=said.append)
     assert refresh_index(shards(3000), tmp_path / "index", factory="IVF8,Flat", log=said.append)[
         "trained_count"] == 1000
-    info = refresh_index(shards(5000), tmp_path / "index", factory="IVF8,Flat", log=said.append)
+    info = refresh_index(shards(5000), tmp_path / "index", log=said.append)  # the factory named before
     assert info["trained_count"] == 5000 and info["count"] == 5000
+    assert info["factory"] == "IVF8,Flat" and not info["factory_chosen"]  # kept, though not named again
     assert said[1].endswith("IVF8,Flat, its training for 1,000 kept in " + said[1].split(" kept in ")[1])
     assert said[2] == "index: building anew: 5,000 vectors, more than 4x the 1,000 it was trained on"
 
