@@ -17,6 +17,8 @@ def test_rehearsal_runs_every_stage_and_reports_them(tmp_path, capsys):
     for name, s in summary["stages"].items():
         assert s["rc"] == 0 and s["wall_s"] > 0, name
         assert 0.05 < s["peak_rss_gb"] < 16, (name, s)  # a real process's peak, within the machine
+        # what it held privately, sampled: part of its RSS (which adds the mapped files' pages)
+        assert 0.02 < s["peak_private_gb"] <= s["peak_rss_gb"], (name, s)
     assert summary["max_peak_rss_gb"] == max(s["peak_rss_gb"] for s in summary["stages"].values())
     # the dataset is OSV-5M-shaped: train and test, no val
     assert (out / "train.csv").is_file() and (out / "test.csv").is_file() and not (out / "val.csv").exists()
