@@ -244,18 +244,25 @@ def test_an_index_outgrowing_its_training_is_built_anew(tmp_path):
     assert said[2] == "index: building anew: 5,000 vectors, more than 4x the 1,000 it was trained on"
 
 
+def _dataset_images(sample_root, root, n: int):
+    """The first n train images of the sample copied into root/images/train: (the CSV's header line and
+    n row lines, the header's column names). The caller writes whichever rows it wants as train.csv."""
+    lines = (sample_root / "train.csv").read_text().splitlines()[:n + 1]
+    header = next(csv.reader([lines[0]]))
+    (root / "images" / "train").mkdir(parents=True)
+    for line in lines[1:]:
+        i = next(csv.reader([line]))[header.index("id")]
+        shutil.copy(next((sample_root / "images" / "train").rglob(f"{i}.jpg")), root / "images" / "train")
+    return lines, header
+
+
 def test_a_dataset_whose_csv_gained_rows_is_updated(sample_root, tiny_model, tmp_path, capsys):
     """The same update for a dataset in OSV-5M's layout: rows appended to train.csv are embedded, the
     others kept, and the result equals a build from scratch."""
     from embed.build import main as embed_main
 
     root = tmp_path / "ds"
-    lines = (sample_root / "train.csv").read_text().splitlines()[:121]
-    header = next(csv.reader([lines[0]]))
-    (root / "images" / "train").mkdir(parents=True)
-    for line in lines[1:]:
-        i = next(csv.reader([line]))[header.index("id")]
-        shutil.copy(next((sample_root / "images" / "train").rglob(f"{i}.jpg")), root / "images" / "train")
+    lines, _ = _dataset_images(sample_root, root, 120)
     (root / "train.csv").write_text("\n".join(lines[:81]) + "\n")  # 80 rows first
     args = ["--data", str(root), "--model", str(tiny_model), "--out", str(tmp_path / "e"), "--workers", "0",
             "--set", "tune=false"]
@@ -284,12 +291,7 @@ def test_updates_that_only_remove_replace_everything_retry_failures_or_move_coor
     from index.store import GeoIndex
 
     root = tmp_path / "ds"
-    lines = (sample_root / "train.csv").read_text().splitlines()[:101]
-    header = next(csv.reader([lines[0]]))
-    (root / "images" / "train").mkdir(parents=True)
-    for line in lines[1:]:
-        i = next(csv.reader([line]))[header.index("id")]
-        shutil.copy(next((sample_root / "images" / "train").rglob(f"{i}.jpg")), root / "images" / "train")
+    lines, header = _dataset_images(sample_root, root, 100)
     broken = next(csv.reader([lines[3]]))[header.index("id")]
     (root / "images" / "train" / f"{broken}.jpg").write_bytes(b"\xff\xd8 not a whole jpeg")
     lat_col = header.index("latitude")
