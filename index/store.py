@@ -205,10 +205,13 @@ def _why_retrain(shard_dir, out: Path, factory: str | None) -> str | None:
 
 def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = None,
                 nprobe: int = DEFAULT_NPROBE, shortlist: int | None = None, seed: int = 0,
-                trained: Path | None = None, trained_count: int | None = None, log=print) -> dict:
+                trained: Path | None = None, trained_count: int | None = None, list_order: bool = True,
+                log=print) -> dict:
     """Build the index folder `out` from the shards in `shard_dir`, in bounded memory. Returns index.json.
     `trained`: an index file of the same factory whose training (coarse quantizer, codebooks) is kept
-    instead of training anew; `trained_count`: how many vectors that training was done for."""
+    instead of training anew; `trained_count`: how many vectors that training was done for.
+    `list_order`: number an IVF index's rows list by list (see _order_by_list); False keeps shard order
+    (only to measure what the ordering buys: benchmark.index_bench)."""
     import faiss
 
     t0 = time.perf_counter()
@@ -271,6 +274,9 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
             raise IndexError_(f"cannot train {factory} on {n:,} vectors ({why}); use fewer IVF lists or "
                               "leave index_factory empty to choose from the data") from None
     t_train = time.perf_counter()
+    if list_order and "IVF" in factory:  # a query's re-rank candidates then lie in nprobe runs of the copy
+        vectors = _order_by_list(index, tmp, vectors, lat, lon, ids)
+    t_order = time.perf_counter()
     for start in range(0, n, ADD_BATCH):
         index.add(np.asarray(vectors[start:start + ADD_BATCH], np.float32))
     t_add = time.perf_counter()
@@ -279,7 +285,8 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
         "version": INDEX_VERSION, "factory": factory, "metric": "inner_product", "dim": dim, "count": n,
         "nprobe": nprobe, "shortlist": shortlist or default_shortlist(n), "embedding_manifest": manifest,
         "backbone": manifest.get("backbone"), "factory_chosen": chosen, "trained_count": trained_count,
-        "build_seconds": {"copy": t_copy - t0, "train": t_train - t_copy, "add": t_add - t_train},
+        "build_seconds": {"copy": t_copy - t0, "train": t_train - t_copy, "order": t_order - t_train,
+                          "add": t_add - t_order},
     }
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
@@ -288,6 +295,48 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
     how = f"its training for {trained_count:,} kept" if trained is not None else "built"
     log(f"index: {n:,} vectors of {dim} dims, {factory}, {how} in {time.perf_counter() - t0:.1f} s -> {out}")
     return info
+
+
+def _inverted_list_of(index, vectors, batch: int = ADD_BATCH) -> np.ndarray:
+    """(n,) the IVF list each row of `vectors` goes to: the coarse quantizer's pick, after the index's
+    transforms (a rotation, OPQ) as `add` applies them."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    pre = faiss.downcast_index(index)
+    chain = ([pre.chain.at(i) for i in range(pre.chain.size())]
+             if isinstance(pre, faiss.IndexPreTransform) else [])
+    out = np.empty(len(vectors), np.int64)
+    for start in range(0, len(vectors), batch):
+        x = np.asarray(vectors[start:start + batch], np.float32)
+        for transform in chain:
+            x = transform.apply(x)
+        out[start:start + len(x)] = ivf.quantizer.assign(x, 1)[:, 0]
+    return out
+
+
+def _order_by_list(index, folder: Path, vectors, lat, lon, ids, chunk: int = 200_000):
+    """Rewrite the folder's row-aligned files (refine.faiss, coordinates, ids) with the rows sorted by
+    the IVF list they go to, so that FAISS ids (assigned in add order) run contiguously per list. Why: the
+    re-rank reads each candidate's 1 KB row from the memory-mapped copy; in shard order a query's
+    candidates are scattered over the whole file (a TLB miss and a cold page each), in list order they
+    fall in the nprobe lists' runs (index_bench, 5M: docs/BENCHMARKS.md). Returns the reordered copy."""
+    order = np.argsort(_inverted_list_of(index, vectors), kind="stable")
+    n, dim = vectors.shape
+    path = folder / "refine.faiss"
+    with open(folder / "refine.faiss.ordered", "wb") as f:
+        f.write(_fp16_header(dim, n))
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            by_row = np.argsort(rows)  # gather in file order, then put back in list order
+            block = np.empty((len(rows), dim), "<f2")
+            block[by_row] = vectors[rows[by_row]]
+            f.write(block.tobytes())
+    for name, a in (("latitude.npy", lat), ("longitude.npy", lon), ("ids.npy", ids)):
+        np.save(folder / f"ordered-{name}", np.asarray(a)[order])
+        (folder / f"ordered-{name}").replace(folder / name)  # a new file: the open maps keep the old one
+    (folder / "refine.faiss.ordered").replace(path)
+    return _fp16_vectors(path, dim, n)
 
 
 def _gpu_device(device: str) -> str | None:

@@ -85,26 +85,49 @@ def test_ivfpq_with_rerank_matches_brute_force(tmp_path):
     assert info["factory"] == "IVF256,PQ16x4fs"
     idx = GeoIndex(tmp_path / "index")
     v32 = vectors.astype(np.float16).astype(np.float32)
+    # the index numbers its rows in inverted-list order: a row's source (shard) row is read from its id
+    source = lambda found: np.vectorize(lambda i: int(i[3:]) if i else -1)(found.ids)  # noqa: E731
     _, b_rows = _brute(vectors.astype(np.float16), queries, 10)
-    recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, b_rows)])  # noqa: E731
+    recall = lambda src: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(src, b_rows)])  # noqa: E731
     reranked = idx.search(queries, k=10, nprobe=32)
     pq_only = idx.search(queries, k=10, nprobe=32, rerank=False)
-    assert recall(reranked.rows) > recall(pq_only.rows) + 0.2  # exact re-ranking is what buys the recall
+    assert recall(source(reranked)) > recall(source(pq_only)) + 0.2  # exact re-ranking buys the recall
     assert np.all(np.diff(reranked.similarity, axis=1) <= 1e-6)  # best first
     # re-ranked similarities are the exact fp16 inner products, and the best of the shortlist
-    exact = np.einsum("qkd,qd->qk", v32[reranked.rows], queries)
+    exact = np.einsum("qkd,qd->qk", v32[source(reranked)], queries)
     np.testing.assert_allclose(reranked.similarity, exact, atol=1e-4)
-    cand = idx.search(queries, k=10 * idx.info["shortlist"], nprobe=32, rerank=False).rows
+    cand = source(idx.search(queries, k=10 * idx.info["shortlist"], nprobe=32, rerank=False))
     best_of_cand = -np.sort(-np.einsum("qcd,qd->qc", v32[cand], queries), axis=1)[:, :10]
     np.testing.assert_allclose(reranked.similarity, best_of_cand, atol=1e-4)
-    np.testing.assert_array_equal(reranked.ids, ids[reranked.rows])
-    np.testing.assert_array_equal(reranked.lat_deg, lat[reranked.rows])
-    np.testing.assert_array_equal(reranked.lon_deg, lon[reranked.rows])
+    np.testing.assert_array_equal(reranked.lat_deg, lat[source(reranked)])
+    np.testing.assert_array_equal(reranked.lon_deg, lon[source(reranked)])
     # every list probed and a long shortlist: the exact answer (similarities equal, so ties may swap rows)
     full = idx.search(queries, k=10, nprobe=256, shortlist=200)
     b_sim = -np.sort(-(v32 @ queries.T).T, axis=1)[:, :10]
     np.testing.assert_allclose(full.similarity, b_sim, atol=1e-5)
-    assert recall(full.rows) >= 0.995
+    assert recall(source(full)) >= 0.995
+
+
+def test_ivf_rows_run_in_list_order_with_their_vectors_coordinates_and_ids(tmp_path):
+    """build_index numbers an IVF index's rows list by list (so a query's re-rank reads nprobe runs of the
+    copy): every row must still carry its own vector, coordinates and id, and each list be one run."""
+    import faiss
+
+    vectors = clustered_vectors(60_000, DIM, n_clusters=200, latent_dim=12, seed=2)
+    ids, lat, lon = _shards(tmp_path / "shards", vectors, per_shard=25_000)
+    build_index(tmp_path / "shards", tmp_path / "index", log=lambda *_: None)
+    idx = GeoIndex(tmp_path / "index")
+    src = np.array([int(i[3:]) for i in np.char.decode(np.asarray(idx.ids), "utf-8")])
+    assert sorted(src) == list(range(60_000)) and not np.array_equal(src, np.arange(60_000))
+    np.testing.assert_array_equal(idx.vectors, vectors[src].astype(np.float16))
+    np.testing.assert_array_equal(idx.lat, lat[src])
+    np.testing.assert_array_equal(idx.lon, lon[src])
+    invlists = faiss.extract_index_ivf(idx.index).invlists
+    runs = [faiss.rev_swig_ptr(invlists.get_ids(j), invlists.list_size(j)).copy()
+            for j in range(invlists.nlist) if invlists.list_size(j)]
+    for run in runs:
+        np.testing.assert_array_equal(run, np.arange(run[0], run[0] + len(run)))
+    assert sum(map(len, runs)) == 60_000
 
 
 def test_torch_exact_search_equals_brute_force():
@@ -187,5 +210,6 @@ def test_an_opq_rotated_index_takes_nprobe_and_reranks_exactly(tmp_path):
     b_sim, b_rows = _brute(vectors.astype(np.float16), queries, 10)
     recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, b_rows)])  # noqa: E731
     one, every = idx.search(queries, 10, nprobe=1), idx.search(queries, 10, nprobe=64, shortlist=100)
-    assert recall(one.rows) < recall(every.rows) - 0.05  # nprobe reached the IVF level
+    source = lambda found: np.vectorize(lambda i: int(i[3:]))(found.ids)  # noqa: E731 - rows by list
+    assert recall(source(one)) < recall(source(every)) - 0.05  # nprobe reached the IVF level
     np.testing.assert_allclose(every.similarity, b_sim, atol=1e-4)  # every list, long shortlist: exact

@@ -51,7 +51,9 @@ def _index(tmp_path, n=60_000, dim=32, factory="IVF64,PQ8x4fs"):
                 rng.uniform(-180, 180, n), emb)
     (shards / "manifest.json").write_text(json.dumps({"dim": dim}))
     build_index(shards, tmp_path / "index", factory=factory, log=lambda *_: None)
-    return GeoIndex(tmp_path / "index"), emb.astype(np.float32), rng
+    index = GeoIndex(tmp_path / "index")
+    source = np.asarray(index.ids).astype(int)  # an IVF index numbers its rows list by list
+    return index, emb[source].astype(np.float32), rng  # the vectors by index row
 
 
 def test_subset_search_finds_only_the_subset_and_its_true_neighbours(tmp_path, monkeypatch):
