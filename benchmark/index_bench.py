@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             qps = max(qps, len(queries) / (time.perf_counter() - t0))
         rows.append((name, build, ram, disk, recall_at(source_rows(found), truth), qps))
 
+    timed(f"ours {info['factory']} as built: measured nprobe {info['nprobe']}, x{info['shortlist']}",
+          lambda q, ix=idx: ix.search(q, 10), build_s, ram_b, disk_b)
     for nprobe in args.nprobes:
         for shortlist in args.shortlists:
             timed(f"ours {info['factory']} nprobe {nprobe}, re-ranked x{shortlist}",

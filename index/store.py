@@ -50,14 +50,10 @@ SUBSET_EXACT_MAX = 500_000
 # Queries with fewer than k region rows there fall back to the filtered search below.
 PREFILTER_FROM = 50_000
 PREFILTER_FACTOR = 4
-DEFAULT_SHORTLIST = 30  # candidates re-ranked = shortlist * k, up to 1M vectors (recall@10 0.985 there)
-
-
-def default_shortlist(n_vectors: int) -> int:
-    """More vectors crowd each neighbourhood, so the true top k sit further down the PQ order: 30 x k up
-    to 1M, growing as N^0.75 beyond (5M: 100 x k). Measured on clustered 512-d vectors: recall@10 0.985
-    at 1M with 30, 0.869 at 5M with 30, 0.936 with 50, 0.983 with 100 (docs/BENCHMARKS.md)."""
-    return max(DEFAULT_SHORTLIST, round(DEFAULT_SHORTLIST * (n_vectors / 1_000_000) ** 0.75))
+# candidates re-ranked = shortlist * k. An IVF index measures its own nprobe and shortlist when it is built
+# (index.autotune: no fixed rule held from 1M to 5M); these are what an index without that measurement
+# (Flat: nothing to tune) records.
+DEFAULT_SHORTLIST = 30
 ADD_BATCH = 65_536
 
 
@@ -204,12 +200,14 @@ def _why_retrain(shard_dir, out: Path, factory: str | None) -> str | None:
 
 
 def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = None,
-                nprobe: int = DEFAULT_NPROBE, shortlist: int | None = None, seed: int = 0,
+                nprobe: int | None = None, shortlist: int | None = None, seed: int = 0,
                 trained: Path | None = None, trained_count: int | None = None, list_order: bool = True,
                 log=print) -> dict:
     """Build the index folder `out` from the shards in `shard_dir`, in bounded memory. Returns index.json.
     `trained`: an index file of the same factory whose training (coarse quantizer, codebooks) is kept
     instead of training anew; `trained_count`: how many vectors that training was done for.
+    `nprobe`, `shortlist`: the search settings stored in index.json; by default an IVF index measures
+    them on itself (index.autotune), each one given overrides its measured value.
     `list_order`: number an IVF index's rows list by list (see _order_by_list); False keeps shard order
     (only to measure what the ordering buys: benchmark.index_bench)."""
     import faiss
@@ -283,12 +281,25 @@ def build_index(shard_dir: str | Path, out: str | Path, factory: str | None = No
     faiss.write_index(index, str(tmp / "index.faiss"))
     info = {
         "version": INDEX_VERSION, "factory": factory, "metric": "inner_product", "dim": dim, "count": n,
-        "nprobe": nprobe, "shortlist": shortlist or default_shortlist(n), "embedding_manifest": manifest,
+        "nprobe": nprobe or DEFAULT_NPROBE, "shortlist": shortlist or DEFAULT_SHORTLIST,
+        "embedding_manifest": manifest,
         "backbone": manifest.get("backbone"), "factory_chosen": chosen, "trained_count": trained_count,
         "build_seconds": {"copy": t_copy - t0, "train": t_train - t_copy, "order": t_order - t_train,
                           "add": t_add - t_order},
     }
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    if "IVF" in factory:
+        from index.autotune import measure_search
+
+        measured = measure_search(GeoIndex(tmp))
+        info.update(nprobe=nprobe or measured["nprobe"], shortlist=shortlist or measured["shortlist"],
+                    search_measured=measured)
+        info["build_seconds"]["measure"] = time.perf_counter() - t_add
+        (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+        settings = f"nprobe {info['nprobe']}, re-rank x{info['shortlist']}"
+        log(f"index: measured on {measured['queries']} of its vectors: {settings} recall@{measured['k']} "
+            f"{measured['recall']:.3f}" + ("" if measured["reached"] else
+                                           f" (the target {measured['target_recall']} is out of reach)"))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
