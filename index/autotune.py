@@ -8,8 +8,12 @@ their exact top k over every vector, on a grid of nprobe x shortlist, and the in
 
 - nprobe: the fewest lists whose recall, at the longest shortlist, is within PLATEAU of the most lists'
   (probing more finds nothing the re-rank can use), then
-- shortlist: the shortest that reaches TARGET_RECALL at that nprobe (or the plateau, when the code is too
-  coarse for the target: it then says so in index.json).
+- shortlist: the shortest that reaches TARGET_RECALL at that nprobe.
+
+When even the most lists and the longest shortlist on the grid fall short of the target (vectors that the
+index's codes cannot order: near-isotropic noise, as the full-size rehearsal fabricates), the index keeps
+the fallback settings it was given (index.store's defaults) instead of buying a little recall with many
+times the search cost, and index.json says so (`reached`: false, with the recall at both settings).
 
 The measurement is recorded in index.json (`search_measured`). Exact top k over N vectors for QUERIES
 queries reads the whole fp16 copy once: ~30 s at 5M x 512 on two cores.
@@ -26,10 +30,11 @@ NPROBES = (2, 4, 8, 16, 32, 64)
 SHORTLISTS = (5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200)
 
 
-def measure_search(index, queries: int = QUERIES, k: int = K, target: float = TARGET_RECALL,
-                   seed: int = 0) -> dict:
+def measure_search(index, fallback: tuple[int, int], queries: int = QUERIES, k: int = K,
+                   target: float = TARGET_RECALL, seed: int = 0) -> dict:
     """The nprobe and shortlist `index` (an index.store.GeoIndex over an IVF index) should search with,
-    and what was measured: {"nprobe", "shortlist", "recall", "target_recall", "queries", "k", "grid"}."""
+    and what was measured: {"nprobe", "shortlist", "recall", "reached", "target_recall", "queries", "k",
+    "grid"}. `fallback`: the (nprobe, shortlist) kept when the target is out of reach."""
     import faiss
 
     from index.store import exact_search_rows
@@ -50,11 +55,15 @@ def measure_search(index, queries: int = QUERIES, k: int = K, target: float = TA
     longest = SHORTLISTS[-1]
     grid = {}
     plateau = grid.setdefault((nprobes[-1], longest), recall(nprobes[-1], longest))
-    nprobe = next(p for p in nprobes
-                  if grid.setdefault((p, longest), recall(p, longest)) >= plateau - PLATEAU)
-    goal = min(target, plateau - PLATEAU)
-    shortlist = next(s for s in SHORTLISTS if grid.setdefault((nprobe, s), recall(nprobe, s)) >= goal)
-    return {"nprobe": int(nprobe), "shortlist": int(shortlist), "recall": grid[(nprobe, shortlist)],
+    if plateau < target:
+        nprobe, shortlist = fallback
+        grid.setdefault((nprobe, shortlist), recall(nprobe, shortlist))
+    else:
+        nprobe = next(p for p in nprobes
+                      if grid.setdefault((p, longest), recall(p, longest)) >= plateau - PLATEAU)
+        shortlist = next(s for s in SHORTLISTS
+                         if grid.setdefault((nprobe, s), recall(nprobe, s)) >= min(target, plateau - PLATEAU))
+    return {"nprobe": int(nprobe), "shortlist": int(shortlist), "recall": round(grid[(nprobe, shortlist)], 4),
             "target_recall": target, "reached": grid[(nprobe, shortlist)] >= target,
             "queries": len(rows), "k": k,
             "grid": {f"nprobe {p} x{s}": round(r, 4) for (p, s), r in sorted(grid.items())}}

@@ -60,3 +60,24 @@ def test_given_settings_override_the_measured_ones(tmp_path):
                        log=lambda *_: None)
     assert info["shortlist"] == 77 and info["nprobe"] == info["search_measured"]["nprobe"]
     assert GeoIndex(tmp_path / "index").info["shortlist"] == 77
+
+
+def test_out_of_reach_keeps_the_defaults_and_says_so(tmp_path):
+    """Near-isotropic vectors that 4-byte codes cannot order: no setting on the grid reaches the target,
+    so the index keeps the defaults (not the most expensive settings for a little recall)."""
+    from index.store import DEFAULT_NPROBE, default_shortlist
+
+    n, dim = 20_000, 64
+    vectors = np.random.default_rng(5).normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "shard-00000.parquet", [str(i) for i in range(n)], np.zeros(n), np.zeros(n), vectors)
+    (shards / "manifest.json").write_text(json.dumps({"dim": dim}))
+    said = []
+    info = build_index(shards, tmp_path / "index", factory="IVF64,PQ8x4fs", log=said.append)
+    m = info["search_measured"]
+    assert not m["reached"] and max(m["grid"].values()) < m["target_recall"]
+    assert (info["nprobe"], info["shortlist"]) == (DEFAULT_NPROBE, default_shortlist(n))
+    assert m["grid"][f"nprobe {DEFAULT_NPROBE} x{default_shortlist(n)}"] == m["recall"]
+    assert any("out of reach" in line for line in said)

@@ -38,6 +38,14 @@ def test_choose_factory():
     assert choose_factory(5_000_000, 768) == "IVF2048_HNSW32,PQ192x4fs"
 
 
+def test_shortlist_fallback_grows_with_the_index():
+    from index.store import default_shortlist
+
+    assert default_shortlist(20_000) == default_shortlist(1_000_000) == 30
+    assert default_shortlist(5_000_000) == 100
+    assert default_shortlist(2_000_000) == 50
+
+
 def test_refine_file_is_what_faiss_itself_writes(tmp_path):
     """refine.faiss is streamed by hand in FAISS's layout; it must be byte for byte faiss.write_index's."""
     import faiss
