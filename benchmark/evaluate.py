@@ -78,6 +78,7 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
     from geovote.data import csv_columns, read_split, split_csv
     from geovote.layout import EngineLayout
     from geovote.metrics import ADMIN_LEVELS
+    from geovote.shards import read_coordinates
     from retrieve.engine import Engine
     from retrieve.tuning import embed_for_eval, tune_and_save
 
@@ -94,9 +95,11 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
         engine = Engine(layout.index, backbone=engine.backbone)
     tuned = json.loads(layout.params.read_text())
     t0 = time.perf_counter()
-    # the train rows' locations from the index (row-aligned with the train shards); their embeddings are
-    # streamed by the methods that need them, never loaded whole (5.1M x 768 float32 is 15.7 GB)
-    train_lat, train_lon = np.array(engine.index.lat), np.array(engine.index.lon)
+    # the train rows' locations in shard order (the index numbers its rows its own way): their embeddings
+    # are streamed from the shards by the methods that need them, never loaded whole (5.1M x 768 float32
+    # is 15.7 GB)
+    train = read_coordinates(layout.embeddings("train"))
+    train_lat, train_lon = train.lat_deg, train.lon_deg
     scored, embs, start = [], [], 0
     key_cols = list(ADMIN_LEVELS.values())
     for name in names:
@@ -159,14 +162,14 @@ def load_validation(engine, root: Path, seed: int = 0, log=print) -> Validation:
     (geovote.holdout: those rows, their sequences and everything within 1 km are never trained on)."""
     from geovote.data import DataError, split_csv
     from geovote.holdout import HOLDOUT_NAME, holdout
-    from geovote.shards import read_embeddings
-    from retrieve.tuning import embed_for_eval, index_sequences
+    from geovote.shards import read_coordinates, read_embeddings
+    from retrieve.tuning import embed_for_eval, split_sequences
 
     try:
         split_csv(root, "val")
     except DataError:
-        lat, lon = np.asarray(engine.index.lat), np.asarray(engine.index.lon)
-        h = holdout(lat, lon, index_sequences(engine, root), seed=seed)
+        train = read_coordinates(engine.layout.embeddings("train"))  # shard order, as read_embeddings
+        h = holdout(train.lat_deg, train.lon_deg, split_sequences(root, train.ids), seed=seed)
         held = read_embeddings(engine.layout.embeddings("train"), h.rows)
         log(f"no val split: the heads validate on {len(h.rows):,} train images held out "
             f"({int(h.excluded.sum()):,} rows left out of their training)")

@@ -116,6 +116,17 @@ def read_embeddings(folder: str | Path, rows: np.ndarray | None = None, dtype=np
     return out
 
 
+def read_coordinates(folder: str | Path) -> Shard:
+    """Every row's id and coordinates in shard order (no embeddings: 5.1M rows in seconds). An index
+    numbers its rows in its own order (index.store), so whatever streams the shards (the heads, the
+    holdout) takes the rows' coordinates from here, not from the index."""
+    parts = [pq.read_table(p, columns=["id", "latitude", "longitude"]) for p in shard_paths(folder)]
+    table = pa.concat_tables(parts)
+    return Shard(ids=table.column("id").to_numpy(zero_copy_only=False),
+                 lat_deg=table.column("latitude").to_numpy(), lon_deg=table.column("longitude").to_numpy(),
+                 embedding=np.empty((table.num_rows, 0), np.float16))
+
+
 def shard_sizes(folder: str | Path) -> tuple[list[int], int]:
     """Rows in each shard (from parquet metadata, without reading data) and the dimension."""
     sizes, dim = [], None

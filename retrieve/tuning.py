@@ -72,8 +72,13 @@ CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
 
 
 def index_sequences(engine, data: Path) -> np.ndarray | None:
-    """(N,) the capture `sequence` of each index row ("" where unknown), from the train CSV joined on id;
-    None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
+    """(N,) the capture `sequence` of each index row ("" where unknown); None without such a column."""
+    return split_sequences(data, np.char.decode(np.asarray(engine.index.ids), "utf-8"))
+
+
+def split_sequences(data: Path, ids) -> np.ndarray | None:
+    """The capture `sequence` of each of the train images `ids` ("" where unknown), from the train CSV
+    joined on id; None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -85,8 +90,7 @@ def index_sequences(engine, data: Path) -> np.ndarray | None:
     except DataError:  # a gallery of photos has no train.csv
         return None
     t = read_split(data, "train", columns=("sequence",), check_images=False)
-    index_ids = pa.array(np.char.decode(np.asarray(engine.index.ids), "utf-8"), pa.string())
-    pos = pc.index_in(index_ids, value_set=t.table.column("id").combine_chunks())
+    pos = pc.index_in(pa.array(np.asarray(ids), pa.string()), value_set=t.table.column("id").combine_chunks())
     seq = t.table.column("sequence").combine_chunks().take(pos)
     return np.asarray(pc.fill_null(pc.cast(seq, pa.string()), "").to_numpy(zero_copy_only=False), dtype=str)
 
@@ -100,14 +104,14 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
     total = sum(shard_sizes(folder)[0])
     rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
-    seq = index_sequences(engine, data)
+    seq = index_sequences(engine, data)  # by index row (the neighbours)
     q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
+    q_seq = None if seq is None else split_sequences(data, q_ids)[:, None]  # by query (shard rows)
 
     def exclude(res):
         own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
                                                            q_lon[:, None]) < CARVE_EXCLUDE_KM)
         if seq is not None:
-            q_seq = seq[rows][:, None]
             own |= (seq[np.maximum(res.rows, 0)] == q_seq) & (q_seq != "") & (res.rows >= 0)
         order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
         keep = ~np.take_along_axis(own, order, 1)

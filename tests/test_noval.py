@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from geovote.geo import haversine_km
@@ -58,7 +59,7 @@ def test_heads_never_train_on_the_held_out_rows(noval_root, noval_engine):
     """The stream the heads train on yields every kept row exactly once an epoch, and no excluded one."""
     from benchmark.evaluate import load_validation
     from benchmark.methods import train_batches
-    from geovote.shards import read_embeddings
+    from geovote.shards import read_coordinates, read_embeddings
     from retrieve.engine import Engine
 
     engine = Engine(Path(noval_engine) / "index", load_model=False)
@@ -75,8 +76,38 @@ def test_heads_never_train_on_the_held_out_rows(noval_root, noval_engine):
     np.testing.assert_array_equal(np.sort(seen), np.flatnonzero(~val.excluded))
     # the validation rows are the held-out ones: their vectors, at their truth
     held = np.flatnonzero(val.excluded)
-    lat = np.asarray(engine.index.lat)
+    lat = read_coordinates(engine.layout.embeddings("train")).lat_deg  # shard order, as `excluded`
     assert np.isin(val.lat, lat[held]).all()
+
+
+def test_an_index_in_its_own_row_order_changes_nothing_the_heads_see(noval_root, noval_engine, tiny_model,
+                                                                   tmp_path):
+    """An IVF index numbers its rows list by list, the shards keep theirs: the holdout, its exclusions and
+    the heads' labels (all in shard order) must be what they are over a Flat index of the same shards,
+    so the heads' predictions are the same to the bit (their training is seeded)."""
+    from benchmark.evaluate import load_validation
+    from benchmark.run import main as run_main
+    from embed.build import main as embed_main
+    from retrieve.engine import Engine
+
+    ivf_engine = tmp_path / "ivf"
+    assert embed_main(["--data", str(noval_root), "--model", str(tiny_model), "--out", str(ivf_engine),
+                       "--workers", "0", "--splits", "train", "--set", "index_factory='IVF16,Flat'"]) == 0
+    flat, ivf = (Engine(Path(e) / "index", load_model=False) for e in (noval_engine, ivf_engine))
+    assert sorted(ivf.index.ids) == sorted(flat.index.ids) and list(ivf.index.ids) != list(flat.index.ids)
+    a, b = (load_validation(e, noval_root, seed=0, log=lambda m: None) for e in (flat, ivf))
+    np.testing.assert_array_equal(a.excluded, b.excluded)
+    np.testing.assert_array_equal(a.lat, b.lat)
+    predicted = []
+    for engine in (noval_engine, ivf_engine):
+        out = tmp_path / f"run-{len(predicted)}"
+        assert run_main(["--data", str(noval_root), "--engine", str(engine), "--out", str(out), "--methods",
+                         "regression", "classification", "--set", "bootstrap=5", "--set", "head_epochs=1"]) == 0
+        predicted.append([pq.read_table(out / "predictions" / f"{m}.parquet")
+                          for m in ("regression", "classification")])
+    for x, y in zip(*predicted):
+        for column in ("id", "latitude", "longitude"):
+            np.testing.assert_array_equal(x.column(column).to_numpy(), y.column(column).to_numpy())
 
 
 def test_finetune_validates_on_held_out_train_rows(noval_root, tmp_path, capsys):
