@@ -162,7 +162,8 @@ def check_search(s: dict) -> dict:
         res = idx.search(queries, k)
         out["cpu_index"] = info["factory"]
         out["cpu_index_queries_per_s"] = round(nq / (time.perf_counter() - t0), 1)
-        out["cpu_index_recall_at_10"] = recall(res.ids[:1000].astype(np.int64))  # ids: rows of `base`
+        found = np.array([[int(i) if i else -1 for i in row] for row in res.ids[:1000]])  # ids: rows of base
+        out["cpu_index_recall_at_10"] = recall(found)
     return out
 
 

@@ -77,8 +77,8 @@ class Inputs:
     all in memory), the test split's embeddings and truth. Validation is loaded when a method asks."""
 
     engine: object  # retrieve.engine.Engine
-    train_shards: object  # Path: the train embedding shards, row-aligned with the index
-    train_lat: np.ndarray  # (N,)
+    train_shards: object  # Path: the train embedding shards (an IVF index numbers its rows its own way)
+    train_lat: np.ndarray  # (N,) in shard order
     train_lon: np.ndarray
     test_emb: np.ndarray  # (Q, dim) float32
     test_lat: np.ndarray  # truth: only `oracle` may look

@@ -7,7 +7,7 @@ at the end of its build: QUERIES of its own vectors are searched (each one's own
 their exact top k over every vector, on a grid of nprobe x shortlist, and the index keeps
 
 - nprobe: the fewest lists whose recall, at the longest shortlist, is within PLATEAU of the most lists'
-  (probing more finds nothing the re-rank can use), then
+  and at least the target (probing more finds nothing the re-rank can use), then
 - shortlist: the shortest that reaches TARGET_RECALL at that nprobe.
 
 When even the most lists and the longest shortlist on the grid fall short of the target (vectors that the
@@ -47,22 +47,27 @@ def measure_search(index, fallback: tuple[int, int], queries: int = QUERIES, k: 
     truth = _without_own_row(truth, rows, k)
 
     def recall(nprobe: int, shortlist: int) -> float:
-        found = _without_own_row(index.search(q, k + 1, nprobe=nprobe, shortlist=shortlist).rows, rows, k)
+        # k + 1 found (the own row among them) from the shortlist x k candidates a search for k re-ranks
+        found = index.search(q, k + 1, nprobe=nprobe, shortlist=shortlist * k / (k + 1)).rows
+        found = _without_own_row(found, rows, k)
         return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
 
     nlist = faiss.extract_index_ivf(index.index).nlist
-    nprobes = [p for p in NPROBES if p < nlist] + [min(nlist, NPROBES[-1])]
+    nprobes = sorted({p for p in NPROBES if p < nlist} | {min(nlist, NPROBES[-1])})
     longest = SHORTLISTS[-1]
     grid = {}
-    plateau = grid.setdefault((nprobes[-1], longest), recall(nprobes[-1], longest))
+    def measured(p: int, s: int) -> float:
+        if (p, s) not in grid:
+            grid[(p, s)] = recall(p, s)
+        return grid[(p, s)]
+
+    plateau = measured(nprobes[-1], longest)
     if plateau < target:
         nprobe, shortlist = fallback
-        grid.setdefault((nprobe, shortlist), recall(nprobe, shortlist))
-    else:
-        nprobe = next(p for p in nprobes
-                      if grid.setdefault((p, longest), recall(p, longest)) >= plateau - PLATEAU)
-        shortlist = next(s for s in SHORTLISTS
-                         if grid.setdefault((nprobe, s), recall(nprobe, s)) >= min(target, plateau - PLATEAU))
+        measured(nprobe, shortlist)
+    else:  # the fewest lists at the plateau that still reach the target, then the shortest shortlist
+        nprobe = next(p for p in nprobes if measured(p, longest) >= max(target, plateau - PLATEAU))
+        shortlist = next(s for s in SHORTLISTS if measured(nprobe, s) >= target)
     return {"nprobe": int(nprobe), "shortlist": int(shortlist), "recall": round(grid[(nprobe, shortlist)], 4),
             "target_recall": target, "reached": grid[(nprobe, shortlist)] >= target,
             "queries": len(rows), "k": k,
