@@ -71,11 +71,6 @@ CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
 
 
-def index_sequences(engine, data: Path) -> np.ndarray | None:
-    """(N,) the capture `sequence` of each index row ("" where unknown); None without such a column."""
-    return split_sequences(data, np.char.decode(np.asarray(engine.index.ids), "utf-8"))
-
-
 def split_sequences(data: Path, ids) -> np.ndarray | None:
     """The capture `sequence` of each of the train images `ids` ("" where unknown), from the train CSV
     joined on id; None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
@@ -104,9 +99,12 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
     total = sum(shard_sizes(folder)[0])
     rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
-    seq = index_sequences(engine, data)  # by index row (the neighbours)
     q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
-    q_seq = None if seq is None else split_sequences(data, q_ids)[:, None]  # by query (shard rows)
+    # one join for the neighbours (by index row) and the queries (by id: they are shard rows)
+    index_ids = np.char.decode(np.asarray(engine.index.ids), "utf-8")
+    seq = split_sequences(data, np.concatenate([index_ids, q_ids]))
+    if seq is not None:
+        seq, q_seq = seq[:len(index_ids)], seq[len(index_ids):, None]
 
     def exclude(res):
         own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],

@@ -25,6 +25,11 @@ def _shards(folder, vectors, per_shard=3000, backbone="test-backbone"):
     return ids, lat, lon
 
 
+def _source(found):
+    """Each result's row in the shards (ids are img<row>): an IVF index numbers its rows list by list."""
+    return np.vectorize(lambda i: int(i[3:]) if i else -1, otypes=[np.int64])(found.ids)
+
+
 def _brute(vectors16, queries, k):
     sim = queries @ vectors16.astype(np.float32).T
     rows = np.argsort(-sim, axis=1, kind="stable")[:, :k]
@@ -85,27 +90,26 @@ def test_ivfpq_with_rerank_matches_brute_force(tmp_path):
     assert info["factory"] == "IVF256,PQ16x4fs"
     idx = GeoIndex(tmp_path / "index")
     v32 = vectors.astype(np.float16).astype(np.float32)
-    # the index numbers its rows in inverted-list order: a row's source (shard) row is read from its id
-    source = lambda found: np.vectorize(lambda i: int(i[3:]) if i else -1)(found.ids)  # noqa: E731
     _, b_rows = _brute(vectors.astype(np.float16), queries, 10)
     recall = lambda src: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(src, b_rows)])  # noqa: E731
     reranked = idx.search(queries, k=10, nprobe=32)
     pq_only = idx.search(queries, k=10, nprobe=32, rerank=False)
-    assert recall(source(reranked)) > recall(source(pq_only)) + 0.2  # exact re-ranking buys the recall
+    assert recall(_source(reranked)) > recall(_source(pq_only)) + 0.2  # exact re-ranking buys the recall
     assert np.all(np.diff(reranked.similarity, axis=1) <= 1e-6)  # best first
     # re-ranked similarities are the exact fp16 inner products, and the best of the shortlist
-    exact = np.einsum("qkd,qd->qk", v32[source(reranked)], queries)
+    exact = np.einsum("qkd,qd->qk", v32[_source(reranked)], queries)
     np.testing.assert_allclose(reranked.similarity, exact, atol=1e-4)
-    cand = source(idx.search(queries, k=10 * idx.info["shortlist"], nprobe=32, rerank=False))
+    cand = _source(idx.search(queries, k=10 * idx.info["shortlist"], nprobe=32, rerank=False))
     best_of_cand = -np.sort(-np.einsum("qcd,qd->qc", v32[cand], queries), axis=1)[:, :10]
     np.testing.assert_allclose(reranked.similarity, best_of_cand, atol=1e-4)
-    np.testing.assert_array_equal(reranked.lat_deg, lat[source(reranked)])
-    np.testing.assert_array_equal(reranked.lon_deg, lon[source(reranked)])
+    np.testing.assert_array_equal(reranked.ids, np.char.decode(np.asarray(idx.ids)[reranked.rows], "utf-8"))
+    np.testing.assert_array_equal(reranked.lat_deg, lat[_source(reranked)])
+    np.testing.assert_array_equal(reranked.lon_deg, lon[_source(reranked)])
     # every list probed and a long shortlist: the exact answer (similarities equal, so ties may swap rows)
     full = idx.search(queries, k=10, nprobe=256, shortlist=200)
     b_sim = -np.sort(-(v32 @ queries.T).T, axis=1)[:, :10]
     np.testing.assert_allclose(full.similarity, b_sim, atol=1e-5)
-    assert recall(source(full)) >= 0.995
+    assert recall(_source(full)) >= 0.995
 
 
 def test_ivf_rows_run_in_list_order_with_their_vectors_coordinates_and_ids(tmp_path):
@@ -210,6 +214,5 @@ def test_an_opq_rotated_index_takes_nprobe_and_reranks_exactly(tmp_path):
     b_sim, b_rows = _brute(vectors.astype(np.float16), queries, 10)
     recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, b_rows)])  # noqa: E731
     one, every = idx.search(queries, 10, nprobe=1), idx.search(queries, 10, nprobe=64, shortlist=100)
-    source = lambda found: np.vectorize(lambda i: int(i[3:]))(found.ids)  # noqa: E731 - rows by list
-    assert recall(source(one)) < recall(source(every)) - 0.05  # nprobe reached the IVF level
+    assert recall(_source(one)) < recall(_source(every)) - 0.05  # nprobe reached the IVF level
     np.testing.assert_allclose(every.similarity, b_sim, atol=1e-4)  # every list, long shortlist: exact

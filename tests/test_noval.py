@@ -95,6 +95,15 @@ def test_an_index_in_its_own_row_order_changes_nothing_the_heads_see(noval_root,
                        "--workers", "0", "--splits", "train", "--set", "index_factory='IVF16,Flat'"]) == 0
     flat, ivf = (Engine(Path(e) / "index", load_model=False) for e in (noval_engine, ivf_engine))
     assert sorted(ivf.index.ids) == sorted(flat.index.ids) and list(ivf.index.ids) != list(flat.index.ids)
+    # tuning's carve drops each query's own sequence from its neighbours, whatever the index's row order
+    from retrieve.tuning import carve_from_train, split_sequences
+
+    q_ids, emb, _, _, exclude = carve_from_train(ivf, noval_root, n=200)
+    kept = exclude(ivf.search(emb, 60))
+    all_ids = np.char.decode(np.asarray(ivf.index.ids), "utf-8")
+    seq_of = dict(zip(all_ids, split_sequences(noval_root, all_ids)))
+    shared = [seq_of[q] == seq_of[i] for q, row in zip(q_ids, kept.ids) for i in row if i]
+    assert len(shared) > 0 and not any(shared)
     a, b = (load_validation(e, noval_root, seed=0, log=lambda m: None) for e in (flat, ivf))
     np.testing.assert_array_equal(a.excluded, b.excluded)
     np.testing.assert_array_equal(a.lat, b.lat)
