@@ -13,6 +13,9 @@ DEVICE_ENV = "GEOVOTE_DEVICE"
 # the default timeout of a collective (NCCL's own is 10 minutes): generous, since a rank may wait while
 # another finishes a slow shard; phases that only rank 0 runs (index, tuning) wait on nobody
 DEFAULT_TIMEOUT_MIN = 120.0
+# how long joining the group waits for every rank to arrive: ranks start apart by their imports and file
+# listings (seconds on a loaded machine), whatever the collectives' own timeout is
+RENDEZVOUS_TIMEOUT_MIN = 10.0
 
 
 def pick_device(device: str = "auto") -> str:
@@ -37,8 +40,8 @@ def pick_device(device: str = "auto") -> str:
 
 def init(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL when this
-    process works on a GPU (bound to it first), gloo otherwise, with `timeout_min` for every collective;
-    a plain run is rank 0 of 1."""
+    process works on a GPU (bound to it first), gloo otherwise, with `timeout_min` for every collective
+    (joining waits at least RENDEZVOUS_TIMEOUT_MIN for the other ranks); a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -49,8 +52,13 @@ def init(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[int, int]:
         device = pick_device()
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                timeout=timedelta(minutes=timeout_min))
+        timeout = timedelta(minutes=timeout_min)
+        # a torch with dist.set_timeout shortens the timeout once joined; an older one keeps one for both
+        set_timeout = getattr(dist, "set_timeout", None)
+        join = max(timeout, timedelta(minutes=RENDEZVOUS_TIMEOUT_MIN)) if set_timeout else timeout
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=join)
+        if join != timeout:
+            set_timeout(timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
