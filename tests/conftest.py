@@ -45,7 +45,7 @@ def _outside_the_checkout(tmp_path_factory):
     assert not new, f"tests wrote {len(new)} files into the checkout, e.g. {new[:5]}"
 
 
-SMALL = {"n_train": 2000, "n_val": 200, "n_test": 200, "n_test_far": 100, "seed": 0}
+SMALL = {"n_train": 2000, "n_val": 200, "n_test": 200, "n_test_far": 100, "n_val_far": 100, "seed": 0}
 
 
 @pytest.fixture(scope="session")

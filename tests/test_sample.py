@@ -1,6 +1,7 @@
 """The bundled sample: real Blue Marble crops, OSV-5M layout, held-out places >= 1 km from train."""
 import csv
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def mosaic():
 
 
 def test_layout_columns_and_counts(sample_root):
-    for split, n in (("train", 2000), ("val", 200), ("test", 200), ("test_far", 100)):
+    for split, n in (("train", 2000), ("val", 200), ("test", 200), ("test_far", 100), ("val_far", 100)):
         s = read_split(sample_root, split, columns=["country", "unique_city", "quadtree_10_500"])
         assert len(s) == n and not s.report.rejected
     with open(sample_root / "train.csv", newline="") as f:
@@ -112,10 +113,11 @@ def test_generation_is_deterministic_and_ensure_is_idempotent(tmp_path):
     assert len(read_split(a, "train")) == 301
 
 
-def test_far_places_are_land_100km_from_every_sample_place(sample_root, mosaic):
+@pytest.mark.parametrize("split", ["test_far", "val_far"])
+def test_far_places_are_land_100km_from_every_sample_place(sample_root, mosaic, split):
     from geovote.bundled_sample import is_land
 
-    far = read_split(sample_root, "test_far", columns=["unique_country"])
+    far = read_split(sample_root, split, columns=["unique_country"])
     assert len(far) == 100 and not far.report.rejected
     others = [read_split(sample_root, s, check_images=False) for s in ("train", "val", "test")]
     lat = np.concatenate([o.lat_deg for o in others])
@@ -130,3 +132,17 @@ def test_far_places_are_land_100km_from_every_sample_place(sample_root, mosaic):
     np.testing.assert_array_equal(far.column("unique_country"),
                                   reverse_geocode_keys(far.lat_deg, far.lon_deg)["unique_country"])
     assert not set(far.ids) & set(np.concatenate([o.ids for o in others]))
+    other_far = read_split(sample_root, ({"test_far", "val_far"} - {split}).pop(), check_images=False)
+    assert not set(far.ids) & set(other_far.ids) and not np.isin(far.lat_deg, other_far.lat_deg).any()
+
+
+def test_val_far_leaves_every_other_split_as_it_was(tmp_path):
+    """val_far comes from its own generator: the splits before it (the engines and results built on
+    them) are byte for byte what a sample without it has."""
+    with_it = generate(tmp_path / "a", 300, 30, 30, n_test_far=20, n_val_far=20, seed=7, quiet=True)
+    without = generate(tmp_path / "b", 300, 30, 30, n_test_far=20, n_val_far=0, seed=7, quiet=True)
+    for root in (with_it, without):
+        (root / "sample.json").unlink()
+    shutil.rmtree(with_it / "images" / "val_far")
+    (with_it / "val_far.csv").unlink()
+    assert _digest(with_it) == _digest(without)
