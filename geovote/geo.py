@@ -58,3 +58,27 @@ def spherical_mean(lat_deg, lon_deg, weights=None) -> tuple[float, float]:
     mean = (xyz * w[:, None]).sum(axis=0)
     lat, lon = unit_to_latlon(mean[None])
     return float(lat[0]), float(lon[0])
+
+
+def km_for_chord(chord) -> np.ndarray:
+    """The great-circle distance (km) of a chord of the unit sphere: the inverse of chord_for_km."""
+    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.asarray(chord, np.float64) / 2.0, 0.0, 1.0))
+
+
+def spacing_km(lat_deg, lon_deg, m: int = 8, batch: int = 1_000_000) -> np.ndarray:
+    """(N,) the distance from each point to its m-th nearest other point (km): how densely the points
+    cover each one's surroundings, on the scale of m points whatever their number. A k-d tree over unit
+    vectors (scikit-learn): O(N log N), independent of the density (counting within a radius is not: a
+    city's point has thousands of others within 100 km at 5M). Duplicates count as other points."""
+    from sklearn.neighbors import KDTree
+
+    xyz = latlon_to_unit(lat_deg, lon_deg)
+    n = len(xyz)
+    if n <= m:  # fewer other points than m: the farthest any can be
+        return np.full(n, np.pi * EARTH_RADIUS_KM)
+    tree = KDTree(xyz)
+    out = np.empty(n)
+    for start in range(0, n, batch):
+        chord, _ = tree.query(xyz[start:start + batch], k=m + 1)  # the point itself comes first
+        out[start:start + batch] = km_for_chord(chord[:, -1])
+    return out

@@ -8,6 +8,7 @@
             calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
             cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
             countries.npy               each training row's country code (retrieve.engine, for --within)
+            spacing-<m>.npy             each training row's distance to its m-th nearest other row (km)
         predictions-<split>.parquet     retrieve.query --split
 
 An engine is named by its folder or by its index folder (`--index DIR`: DIR is the index, whatever its
@@ -77,6 +78,9 @@ class EngineLayout:
     @property
     def countries(self) -> Path:
         return self.index / "countries.npy"
+
+    def spacing(self, m: int) -> Path:
+        return self.index / f"spacing-{m}.npy"
 
     def predictions(self, split: str) -> Path:
         return self.root / f"predictions-{split}.parquet"

@@ -2,9 +2,16 @@
 place lies within 1, 25, 200, 750 and 2500 km of an answer, and the radius that holds it with 90%.
 
 One logistic regression per distance (scikit-learn's, fitted by retrieve.tuning on the tuning split: val,
-or train images held out of their own search), over standardised features. Stored as plain JSON beside
-retrieve.json (`calibration.json`): applying it is a dot product and a sigmoid in numpy, so a query never
-imports scikit-learn, and nothing is unpickled. Probabilities are made non-decreasing in the distance.
+or train images held out of their own search), over standardised features. When the tuning also has views
+of far places (val_far: places far from every training place), the probability is a mixture of experts:
+    P(within d) = (1 - P(far)) P_near(within d) + P(far) P_far(within d)
+with a third logistic regression, P(far), telling the two kinds of photo apart (fitted with them in the
+proportion the tuning has them), and each expert fitted on its own kind only. One regression over both
+kinds cannot do this: the vote's shares say much about a covered place's answer and little about a far
+one's, and a linear model must give a feature one weight for both.
+Stored as plain JSON beside retrieve.json (`calibration.json`): applying it is dot products and sigmoids in
+numpy, so a query never imports scikit-learn, and nothing is unpickled. Probabilities are made
+non-decreasing in the distance.
 
 The radius: P(within d) is interpolated linearly in log(1 + d) between the levels, with P(0) = 0 and
 P(half the Earth's circumference) = 1; the radius is where it reaches 90%.
@@ -30,6 +37,10 @@ class CalibrationError(ValueError):
     pass
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+
 @dataclass
 class Calibration:
     features: list[str]
@@ -40,6 +51,11 @@ class Calibration:
     fitted_on: str
     images: int
     levels_km: list[int] = None  # type: ignore[assignment]
+    # the far expert and the detector (None: fitted without far places, `coef` answers alone)
+    far_coef: list[list[float]] | None = None  # (levels, features)
+    far_intercept: list[float] | None = None
+    far_odds_coef: list[float] | None = None  # (features,): P(far)
+    far_odds_intercept: float | None = None
 
     def __post_init__(self):
         self.levels_km = list(self.levels_km or LEVELS_KM)
@@ -47,8 +63,11 @@ class Calibration:
     def within(self, features: np.ndarray) -> np.ndarray:
         """(..., F) features -> (..., levels) probabilities, non-decreasing along the levels."""
         x = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
-        z = x @ np.asarray(self.coef).T + np.asarray(self.intercept)
-        p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        p = _sigmoid(x @ np.asarray(self.coef).T + np.asarray(self.intercept))
+        if self.far_coef is not None:
+            far = _sigmoid(x @ np.asarray(self.far_odds_coef) + self.far_odds_intercept)[..., None]
+            p_far = _sigmoid(x @ np.asarray(self.far_coef).T + np.asarray(self.far_intercept))
+            p = (1.0 - far) * p + far * p_far
         return np.maximum.accumulate(p, axis=-1)
 
     def save(self, path: str | Path) -> Path:
@@ -85,29 +104,46 @@ def training_rows(pred, true_lat, true_lon) -> tuple[np.ndarray, np.ndarray]:
     return x, d
 
 
-def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitted_on: str) -> Calibration:
-    """One logistic regression per level of LEVELS_KM, P(dist_km <= level | features)."""
+def _logistic(xs: np.ndarray, y: np.ndarray) -> tuple[list[float], float]:
+    """(coef, intercept) of P(y | xs); with one class, a constant pulled off 0 and 1 by one pseudo-count
+    each."""
     from sklearn.linear_model import LogisticRegression
 
+    if y.all() or not y.any():
+        p = (y.sum() + 0.5) / (len(y) + 1.0)
+        return [0.0] * xs.shape[1], float(np.log(p / (1 - p)))
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(xs, y)
+    return model.coef_[0].tolist(), float(model.intercept_[0])
+
+
+def _levels(xs: np.ndarray, d: np.ndarray) -> tuple[list[list[float]], list[float]]:
+    """One logistic regression per level of LEVELS_KM, P(d <= level | xs)."""
+    fitted = [_logistic(xs, d <= level) for level in LEVELS_KM]
+    return [c for c, _ in fitted], [b for _, b in fitted]
+
+
+def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitted_on: str,
+        is_far: np.ndarray | None = None) -> Calibration:
+    """P(dist_km <= level | features) for each level of LEVELS_KM. `is_far`: which rows are views of far
+    places (the tuning split's far counterpart); with any, the mixture of experts of the module's doc."""
     x = np.asarray(features, np.float64)
     d = np.asarray(dist_km, np.float64)
+    far = np.zeros(len(d), bool) if is_far is None else np.asarray(is_far, bool)
     ok = np.all(np.isfinite(x), axis=1) & np.isfinite(d)
-    x, d = x[ok], d[ok]
+    x, d, far = x[ok], d[ok], far[ok]
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-12, scale, 1.0)
     xs = (x - mean) / scale
-    coef, intercept = [], []
-    for level in LEVELS_KM:
-        y = d <= level
-        if y.all() or not y.any():  # one class: a constant, pulled off 0 and 1 by one pseudo-count each
-            p = (y.sum() + 0.5) / (len(y) + 1.0)
-            coef.append([0.0] * x.shape[1])
-            intercept.append(float(np.log(p / (1 - p))))
-            continue
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(xs, y)
-        coef.append(model.coef_[0].tolist())
-        intercept.append(float(model.intercept_[0]))
-    return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on, int(len(d)))
+    if not far.any():
+        coef, intercept = _levels(xs, d)
+        return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on,
+                           int(len(d)))
+    coef, intercept = _levels(xs[~far], d[~far])
+    far_coef, far_intercept = _levels(xs[far], d[far])
+    odds_coef, odds_intercept = _logistic(xs, far)
+    return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on, int(len(d)),
+                       far_coef=far_coef, far_intercept=far_intercept, far_odds_coef=odds_coef,
+                       far_odds_intercept=odds_intercept)
 
 
 def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADIUS_PROBABILITY) -> np.ndarray:

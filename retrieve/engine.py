@@ -7,6 +7,8 @@ The index folder carries everything a query needs besides the model (paths: geov
                           `confidence` is the raw vote share and there is no within_km or radius_km)
     cells-<spec>.npy      each training row's cell at every voting level, computed once and cached
     countries.npy         each training row's country (reverse_geocoder, as OSV-5M), for regions; cached
+    spacing-<m>.npy       each training row's distance to its m-th nearest other row, for the calibration
+                          (feature log_gallery_spacing_km); cached
 
 Queries are embedded by the one feature extractor (embed.features) and searched on the GPU when torch
 sees one (device "auto"), on the CPU otherwise.
@@ -22,7 +24,7 @@ import numpy as np
 from geovote.config import ConfigError, config_from_dict
 from geovote.layout import EngineLayout
 from index.store import GeoIndex
-from retrieve.predict import Prediction, VoteConfig, cell_table, vote
+from retrieve.predict import SPACING_NEIGHBOURS, Prediction, VoteConfig, cell_table, vote
 
 
 def load_params(path: str | Path) -> VoteConfig:
@@ -50,22 +52,32 @@ def save_params(index_dir: str | Path, params: VoteConfig, record: dict) -> Path
     return path
 
 
-def _load_cache(path: Path, rows: int, levels: int) -> np.ndarray | None:
-    """A cached cell table, or None when absent or not what it should be (truncated, another shape):
-    a cache is rebuilt, never trusted."""
-    if not path.exists():
-        return None
+def _cached(path: Path, ok, compute) -> np.ndarray:
+    """The array cached at `path` when `ok(array)` holds, else `compute()`, saved there atomically (kept
+    in memory only when the folder is read-only). A cache that is not what it should be (truncated,
+    another shape or type) is rebuilt, never trusted."""
+    if path.exists():
+        try:
+            table = np.load(path, mmap_mode="r")
+            if ok(table):
+                return table
+        except (OSError, ValueError, EOFError):
+            pass
+    table = compute()
+    tmp = path.with_name(path.name + ".partial.npy")
     try:
-        table = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError):
-        return None
-    return table if table.shape == (rows, levels) and table.dtype.kind in "iu" else None
+        np.save(tmp, table)
+        tmp.replace(path)
+    except OSError:
+        pass
+    return table
 
 
 class Engine:
     def __init__(self, index_dir: str | Path, model: str | None = None, params: VoteConfig | None = None,
-                 load_model: bool = True, device: str = "auto", backbone=None):
-        """`backbone`: an already loaded Backbone to use instead of loading `model` again."""
+                 load_model: bool = True, device: str = "auto", backbone=None, calibrated: bool = True):
+        """`backbone`: an already loaded Backbone to use instead of loading `model` again. `calibrated`
+        False: answer without the stored calibration, unread (tuning, which fits a new one)."""
         self.layout = EngineLayout.from_index(index_dir)
         self.index_dir = self.layout.index
         self.index = GeoIndex(self.index_dir, device=device)
@@ -88,7 +100,7 @@ class Engine:
             params = load_params(self.layout.params) if self.layout.params.exists() else VoteConfig()
         self.params = params
         self.calibration = None
-        if self.layout.calibration.exists():
+        if calibrated and self.layout.calibration.exists():
             from retrieve.calibrate import Calibration, CalibrationError
             from retrieve.predict import FEATURES
 
@@ -114,18 +126,23 @@ class Engine:
         params = params or self.params
         spec = params.cell_spec
         if spec not in self._cells:
-            path = self.layout.cells(spec)
-            table = _load_cache(path, self.index.count, len(params.levels))
-            if table is None:
-                table = cell_table(np.asarray(self.index.lat), np.asarray(self.index.lon), params)
-                tmp = path.with_name(path.name + ".partial.npy")
-                try:
-                    np.save(tmp, table)
-                    tmp.replace(path)
-                except OSError:  # a read-only index folder: keep it in memory only
-                    pass
-            self._cells[spec] = table
+            shape = (self.index.count, len(params.levels))
+            self._cells[spec] = _cached(
+                self.layout.cells(spec), lambda t: t.shape == shape and t.dtype.kind in "iu",
+                lambda: cell_table(np.asarray(self.index.lat), np.asarray(self.index.lon), params))
         return self._cells[spec]
+
+    def spacing(self) -> np.ndarray:
+        """(N,) each index row's gallery spacing in km (geovote.geo.spacing_km: the distance to its
+        SPACING_NEIGHBOURS-th nearest other row), the feature log_gallery_spacing_km's input; cached."""
+        if getattr(self, "_spacing", None) is None:
+            from geovote.geo import spacing_km
+
+            m = SPACING_NEIGHBOURS
+            self._spacing = _cached(
+                self.layout.spacing(m), lambda t: t.shape == (self.index.count,) and t.dtype == np.float64,
+                lambda: spacing_km(np.asarray(self.index.lat), np.asarray(self.index.lon), m))
+        return self._spacing
 
     def _rows_by_country(self) -> tuple[np.ndarray, np.ndarray]:
         """(country codes sorted, the rows in that order): one sort, then a country's rows are a slice"""
@@ -138,16 +155,7 @@ class Engine:
     def countries(self) -> np.ndarray:
         """(N,) each index row's ISO country code (bytes), computed once and cached in the index folder."""
         if getattr(self, "_countries", None) is None:
-            path = self.layout.countries
-            table = None
-            if path.exists():
-                try:
-                    table = np.load(path, mmap_mode="r")
-                except (OSError, ValueError, EOFError):
-                    table = None
-                if table is not None and (table.shape != (self.index.count,) or table.dtype.kind != "S"):
-                    table = None  # a cache is rebuilt, never trusted
-            if table is None:
+            def compute():
                 from retrieve.region import country_codes
 
                 codes = np.empty(self.index.count, "S2")
@@ -156,14 +164,11 @@ class Engine:
                     codes[start:stop] = np.char.encode(
                         country_codes(np.asarray(self.index.lat[start:stop]),
                                       np.asarray(self.index.lon[start:stop])).astype(str), "ascii")
-                table = codes
-                tmp = path.with_name(path.name + ".partial.npy")
-                try:
-                    np.save(tmp, table)
-                    tmp.replace(path)
-                except OSError:
-                    pass
-            self._countries = table
+                return codes
+
+            rows = (self.index.count,)
+            self._countries = _cached(self.layout.countries,
+                                      lambda t: t.shape == rows and t.dtype.kind == "S", compute)
         return self._countries
 
     def region_rows(self, region) -> np.ndarray:
@@ -243,8 +248,10 @@ class Engine:
         if not alternatives and not calibrate and not params.hedge_below:  # both weigh the runner-ups
             params = replace(params, n_alternatives=0)
         res = self.search(emb, params.k, subset=self.region_rows(region) if region else None)
-        cells = np.asarray(self.cells(params))[np.maximum(res.rows, 0)]
-        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params)
+        rows = np.maximum(res.rows, 0)
+        cells = np.asarray(self.cells(params))[rows]
+        spacing = np.asarray(self.spacing())[rows] if calibrate else None
+        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing)
         if region:
             pred = _inside(pred, res, region, params)
         if calibrate:

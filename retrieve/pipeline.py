@@ -113,7 +113,7 @@ def _tune(layout: EngineLayout, model: str, backbone, root: Path, workers: int, 
     from retrieve.engine import Engine
     from retrieve.tuning import TooFewToTune, tune_and_save
 
-    engine = Engine(layout.index, model=model, backbone=backbone)
+    engine = Engine(layout.index, model=model, backbone=backbone, calibrated=False)
     try:
         best, scores, _ = tune_and_save(engine, root, "val", workers, log)
     except TooFewToTune as e:

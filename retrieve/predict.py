@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geovote.geo import EARTH_RADIUS_KM, chord_for_km, latlon_to_unit, unit_to_latlon
+from geovote.geo import EARTH_RADIUS_KM, chord_for_km, km_for_chord, latlon_to_unit, unit_to_latlon
 
 
 @dataclass
@@ -80,11 +80,15 @@ def cell_table(lat_deg: np.ndarray, lon_deg: np.ndarray, cfg: VoteConfig) -> np.
     return table[:, [min(level, table.shape[1] - 1) for level in cfg.levels]]
 
 
-# what the calibration sees of a candidate (retrieve.calibrate): the first six describe the query's
-# neighbours, the next four the candidate point among them, the last whether it is a runner-up peak
+# what the calibration sees of a candidate (retrieve.calibrate): the first seven describe the query's
+# neighbours, the next four the candidate point among them, the last whether it is a runner-up peak.
+# log_gallery_spacing_km: how sparse the gallery is where the neighbours lie (the weighted mean of each
+# one's log spacing, geovote.geo.spacing_km); a photo of a place far from every training place finds
+# its neighbours in sparse parts of the gallery, a photo of a covered place in dense ones
+SPACING_NEIGHBOURS = 8  # the m of the gallery spacing: the distance to the m-th nearest other image
 FEATURES = ("top_similarity", "mean_similarity", "similarity_gap", "first_level_share", "final_cell_share",
-            "cell_entropy", "share_within_2h", "share_within_200km", "log_mean_distance_km",
-            "log_nearest_distance_km", "is_alternative")
+            "cell_entropy", "log_gallery_spacing_km", "share_within_2h", "share_within_200km",
+            "log_mean_distance_km", "log_nearest_distance_km", "is_alternative")
 
 
 @dataclass
@@ -174,7 +178,7 @@ def point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.
                     bandwidth_km: float) -> np.ndarray:
     """(Q, 4) the FEATURES of one point per query among its weighted neighbours."""
     chord = np.sqrt(np.sum((xyz - point[:, None]) ** 2, axis=2))
-    d_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.nan_to_num(chord) / 2.0, 0.0, 1.0))
+    d_km = km_for_chord(np.nan_to_num(chord))
     mean_d = np.sum(np.where(valid, w * d_km, 0.0), axis=1)
     nearest = np.min(np.where(valid, d_km, 2e4), axis=1)
     return np.stack([np.sum(w * (d_km <= 2.0 * bandwidth_km), 1), np.sum(w * (d_km <= 200.0), 1),
@@ -193,16 +197,18 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
     cand = np.concatenate([answer[:, None], alt, xyz], axis=1)  # (Q, 1 + A + K, 3)
     ok = np.concatenate([np.ones((len(w), 1), bool), finite, valid], axis=1)
     chord = np.sqrt(np.maximum(np.sum((cand[:, :, None] - xyz[:, None]) ** 2, axis=3), 0.0))  # (Q, C, K)
-    d_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
+    d_km = km_for_chord(chord)
     expected = np.sum(w[:, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
     best = np.argmax(np.where(ok, expected, -1.0), axis=1)  # first of equals: the answer
     return cand[np.arange(len(w)), best], best
 
 
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
-         params: VoteConfig) -> Prediction:
+         params: VoteConfig, spacing_km: np.ndarray | None = None) -> Prediction:
     """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
-    neighbour's cell at every voting level, coarse to fine (rows of `cell_table`). Uses params.k,
+    neighbour's cell at every voting level, coarse to fine (rows of `cell_table`); spacing_km: (Q, K)
+    each neighbour's gallery spacing (geovote.geo.spacing_km), for the feature log_gallery_spacing_km
+    (NaN without it: an answer that is not calibrated needs none). Uses params.k,
     temperature, bandwidth_km, mean_shift_steps, n_alternatives and n_starts; the cells and levels
     settings are those `cells` was made with."""
     k = min(params.k, sim.shape[1])
@@ -244,7 +250,11 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
     head &= np.take_along_axis(valid, order, 1)
     share = np.where(head, np.take_along_axis(first_votes, order, 1), 0.0)
     entropy = -np.sum(np.where(share > 0, share * np.log(np.maximum(share, 1e-300)), 0.0), axis=1)
-    query_features = np.stack([top, mean_sim, gap, first_share, final_share, entropy], axis=1)
+    if spacing_km is None:
+        log_spacing = np.full(q, np.nan)
+    else:
+        log_spacing = np.sum(np.where(valid, w * np.log1p(np.asarray(spacing_km, float)[:, :k]), 0.0), 1)
+    query_features = np.stack([top, mean_sim, gap, first_share, final_share, entropy, log_spacing], axis=1)
 
     # alternatives: runner-up cells of the first level, best first
     n_alt = params.n_alternatives

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: tuning on the test split would make its scores meaningless; use val", file=sys.stderr)
         return 2
     try:
-        engine = Engine(resolve(index=args.index).require_index())
+        engine = Engine(resolve(index=args.index).require_index(), calibrated=False)
         best, scores, path = tune_and_save(engine, args.data or default_sample_root(), args.split)
     except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, TooFewToTune, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,11 @@ A dataset without val.csv (OSV-5M) is tuned on training images held out of their
 random train rows query the index, and every neighbour that is the query itself, lies within 1 km of it
 (OSV-5M keeps train and test 1 km apart) or shares its capture `sequence` (when the CSV has one) is
 removed before voting.
+
+The answers' calibration (retrieve.calibrate) is fitted on the same images, and also on the split's far
+counterpart when the dataset has one (`val_far` for `val`: views of places far from every training
+place, as the bundled sample has): without far places to learn from, a calibration has only ever seen
+photos of covered places, and its probabilities stay high where the engine is lost.
 """
 from __future__ import annotations
 
@@ -179,17 +184,13 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
 def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log=print):
     """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
     Without a val split, tunes on train images held out of their own search (carve_from_train)."""
-    from geovote.data import DataError, split_csv
+    from geovote.data import split_csv
     from retrieve.engine import save_params
 
     exclude = None
-    try:
-        split_csv(data, split)
-        has_split = True
-    except DataError:
-        if split != "val":
-            raise
-        has_split = False
+    has_split = _has_split(data, split)
+    if not has_split and split != "val":
+        split_csv(data, split)  # the error that names it
     if has_split:
         _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
     else:
@@ -198,13 +199,33 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
     voted = _vote_on(engine, best, emb, exclude)  # one search and vote serve the fit and its score
-    cal = fit_calibration(voted, lat, lon, split)
+    fitted, fitted_on = [(voted, lat, lon)], split
+    far = f"{split}_far"
+    if has_split and _has_split(data, far):
+        _, far_lat, far_lon, far_emb = embed_for_eval(engine, data, far, workers, log)
+        far_voted = _vote_on(engine, best, far_emb, None)
+        fitted.append((far_voted, far_lat, far_lon))
+        fitted_on = f"{split} + {far}"
+        log(f"calibration: fitted on {split} and {far} ({len(far_emb):,} views of far places)")
+    cal = fit_calibration(fitted, fitted_on)
     scores["calibrated"] = calibrated_scores(voted, cal, lat, lon)
+    if len(fitted) > 1:
+        scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon)
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
                                                                "images": len(emb), **scores},
                                                 "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
     return best, scores, path
+
+
+def _has_split(data: Path, split: str) -> bool:
+    from geovote.data import DataError, split_csv
+
+    try:
+        split_csv(data, split)
+        return True
+    except DataError:
+        return False
 
 
 def _vote_on(engine, params, emb, exclude):
@@ -214,19 +235,22 @@ def _vote_on(engine, params, emb, exclude):
         res = engine.search(emb, params.k)
     else:  # the neighbours tune() saw: the same search, the same exclusions
         res = exclude(engine.search(emb, max(params.k, *GRID["k"]) + CARVE_EXTRA))
-    table = np.asarray(engine.cells(params))[np.maximum(res.rows, 0)]
+    rows = np.maximum(res.rows, 0)[:, :params.k]
     return vote(res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k],
-                table[:, :params.k], params)
+                np.asarray(engine.cells(params))[rows], params, np.asarray(engine.spacing())[rows])
 
 
-def fit_calibration(voted, lat, lon, split: str):
-    """The answers' calibration (retrieve.calibrate), fitted on the tuning images' vote (the chosen
-    settings' Prediction) against their truth."""
+def fit_calibration(voted: list, fitted_on: str):
+    """The answers' calibration (retrieve.calibrate), fitted on the tuning images' votes (the chosen
+    settings' Predictions, each with its images' true lat and lon: [(Prediction, lat, lon), ...]); a
+    second one, when given, is of the far places."""
     from retrieve.calibrate import fit, training_rows
     from retrieve.predict import FEATURES
 
-    x, d = training_rows(voted, lat, lon)
-    return fit(x, d, FEATURES, split)
+    parts = [training_rows(pred, lat, lon) for pred, lat, lon in voted]
+    is_far = np.concatenate([np.full(len(d), i > 0) for i, (_, d) in enumerate(parts)])
+    return fit(np.concatenate([x for x, _ in parts]), np.concatenate([d for _, d in parts]), FEATURES,
+               fitted_on, is_far)
 
 
 def calibrated_scores(voted, cal, lat, lon) -> dict:

@@ -72,3 +72,35 @@ def test_radius_is_where_the_probability_reaches_90_percent():
     assert r[0] == pytest.approx(np.expm1(levels[3] + t * (levels[4] - levels[3])))
     assert 0 < r[1] < 1
     assert 2500 < r[2] < np.pi * 6371.0
+
+
+def test_mixture_of_experts_recovers_both_kinds_of_photo(tmp_path):
+    """Two kinds of photo, mostly told apart by feature 1: for near ones P(d <= 200) = sigmoid(2 x0), for
+    far ones it is 5% whatever x0. One logistic regression over both cannot give both (x0 has one
+    weight); the mixture is calibrated on fresh draws of the same population, recovers each kind's own
+    probability where the kinds do not overlap, and round-trips through JSON."""
+    rng = np.random.default_rng(0)
+
+    def draw(n, far):
+        x = np.c_[rng.normal(0, 1, n), rng.normal(4.0 if far else 0.0, 1, n)]
+        p = np.full(n, 0.05) if far else 1 / (1 + np.exp(-2 * x[:, 0]))
+        u = rng.uniform(0, 1, n)
+        d = 200 * np.exp(np.log(u / (1 - u)) - np.log(p / (1 - p)))  # within 200 km with probability p
+        return x, d, p
+
+    def population(n):  # two near photos for every far one
+        (xn, dn, pn), (xf, df, pf) = draw(2 * n // 3, False), draw(n // 3, True)
+        return np.r_[xn, xf], np.r_[dn, df], np.r_[pn, pf], np.r_[np.zeros(len(xn), bool), np.ones(len(xf), bool)]
+
+    x, d, _, is_far = population(30000)
+    mixed, single = fit(x, d, ("a", "b"), "t", is_far), fit(x, d, ("a", "b"), "t")
+    xt, dt, pt, far_t = population(30000)
+    p = mixed.within(xt)
+    for j, level in enumerate(LEVELS_KM):
+        assert calibration_error(p[:, j], dt <= level) < 0.02, level
+    c = LEVELS_KM.index(200)
+    for clear in (far_t & (xt[:, 1] > 3.0), ~far_t & (xt[:, 1] < 1.0)):  # away from the other kind
+        assert np.abs(p[clear, c] - pt[clear]).mean() < 0.02
+        assert np.abs(single.within(xt[clear])[:, c] - pt[clear]).mean() > 0.05  # why the mixture exists
+    back = Calibration.load(mixed.save(tmp_path / "m.json"), ("a", "b"))
+    np.testing.assert_array_equal(back.within(xt), p)

@@ -54,3 +54,18 @@ def test_spherical_mean_across_the_antimeridian():
     assert abs(lon) == pytest.approx(180)
     lat, lon = spherical_mean([10, 20], [0, 0], weights=[1, 0])
     assert (lat, lon) == (pytest.approx(10), pytest.approx(0))
+
+
+def test_spacing_is_the_distance_to_the_mth_nearest_other_point():
+    from geovote.geo import spacing_km
+
+    rng = np.random.default_rng(3)
+    lat = np.r_[rng.uniform(-80, 80, 300), 10.0, 10.0]  # and a duplicate pair, which counts
+    lon = np.r_[rng.uniform(-180, 180, 300), 20.0, 20.0]
+    d = haversine_km(lat[:, None], lon[:, None], lat[None], lon[None])
+    np.fill_diagonal(d, np.inf)
+    for m in (1, 4):
+        want = np.sort(d, axis=1)[:, m - 1]
+        np.testing.assert_allclose(spacing_km(lat, lon, m, batch=50), want, rtol=1e-6, atol=1e-6)
+    assert spacing_km(lat, lon, 1)[-1] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(spacing_km(lat[:3], lon[:3], 4), np.pi * 6371.0)  # fewer than m others

@@ -197,3 +197,23 @@ def test_hedging_answers_the_candidate_of_highest_expected_geoscore():
                                np.full((1, 1, 2), np.nan))
     np.testing.assert_allclose(p, latlon_to_unit([0.0], [-10.0]))
     assert chosen.tolist() == [0]
+
+
+def test_gallery_spacing_feature_is_the_weighted_mean_log_spacing():
+    from retrieve.predict import FEATURES
+
+    sim, lat, lon = _neighbourhoods(6, 12, seed=5, centers=[(48.85, 2.35), (35.7, 139.7)])
+    sim[2, 4:] = -np.inf  # a query with 4 neighbours found
+    lat[2, 4:] = lon[2, 4:] = np.nan
+    cells = H3Cells((1, 3)).assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(6, 12, 2)
+    spacing = np.random.default_rng(2).uniform(1, 500, (6, 12))
+    params = VoteConfig(k=10, temperature=0.1)
+    got = vote(sim, lat, lon, cells, params, spacing)
+    j = FEATURES.index("log_gallery_spacing_km")
+    for q in range(6):
+        ok = np.isfinite(sim[q, :10])
+        w = np.exp((sim[q, :10][ok] - sim[q, :10][ok].max()) / params.temperature)
+        want = np.sum(w / w.sum() * np.log1p(spacing[q, :10][ok]))
+        assert got.features[q, j] == pytest.approx(want, rel=1e-12)
+        assert np.all(got.alt_features[q, np.isfinite(got.alt_lat_deg[q]), j] == got.features[q, j])
+    assert np.isnan(vote(sim, lat, lon, cells, params).features[:, j]).all()  # not given: unknown

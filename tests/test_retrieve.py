@@ -130,9 +130,15 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
         saved["validation"]["voting"]["geoscore"], rel=1e-6)
     # and calibrated (the most probable candidate answers), what tune recorded for that
     pred, _ = engine.locate(emb)
-    assert engine.calibration is not None and engine.calibration.fitted_on == "val"
+    # fitted on val and the far places of val_far (a mixture of experts: retrieve.calibrate)
+    assert engine.calibration is not None and engine.calibration.fitted_on == "val + val_far"
+    assert engine.calibration.far_coef is not None
     assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
         saved["validation"]["calibrated"]["geoscore"], rel=1e-6)
+    _, far_lat, far_lon, far_emb = embed_for_eval(engine, sample_root, "val_far")
+    far, _ = engine.locate(far_emb)
+    assert mean_geoscore(far.lat_deg, far.lon_deg, far_lat, far_lon) == pytest.approx(
+        saved["validation"]["calibrated val_far"]["geoscore"], rel=1e-6)
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
 
 
