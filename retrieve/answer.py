@@ -4,9 +4,12 @@
 
 An answer's `confidence` is P(the true place is within 200 km), `within_km` the same for 1, 25, 200, 750
 and 2500 km, `radius_km` the radius holding it with 90% probability, all calibrated on the tuning split
-(retrieve.calibrate); every candidate's `score` is its own P(within 200 km), the answer first and highest.
-An engine without calibration.json answers `calibrated: false`, the raw vote share as confidence and
-score, and no within_km or radius_km.
+(retrieve.calibrate); every candidate's `score` is its own P(within 200 km), the answer first and highest,
+except where the far pick answers (`far_pick`: the photo looks like a place far from every training
+image, `far_probability` above the threshold retrieve.tune chose; the answer is then the neighbour of
+highest expected GeoScore, and an alternative can be more likely within 200 km). `far_probability` is
+null for an engine calibrated without far places. An engine without calibration.json answers
+`calibrated: false`, the raw vote share as confidence and score, and no within_km or radius_km.
     answers(engine, paths)                           -> (path, answer | None, error | None), in order
     predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix:
                                                         id, latitude, longitude, confidence), for
@@ -54,6 +57,9 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
             "within_km": dict(zip(levels, (round(float(p), 4) for p in pred.within_km[i]))) if calibrated
             else None,
             "radius_km": round(float(pred.radius_km[i]), 1) if calibrated else None,
+            "far_probability": round(float(pred.far_probability[i]), 4) if pred.far_probability is not None
+            else None,
+            "far_pick": bool(pred.far_answered[i]) if pred.far_answered is not None else False,
             "country": str(place["country"][i]),
             "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
             "city": str(place["city"][i]), "candidates": cands,

@@ -70,6 +70,14 @@ class Calibration:
             p = (1.0 - far) * p + far * p_far
         return np.maximum.accumulate(p, axis=-1)
 
+    def far_probability(self, features: np.ndarray) -> np.ndarray | None:
+        """(...) P(far) of each candidate: that its photo is of a place far from every training place;
+        None without a far expert."""
+        if self.far_odds_coef is None:
+            return None
+        x = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+        return _sigmoid(x @ np.asarray(self.far_odds_coef) + self.far_odds_intercept)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
@@ -91,17 +99,20 @@ class Calibration:
 
 
 def training_rows(pred, true_lat, true_lon) -> tuple[np.ndarray, np.ndarray]:
-    """(features, distance to the truth in km) of every candidate of a Prediction: the answers and their
-    alternatives, so that an alternative's probability is calibrated too (`is_alternative` tells them
-    apart)."""
+    """(features, distance to the truth in km) of every candidate of a Prediction: the answers, their
+    alternatives and the far picks where computed, so that each one's probability is calibrated
+    (`is_alternative` and `is_far_pick` tell them apart)."""
     from geovote.geo import haversine_km
 
+    true_lat, true_lon = np.asarray(true_lat), np.asarray(true_lon)
     has = np.isfinite(pred.alt_lat_deg)
-    x = np.concatenate([pred.features, pred.alt_features[has]])
-    d_alt = haversine_km(pred.alt_lat_deg, pred.alt_lon_deg, np.asarray(true_lat)[:, None],
-                         np.asarray(true_lon)[:, None])[has]
-    d = np.concatenate([haversine_km(pred.lat_deg, pred.lon_deg, true_lat, true_lon), d_alt])
-    return x, d
+    x = [pred.features, pred.alt_features[has]]
+    d = [haversine_km(pred.lat_deg, pred.lon_deg, true_lat, true_lon),
+         haversine_km(pred.alt_lat_deg, pred.alt_lon_deg, true_lat[:, None], true_lon[:, None])[has]]
+    if pred.far_lat_deg is not None:
+        x.append(pred.far_features)
+        d.append(haversine_km(pred.far_lat_deg, pred.far_lon_deg, true_lat, true_lon))
+    return np.concatenate(x), np.concatenate(d)
 
 
 def _logistic(xs: np.ndarray, y: np.ndarray) -> tuple[list[float], float]:
@@ -162,11 +173,15 @@ def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADI
     return out.reshape(shape)
 
 
-def apply(cal: Calibration, pred):
+def apply(cal: Calibration, pred, far_above: float = 1.0):
     """The Prediction with calibrated probabilities: within_km, radius_km, confidence = P(within 200 km),
     and the same measure for every alternative (alt_score). The answer is the most probable candidate:
     the vote's peak, unless a runner-up peak is more likely within 200 km, when the two change
-    places. Alternatives best first."""
+    places. Alternatives best first.
+    Far places: where the calibration has a far expert and puts P(far) of that answer above `far_above`,
+    the far pick (retrieve.predict.VoteConfig.far_above) answers instead, ahead of every candidate: the
+    choice of the expected GeoScore, not of P(within 200 km), so an alternative can then be more likely
+    within 200 km than the answer (each keeps its own probability). `far_probability` is P(far)."""
     c = cal.levels_km.index(CONFIDENCE_KM)
     none = ~np.isfinite(pred.lat_deg)
     # candidates side by side: 0 the vote's peak, 1.. its runner-ups
@@ -178,9 +193,24 @@ def apply(cal: Calibration, pred):
     order = np.argsort(-score, axis=1, kind="stable")  # the peak first among equals
     take = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[:, :, None], 1)  # noqa: E731
     lat, lon, feats, within, score = take(lat), take(lon), take(feats), take(within), take(score)
+    p_far = cal.far_probability(feats[:, 0])
+    go = np.zeros(len(lat), bool)
+    if p_far is not None and far_above < 1.0 and pred.far_lat_deg is not None:
+        go = (p_far > far_above) & np.isfinite(pred.far_lat_deg)
+        far_within = cal.within(pred.far_features)
+
+        def ahead(first, rest):  # one more column: the far pick first where it answers, else a missing last
+            where = go.reshape(-1, *[1] * (rest.ndim - 1))
+            return np.where(where, np.concatenate([first[:, None], rest], 1),
+                            np.concatenate([rest, np.full_like(first[:, None], np.nan)], 1))
+
+        lat, lon = ahead(pred.far_lat_deg, lat), ahead(pred.far_lon_deg, lon)
+        feats, within = ahead(pred.far_features, feats), ahead(far_within, within)
+        score = np.where(np.isfinite(lat), within[..., c], -1.0)
     within[none, 0] = 0.0
     return replace(pred, lat_deg=lat[:, 0], lon_deg=lon[:, 0], confidence=within[:, 0, c],
                    within_km=within[:, 0], features=feats[:, 0],
                    radius_km=np.where(none, np.nan, radius_km(within[:, 0], cal.levels_km)),
                    alt_lat_deg=lat[:, 1:], alt_lon_deg=lon[:, 1:], alt_score=np.maximum(score[:, 1:], 0.0),
-                   alt_features=feats[:, 1:], alt_within_km=within[:, 1:])
+                   alt_features=feats[:, 1:], alt_within_km=within[:, 1:], far_probability=p_far,
+                   far_answered=go)

@@ -257,7 +257,7 @@ class Engine:
         if calibrate:
             from retrieve.calibrate import apply
 
-            pred = apply(self.calibration, pred)
+            pred = apply(self.calibration, pred, params.far_above)
         return pred, res
 
 

@@ -45,6 +45,12 @@ class VoteConfig:
     # (the peak, the runner-up peaks, the neighbours) of highest expected GeoScore under the weighted
     # neighbours: the minimum-risk answer. 0: never (retrieve.tune turns it on where it helps)
     hedge_below: float = 0.0
+    # far places: where the calibration (retrieve.calibrate, fitted with far places) puts P(far) above
+    # this, answer the neighbour of highest expected GeoScore under the sharper weights
+    # softmax(sim / far_temperature): near the best few neighbours, not in the densest cell, which for
+    # a place no training image covers is usually elsewhere. 1: never (retrieve.tune sets it where it helps)
+    far_above: float = 1.0
+    far_temperature: float = 0.01
 
     def __post_init__(self):
         self.levels = tuple(int(v) for v in self.levels)
@@ -56,6 +62,9 @@ class VoteConfig:
             raise ValueError("k and n_starts must be >= 1, temperature and bandwidth_km > 0")
         if not 0.0 <= self.hedge_below <= 1.0:
             raise ValueError(f"hedge_below must be within [0, 1], got {self.hedge_below}")
+        if not 0.0 <= self.far_above <= 1.0 or self.far_temperature <= 0:
+            raise ValueError(f"far_above must be within [0, 1] and far_temperature > 0, got {self.far_above} "
+                             f"and {self.far_temperature}")
         if self.mean_shift_steps < 0 or self.n_alternatives < 0:
             raise ValueError("mean_shift_steps and n_alternatives must be >= 0")
 
@@ -81,14 +90,15 @@ def cell_table(lat_deg: np.ndarray, lon_deg: np.ndarray, cfg: VoteConfig) -> np.
 
 
 # what the calibration sees of a candidate (retrieve.calibrate): the first seven describe the query's
-# neighbours, the next four the candidate point among them, the last whether it is a runner-up peak.
+# neighbours, the next four the candidate point among them, the last two what kind of candidate it is (a
+# runner-up peak, the far pick; neither: the vote's peak).
 # log_gallery_spacing_km: how sparse the gallery is where the neighbours lie (the weighted mean of each
 # one's log spacing, geovote.geo.spacing_km); a photo of a place far from every training place finds
 # its neighbours in sparse parts of the gallery, a photo of a covered place in dense ones
 SPACING_NEIGHBOURS = 8  # the m of the gallery spacing: the distance to the m-th nearest other image
 FEATURES = ("top_similarity", "mean_similarity", "similarity_gap", "first_level_share", "final_cell_share",
             "cell_entropy", "log_gallery_spacing_km", "share_within_2h", "share_within_200km",
-            "log_mean_distance_km", "log_nearest_distance_km", "is_alternative")
+            "log_mean_distance_km", "log_nearest_distance_km", "is_alternative", "is_far_pick")
 
 
 @dataclass
@@ -104,6 +114,12 @@ class Prediction:
     within_km: np.ndarray | None = None  # (Q, len(calibrate.LEVELS_KM)): P(truth within d km), calibrated
     radius_km: np.ndarray | None = None  # (Q,) radius holding the truth with 90% probability, calibrated
     alt_within_km: np.ndarray | None = None  # (Q, A, levels)
+    # the far pick (VoteConfig.far_above < 1): the neighbour the answer becomes for a far place
+    far_lat_deg: np.ndarray | None = None  # (Q,)
+    far_lon_deg: np.ndarray | None = None
+    far_features: np.ndarray | None = None  # (Q, len(FEATURES))
+    far_probability: np.ndarray | None = None  # (Q,) the calibration's P(far) of the answer
+    far_answered: np.ndarray | None = None  # (Q,) bool: the far pick answers (retrieve.calibrate.apply)
 
 
 def softmax_weights(sim: np.ndarray, temperature: float) -> np.ndarray:
@@ -185,17 +201,19 @@ def point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.
                      np.log1p(mean_d), np.log1p(nearest)], axis=1)
 
 
-def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np.ndarray,
+def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np.ndarray | None,
                    alt_latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """((Q, 3) point, (Q,) its index) of the candidates (0 the answer, 1..A the runner-up peaks (Q, A, 2)
     degrees, NaN where none, then the neighbours), the one whose expected GeoScore,
-    sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest; the answer wins ties."""
+    sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest; the answer wins ties. `answer` None: the
+    neighbours only (index 0 the first neighbour), `alt_latlon` then (Q, 0, 2)."""
     from geovote.metrics import GEOSCORE_SCALE_KM
 
     finite = np.isfinite(alt_latlon).all(2)
     alt = latlon_to_unit(np.where(finite, alt_latlon[..., 0], 0.0), np.where(finite, alt_latlon[..., 1], 0.0))
-    cand = np.concatenate([answer[:, None], alt, xyz], axis=1)  # (Q, 1 + A + K, 3)
-    ok = np.concatenate([np.ones((len(w), 1), bool), finite, valid], axis=1)
+    first = [] if answer is None else [answer[:, None]]
+    cand = np.concatenate([*first, alt, xyz], axis=1)  # (Q, [1 +] A + K, 3)
+    ok = np.concatenate([np.ones((len(w), len(first)), bool), finite, valid], axis=1)
     chord = np.sqrt(np.maximum(np.sum((cand[:, :, None] - xyz[:, None]) ** 2, axis=3), 0.0))  # (Q, C, K)
     d_km = km_for_chord(chord)
     expected = np.sum(w[:, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
@@ -204,11 +222,13 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
 
 
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
-         params: VoteConfig, spacing_km: np.ndarray | None = None) -> Prediction:
+         params: VoteConfig, spacing_km: np.ndarray | None = None,
+         far_pick: bool | None = None) -> Prediction:
     """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
     neighbour's cell at every voting level, coarse to fine (rows of `cell_table`); spacing_km: (Q, K)
     each neighbour's gallery spacing (geovote.geo.spacing_km), for the feature log_gallery_spacing_km
-    (NaN without it: an answer that is not calibrated needs none). Uses params.k,
+    (NaN without it: an answer that is not calibrated needs none); far_pick: compute the far pick
+    (default: where params.far_above < 1; tuning fits the calibration on it). Uses params.k,
     temperature, bandwidth_km, mean_shift_steps, n_alternatives and n_starts; the cells and levels
     settings are those `cells` was made with."""
     k = min(params.k, sim.shape[1])
@@ -293,18 +313,27 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
             confidence = np.sum(w * near, axis=1)
     none = ~valid.any(1)
     lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
-    features = np.concatenate([query_features, point_features(point, xyz, w, valid, params.bandwidth_km),
-                               np.zeros((q, 1))], 1)
+    kind = np.zeros((q, 2))  # is_alternative, is_far_pick
+    at_point = point_features(point, xyz, w, valid, params.bandwidth_km)
+    features = np.concatenate([query_features, at_point, kind], 1)
     alt_features = np.zeros((q, n_alt, len(FEATURES)))
     for a in range(n_alt):
         has = np.isfinite(alt_lat[:, a])
         if has.any():
             p = latlon_to_unit(np.where(has, alt_lat[:, a], 0.0), np.where(has, alt_lon[:, a], 0.0))
             alt_features[:, a] = np.concatenate(
-                [query_features, point_features(p, xyz, w, valid, params.bandwidth_km), np.ones((q, 1))], 1)
+                [query_features, point_features(p, xyz, w, valid, params.bandwidth_km), kind + [1, 0]], 1)
             alt_score[:, a] = np.where(has, alt_features[:, a, FEATURES.index("share_within_2h")], 0.0)
     # alternatives best first by the answer's own measure
     order = np.argsort(-alt_score, axis=1, kind="stable")
     alt_lat, alt_lon, alt_score = (np.take_along_axis(a, order, 1) for a in (alt_lat, alt_lon, alt_score))
     alt_features = np.take_along_axis(alt_features, order[:, :, None], 1)
-    return Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score, features, alt_features)
+    pred = Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score, features, alt_features)
+    if params.far_above < 1.0 if far_pick is None else far_pick:  # whether it answers: the calibration's call
+        far, _ = min_risk_point(xyz, softmax_weights(sim, params.far_temperature), valid, None,
+                                np.full((q, 0, 2), np.nan))
+        pred.far_lat_deg, pred.far_lon_deg = unit_to_latlon(far)
+        pred.far_lat_deg[none], pred.far_lon_deg[none] = np.nan, np.nan
+        pred.far_features = np.concatenate(
+            [query_features, point_features(far, xyz, w, valid, params.bandwidth_km), kind + [0, 1]], 1)
+    return pred

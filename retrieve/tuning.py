@@ -70,6 +70,8 @@ class TooFewToTune(Exception):
 
 
 HEDGE_BELOW = (0.2, 0.4, 0.6)  # tried with the best setting: the minimum-risk answer below this share
+# with far places to tune on: the far pick's temperature and the P(far) above which it answers
+FAR_ABOVE = (0.3, 0.5, 0.7, 0.9)
 MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
@@ -152,8 +154,10 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
         true_lat, true_lon, emb = true_lat[found], true_lon[found], emb[found]
     trials = []
     t0 = time.perf_counter()
+    # the decisions tuned after the grid start off: not inherited from an earlier tuning's retrieve.json
+    start = replace(engine.params, hedge_below=0.0, far_above=1.0)
     for cells, levels in grid["cells"]:
-        base = replace(engine.params, cells=cells, levels=tuple(levels))
+        base = replace(start, cells=cells, levels=tuple(levels))
         table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
         for k, temp, bw in itertools.product(grid["k"], grid["temperature"], grid["bandwidth_km"]):
             p = replace(base, k=k, temperature=temp, bandwidth_km=bw)
@@ -199,7 +203,7 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
     voted = _vote_on(engine, best, emb, exclude)  # one search and vote serve the fit and its score
-    fitted, fitted_on = [(voted, lat, lon)], split
+    fitted, fitted_on, far_grid = [(voted, lat, lon)], split, None
     far = f"{split}_far"
     if has_split and _has_split(data, far):
         _, far_lat, far_lon, far_emb = embed_for_eval(engine, data, far, workers, log)
@@ -208,13 +212,17 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         fitted_on = f"{split} + {far}"
         log(f"calibration: fitted on {split} and {far} ({len(far_emb):,} views of far places)")
     cal = fit_calibration(fitted, fitted_on)
-    scores["calibrated"] = calibrated_scores(voted, cal, lat, lon)
     if len(fitted) > 1:
-        scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon)
+        both = [(emb, lat, lon), (far_emb, far_lat, far_lon)]
+        best, far_grid = tune_far_pick(engine, best, cal, both, log)
+        voted, far_voted = _vote_on(engine, best, emb, None), _vote_on(engine, best, far_emb, None)
+        scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon, best.far_above)
+    scores["calibrated"] = calibrated_scores(voted, cal, lat, lon, best.far_above)
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
                                                                "images": len(emb), **scores},
-                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials)})
+                                                "grid": json.loads(json.dumps(GRID)), "trials": len(trials),
+                                                **({"far_pick": far_grid} if far_grid else {})})
     return best, scores, path
 
 
@@ -237,7 +245,8 @@ def _vote_on(engine, params, emb, exclude):
         res = exclude(engine.search(emb, max(params.k, *GRID["k"]) + CARVE_EXTRA))
     rows = np.maximum(res.rows, 0)[:, :params.k]
     return vote(res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k],
-                np.asarray(engine.cells(params))[rows], params, np.asarray(engine.spacing())[rows])
+                np.asarray(engine.cells(params))[rows], params, np.asarray(engine.spacing())[rows],
+                far_pick=True)
 
 
 def fit_calibration(voted: list, fitted_on: str):
@@ -253,10 +262,37 @@ def fit_calibration(voted: list, fitted_on: str):
                fitted_on, is_far)
 
 
-def calibrated_scores(voted, cal, lat, lon) -> dict:
-    """The tuning images' metrics with the calibrated decision (the most probable candidate answers)."""
+def tune_far_pick(engine, best, cal, images: list, log) -> tuple[object, dict]:
+    """(params, record): best with the threshold of the far pick (VoteConfig.far_above) that gives the
+    highest calibrated GeoScore over the tuning images and the far ones together, as they come
+    (`images`: [(embeddings, lat, lon), ...]); best unchanged (far_above 1: never) where none raises it."""
     from retrieve.calibrate import apply
 
-    pred = apply(cal, voted)
+    true_lat = np.concatenate([la for _, la, _ in images])
+    true_lon = np.concatenate([lo for _, _, lo in images])
+
+    def pooled(params):
+        preds = [apply(cal, _vote_on(engine, params, e, None), params.far_above) for e, _, _ in images]
+        return score(np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds]),
+                     true_lat, true_lon)["geoscore"]
+
+    chosen, top = best, pooled(best)
+    record = {"without": top}
+    for above in FAR_ABOVE:
+        p = replace(best, far_above=above)
+        record[f"above {above}"] = got = pooled(p)
+        if got > top:
+            chosen, top = p, got
+    log(f"far pick: {'never' if chosen.far_above >= 1 else f'where P(far) > {chosen.far_above}'}; GeoScore "
+        f"over both {top:.1f} (without: {record['without']:.1f})")
+    return chosen, record
+
+
+def calibrated_scores(voted, cal, lat, lon, far_above: float = 1.0) -> dict:
+    """The tuning images' metrics with the calibrated decision (the most probable candidate answers, or
+    the far pick where it answers)."""
+    from retrieve.calibrate import apply
+
+    pred = apply(cal, voted, far_above)
     ok = np.isfinite(pred.lat_deg)  # as tune() does: a held-out query may have lost every neighbour
     return score(pred.lat_deg[ok], pred.lon_deg[ok], lat[ok], lon[ok])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from geovote.metrics import accuracy_vs_coverage, calibration_error, reliability
-from retrieve.calibrate import LEVELS_KM, Calibration, fit, radius_km
+from retrieve.calibrate import LEVELS_KM, Calibration, apply, fit, radius_km
 
 
 def test_calibration_error_by_hand():
@@ -104,3 +104,40 @@ def test_mixture_of_experts_recovers_both_kinds_of_photo(tmp_path):
         assert np.abs(single.within(xt[clear])[:, c] - pt[clear]).mean() > 0.05  # why the mixture exists
     back = Calibration.load(mixed.save(tmp_path / "m.json"), ("a", "b"))
     np.testing.assert_array_equal(back.within(xt), p)
+
+
+def test_the_far_pick_answers_where_p_far_passes_the_threshold():
+    """Features (a, b, is_alternative, is_far_pick); P(far) = sigmoid(5 a), the near expert's P(within) rises
+    with b, the far expert's falls with is_far_pick. Query 0 looks far (a = 1): its far pick answers, ahead of the
+    vote's peak and runner-up, with the probabilities of its own features. Query 1 looks near (a = -1):
+    the most probable candidate answers and there is no far pick among its candidates."""
+    from retrieve.predict import Prediction
+
+    n_levels = len(LEVELS_KM)
+    cal = Calibration(["a", "b", "is_alternative", "is_far_pick"], [0.0] * 4, [1.0] * 4,
+                      [[0.0, 2.0, 0.0, 0.0]] * n_levels, [0.0] * n_levels, "hand", 0,
+                      far_coef=[[0.0, 0.0, 0.0, -1.0]] * n_levels, far_intercept=[-2.0] * n_levels,
+                      far_odds_coef=[5.0, 0.0, 0.0, 0.0], far_odds_intercept=0.0)
+    feats = np.array([[1.0, 0.5, 0, 0], [-1.0, 0.2, 0, 0]])
+    alt_feats = np.array([[[1.0, 0.9, 1, 0]], [[-1.0, 0.8, 1, 0]]])  # each runner-up more probable
+    far_feats = np.array([[1.0, -1.0, 0, 1], [-1.0, -1.0, 0, 1]])
+    pred = Prediction(np.array([10.0, 20.0]), np.array([11.0, 21.0]), np.zeros(2), np.array([[12.0], [22.0]]),
+                      np.array([[13.0], [23.0]]), np.zeros((2, 1)), feats, alt_feats,
+                      far_lat_deg=np.array([14.0, 24.0]), far_lon_deg=np.array([15.0, 25.0]),
+                      far_features=far_feats)
+    out = apply(cal, pred, far_above=0.5)
+    # query 0: the far pick, then the runner-up (more probable within 200 km), then the peak
+    assert out.far_answered.tolist() == [True, False]
+    assert (out.lat_deg[0], out.lon_deg[0]) == (14.0, 15.0)
+    np.testing.assert_array_equal(out.within_km[0], cal.within(far_feats[0]))
+    assert out.alt_lat_deg[0].tolist() == [12.0, 10.0]
+    p_far = 1 / (1 + np.exp(-5.0))
+    near = 1 / (1 + np.exp(-2 * 0.9))
+    assert out.alt_score[0, 0] == pytest.approx((1 - p_far) * near + p_far / (1 + np.exp(2.0)))
+    assert out.far_probability[0] == pytest.approx(1 / (1 + np.exp(-5.0)))  # of the runner-up: a = 1 too
+    assert out.alt_score[0, 0] > out.confidence[0]  # the far pick is chosen for GeoScore, not P(200 km)
+    # query 1: the runner-up answers, the peak follows, the far pick is not a candidate
+    assert (out.lat_deg[1], out.alt_lat_deg[1, 0]) == (22.0, 20.0) and np.isnan(out.alt_lat_deg[1, 1])
+    # never answering (far_above 1): the candidates of the plain calibrated decision
+    plain = apply(cal, pred)
+    assert not plain.far_answered.any() and plain.lat_deg.tolist() == [12.0, 22.0]

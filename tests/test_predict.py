@@ -217,3 +217,30 @@ def test_gallery_spacing_feature_is_the_weighted_mean_log_spacing():
         assert got.features[q, j] == pytest.approx(want, rel=1e-12)
         assert np.all(got.alt_features[q, np.isfinite(got.alt_lat_deg[q]), j] == got.features[q, j])
     assert np.isnan(vote(sim, lat, lon, cells, params).features[:, j]).all()  # not given: unknown
+
+
+def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_sharp_weights():
+    from geovote.metrics import GEOSCORE_SCALE_KM
+    from retrieve.predict import FEATURES
+
+    sim, lat, lon = _neighbourhoods(8, 15, seed=7, centers=[(48.85, 2.35), (35.7, 139.7), (-33.9, 151.2)])
+    sim[4, 3:] = -np.inf  # a query with 3 neighbours found
+    lat[4, 3:] = lon[4, 3:] = np.nan
+    cells = H3Cells((1, 3)).assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(8, 15, 2)
+    p = VoteConfig(k=12, temperature=0.1, bandwidth_km=100.0, far_above=0.5, far_temperature=0.02)
+    got = vote(sim, lat, lon, cells, p)
+    share = FEATURES.index("share_within_200km")
+    for q in range(8):
+        ok = np.flatnonzero(np.isfinite(sim[q, :12]))
+        w = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.02)
+        w /= w.sum()
+        d = haversine_km(lat[q, ok][:, None], lon[q, ok][:, None], lat[q, ok][None], lon[q, ok][None])
+        best = ok[np.argmax((w[None] * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)).sum(1))]
+        assert haversine_km(got.far_lat_deg[q], got.far_lon_deg[q], lat[q, best], lon[q, best]) < 1e-6
+        # its features: the vote's weights (T = 0.1) around it, and marked as the far pick
+        v = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.1)
+        near = haversine_km(lat[q, best], lon[q, best], lat[q, ok], lon[q, ok]) <= 200.0
+        assert got.far_features[q, share] == pytest.approx((v * near).sum() / v.sum(), rel=1e-9)
+    assert np.all(got.far_features[:, FEATURES.index("is_far_pick")] == 1)
+    assert np.all(got.features[:, FEATURES.index("is_far_pick")] == 0)
+    assert vote(sim, lat, lon, cells, replace(p, far_above=1.0)).far_lat_deg is None  # never answers: not computed

@@ -32,7 +32,8 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
     assert [x["image"] for x in lines] == [str(p) for p in imgs]
     for x in lines:
         assert set(x) == {"image", "latitude", "longitude", "confidence", "calibrated", "within_km", "radius_km",
-                          "country", "region", "sub_region", "city", "candidates"}
+                          "far_probability", "far_pick", "country", "region", "sub_region", "city",
+                          "candidates"}
         assert -90 <= x["latitude"] <= 90 and 0 <= x["confidence"] <= 1 and len(x["country"]) == 2
         assert x["candidates"][0] == {"latitude": x["latitude"], "longitude": x["longitude"],
                                       "score": x["confidence"]}
@@ -41,7 +42,10 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
         assert x["calibrated"] and list(x["within_km"]) == ["1", "25", "200", "750", "2500"]
         p = list(x["within_km"].values())
         assert x["confidence"] == x["within_km"]["200"] and p == sorted(p) and 0 <= p[0] and p[-1] <= 1
-        assert all(c["score"] <= x["confidence"] for c in x["candidates"][1:])
+        # the answer is the most likely within 200 km, unless the far pick answered (tested in test_calibration)
+        far_above = json.loads((built / "index" / "retrieve.json").read_text())["params"]["far_above"]
+        assert x["far_pick"] == (x["far_probability"] > far_above)
+        assert x["far_pick"] or all(c["score"] <= x["confidence"] for c in x["candidates"][1:])
         levels = [1, 25, 200, 750, 2500]
         above = [km for km, q in zip(levels, p) if q >= 0.9]
         below = [km for km, q in zip(levels, p) if q < 0.9]
@@ -135,6 +139,12 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     assert engine.calibration.far_coef is not None
     assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
         saved["validation"]["calibrated"]["geoscore"], rel=1e-6)
+    # the far pick answers only where it raised the GeoScore of val and val_far together
+    grid, chosen = saved["far_pick"], saved["params"]["far_above"]
+    if chosen == 1.0:
+        assert grid["without"] >= max(grid.values())
+    else:
+        assert grid[f"above {chosen}"] == max(grid.values()) > grid["without"]
     _, far_lat, far_lon, far_emb = embed_for_eval(engine, sample_root, "val_far")
     far, _ = engine.locate(far_emb)
     assert mean_geoscore(far.lat_deg, far.lon_deg, far_lat, far_lon) == pytest.approx(
@@ -235,13 +245,14 @@ def test_geojson_and_csv_for_map_tools(sample_root, built, tmp_path, capsys):
         assert f["geometry"] == {"type": "Point", "coordinates": [a["longitude"], a["latitude"]]}
         assert f["properties"] == {k: a[k] for k in ("image", "country", "region", "sub_region", "city",
                                                       "confidence", "calibrated", "within_km", "radius_km",
-                                                      "candidates")}
+                                                      "far_probability", "far_pick", "candidates")}
     assert query_main([*map(str, imgs), "--index", index, "--format", "csv"]) == 0
     rows = list(csvmod.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["image"] for r in rows] == [a["image"] for a in want]
     for r, a in zip(rows, want):
         assert float(r["latitude"]) == a["latitude"] and float(r["within_750km"]) == a["within_km"]["750"]
         assert float(r["radius_km"]) == a["radius_km"] and r["country"] == a["country"]
+        assert float(r["far_probability"]) == a["far_probability"] and r["far_pick"] == str(a["far_pick"])
     with pytest.raises(SystemExit):
         query_main([str(imgs[0]), "--index", index, "--json", "--format", "csv"])
     # a whole split as map points
