@@ -68,17 +68,18 @@ def km_for_chord(chord) -> np.ndarray:
 def spacing_km(lat_deg, lon_deg, m: int = 8, batch: int = 1_000_000) -> np.ndarray:
     """(N,) the distance from each point to its m-th nearest other point (km): how densely the points
     cover each one's surroundings, on the scale of m points whatever their number. A k-d tree over unit
-    vectors (scikit-learn): O(N log N), independent of the density (counting within a radius is not: a
-    city's point has thousands of others within 100 km at 5M). Duplicates count as other points."""
-    from sklearn.neighbors import KDTree
+    vectors (SciPy's, queried on every core; SciPy comes with scikit-learn): O(N log N), independent of
+    the density (counting within a radius is not: a city's point has thousands of others within 100 km
+    at 5M). Duplicates count as other points."""
+    from scipy.spatial import cKDTree
 
     xyz = latlon_to_unit(lat_deg, lon_deg)
     n = len(xyz)
     if n <= m:  # fewer other points than m: the farthest any can be
         return np.full(n, np.pi * EARTH_RADIUS_KM)
-    tree = KDTree(xyz)
+    tree = cKDTree(xyz)
     out = np.empty(n)
     for start in range(0, n, batch):
-        chord, _ = tree.query(xyz[start:start + batch], k=m + 1)  # the point itself comes first
+        chord, _ = tree.query(xyz[start:start + batch], k=m + 1, workers=-1)  # the point itself comes first
         out[start:start + batch] = km_for_chord(chord[:, -1])
     return out
