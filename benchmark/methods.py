@@ -130,6 +130,9 @@ def geovote(inp: Inputs) -> Prediction:
         inp.extras["geovote"] = {"within_km": np.concatenate([p.within_km for p in parts]),
                                  "radius_km": np.concatenate([p.radius_km for p in parts]),
                                  "confidence": np.concatenate([p.confidence for p in parts])}
+        if parts[0].far_probability is not None:  # calibrated with far places: how often it took them for one
+            inp.extras["geovote"] |= {"far_probability": np.concatenate([p.far_probability for p in parts]),
+                                      "far_pick": np.concatenate([p.far_answered for p in parts])}
     return lat, lon
 
 

@@ -57,7 +57,12 @@ def calibration_report(extras: dict, plat, plon, tlat, tlon) -> dict:
     d = d[ok]
     cov, acc, auc = accuracy_vs_coverage(conf, d <= 200)
     half = int(np.ceil(len(acc) / 2)) - 1
+    far = {}
+    if "far_probability" in extras:  # a calibration fitted with far places
+        far = {"mean_far_probability": float(extras["far_probability"][ok].mean()),
+               "far_pick_share": float(extras["far_pick"][ok].mean())}
     return {
+        **far,
         "ece": {str(km): calibration_error(within[:, j], d <= km) for j, km in enumerate(LEVELS_KM)},
         "mean_probability": {str(km): float(within[:, j].mean()) for j, km in enumerate(LEVELS_KM)},
         "observed": {str(km): float((d <= km).mean()) for km in LEVELS_KM},
@@ -123,7 +128,8 @@ def write_outputs(out: Path, results: list[dict], preds: dict, ids, tlat, tlon, 
         more = (extras or {}).get(name)
         if more:
             cols |= {"confidence": more["confidence"], "radius_km": more["radius_km"],
-                     **{f"within_{km}km": more["within_km"][:, j] for j, km in enumerate(LEVELS_KM)}}
+                     **{f"within_{km}km": more["within_km"][:, j] for j, km in enumerate(LEVELS_KM)},
+                     **{k: more[k] for k in ("far_probability", "far_pick") if k in more}}
         pq.write_table(pa.table(cols), out / "predictions" / f"{name}.parquet")
     (out / "results.json").write_text(json.dumps({**meta, "methods": results}, indent=2) + "\n")
     cols = ["name", *SCORE_KEYS, "geoscore_ci95", "acc_country_ci95"]
@@ -160,7 +166,9 @@ def markdown_table(results: list[dict], meta: dict) -> str:
                   f"{100 * cal['radius_coverage']:.1f}% of the truths; the most confident half is within "
                   f"200 km "
                   f"{100 * cal['acc_200km_most_confident_half']:.1f}% of the time (area under accuracy "
-                  f"against coverage {cal['auc_acc_200km_vs_coverage']:.3f})"]
+                  f"against coverage {cal['auc_acc_200km_vs_coverage']:.3f})"
+                  + (f"; P(far) averages {cal['mean_far_probability']:.2f} and the far pick answers "
+                     f"{100 * cal['far_pick_share']:.1f}%" if "far_pick_share" in cal else "")]
     return "\n".join(lines)
 
 

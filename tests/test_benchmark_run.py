@@ -70,6 +70,11 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     assert np.array_equal(conf, t["within_200km"])
     top = np.argsort(-conf, kind="stable")[:100]
     assert cal["acc_200km_most_confident_half"] == pytest.approx(np.mean(d[top] <= 200))
+    # calibrated with the sample's val_far: how far the photos looked, and how often the far pick answered
+    assert cal["mean_far_probability"] == pytest.approx(t["far_probability"].mean())
+    assert cal["far_pick_share"] == pytest.approx(t["far_pick"].mean())
+    far_above = json.loads((engine_dir / "index" / "retrieve.json").read_text())["params"]["far_above"]
+    assert np.array_equal(t["far_pick"], t["far_probability"] > far_above)
     # the predictions files are what benchmark.score reads, and give the same scores
     again = score_file(out / "predictions" / "hybrid.parquet", sample_root / "test.csv")
     assert again["geoscore"] == pytest.approx(by["hybrid"]["geoscore"])
