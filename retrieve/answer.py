@@ -93,15 +93,15 @@ def answers(engine, paths: list[Path], tta: bool = False, region=None):
 
 def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, log=None) -> Path:
     """Embed a split (resumable, into the engine folder) and write its predictions: id, latitude,
-    longitude, confidence, and for a calibrated engine radius_km and within_<d>km; parquet, CSV or
-    GeoJSON by `out`'s suffix."""
+    longitude, confidence, for a calibrated engine radius_km and within_<d>km, and for one calibrated
+    with far places far_probability and far_pick; parquet, CSV or GeoJSON by `out`'s suffix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from geovote.shards import iter_shards
     from retrieve.tuning import ensure_embedded
 
-    ids, lat, lon, conf, radius, within = [], [], [], [], [], []
+    ids, lat, lon, conf, radius, within, far, far_pick = [], [], [], [], [], [], [], []
     for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):
         for start in range(0, len(shard), SPLIT_BATCH):
             pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32),
@@ -113,12 +113,17 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
             if pred.within_km is not None:
                 radius.append(pred.radius_km)
                 within.append(pred.within_km)
+            if pred.far_probability is not None:
+                far.append(pred.far_probability)
+                far_pick.append(pred.far_answered)
     cols = {"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
             "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)}
     if within:
         w = np.concatenate(within)
         cols |= {"radius_km": np.concatenate(radius),
                  **{f"within_{km}km": w[:, j] for j, km in enumerate(LEVELS_KM)}}
+    if far:
+        cols |= {"far_probability": np.concatenate(far), "far_pick": np.concatenate(far_pick)}
     table = pa.table(cols)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

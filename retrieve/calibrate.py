@@ -181,7 +181,11 @@ def apply(cal: Calibration, pred, far_above: float = 1.0):
     Far places: where the calibration has a far expert and puts P(far) of that answer above `far_above`,
     the far pick (retrieve.predict.VoteConfig.far_above) answers instead, ahead of every candidate: the
     choice of the expected GeoScore, not of P(within 200 km), so an alternative can then be more likely
-    within 200 km than the answer (each keeps its own probability). `far_probability` is P(far)."""
+    within 200 km than the answer (each keeps its own probability); a candidate on the same point is
+    dropped. `far_probability` is the P(far) that decides: that of the most probable candidate (None
+    without a far expert); `far_answered` where the far pick answers."""
+    from geovote.geo import haversine_km
+
     c = cal.levels_km.index(CONFIDENCE_KM)
     none = ~np.isfinite(pred.lat_deg)
     # candidates side by side: 0 the vote's peak, 1.. its runner-ups
@@ -206,6 +210,10 @@ def apply(cal: Calibration, pred, far_above: float = 1.0):
 
         lat, lon = ahead(pred.far_lat_deg, lat), ahead(pred.far_lon_deg, lon)
         feats, within = ahead(pred.far_features, feats), ahead(far_within, within)
+        # a candidate on the far pick itself (an answer moved onto a neighbour) is not listed twice
+        same = go[:, None] & (haversine_km(lat[:, :1], lon[:, :1], lat, lon) < 0.001)
+        same[:, 0] = False
+        lat, lon = np.where(same, np.nan, lat), np.where(same, np.nan, lon)
         score = np.where(np.isfinite(lat), within[..., c], -1.0)
     within[none, 0] = 0.0
     return replace(pred, lat_deg=lat[:, 0], lon_deg=lon[:, 0], confidence=within[:, 0, c],

@@ -118,7 +118,7 @@ class Prediction:
     far_lat_deg: np.ndarray | None = None  # (Q,)
     far_lon_deg: np.ndarray | None = None
     far_features: np.ndarray | None = None  # (Q, len(FEATURES))
-    far_probability: np.ndarray | None = None  # (Q,) the calibration's P(far) of the answer
+    far_probability: np.ndarray | None = None  # (Q,) P(far) of the most probable candidate: what decides
     far_answered: np.ndarray | None = None  # (Q,) bool: the far pick answers (retrieve.calibrate.apply)
 
 

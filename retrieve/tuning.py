@@ -70,7 +70,7 @@ class TooFewToTune(Exception):
 
 
 HEDGE_BELOW = (0.2, 0.4, 0.6)  # tried with the best setting: the minimum-risk answer below this share
-# with far places to tune on: the far pick's temperature and the P(far) above which it answers
+# with far places to tune on: the P(far) above which the far pick answers (its temperature stays 0.01)
 FAR_ABOVE = (0.3, 0.5, 0.7, 0.9)
 MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
@@ -273,8 +273,9 @@ def tune_far_pick(engine, best, cal, images: list, log) -> tuple[object, dict]:
 
     def pooled(params):
         preds = [apply(cal, _vote_on(engine, params, e, None), params.far_above) for e, _, _ in images]
-        return score(np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds]),
-                     true_lat, true_lon)["geoscore"]
+        lat, lon = np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds])
+        ok = np.isfinite(lat)  # as tune() does: an image whose search found nothing has no answer
+        return score(lat[ok], lon[ok], true_lat[ok], true_lon[ok])["geoscore"]
 
     chosen, top = best, pooled(best)
     record = {"without": top}

@@ -141,3 +141,9 @@ def test_the_far_pick_answers_where_p_far_passes_the_threshold():
     # never answering (far_above 1): the candidates of the plain calibrated decision
     plain = apply(cal, pred)
     assert not plain.far_answered.any() and plain.lat_deg.tolist() == [12.0, 22.0]
+    # a peak on the far pick's very point (an answer moved onto that neighbour) is not listed twice
+    from dataclasses import replace
+
+    on = apply(cal, replace(pred, lat_deg=np.array([14.0, 20.0]), lon_deg=np.array([15.0, 21.0])), 0.5)
+    assert (on.lat_deg[0], on.lon_deg[0]) == (14.0, 15.0)
+    assert on.alt_lat_deg[0, 0] == 12.0 and np.isnan(on.alt_lat_deg[0, 1:]).all() and on.alt_score[0, 1] == 0

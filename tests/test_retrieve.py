@@ -85,8 +85,11 @@ def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp
                        "--out", str(out)]) == 0
     t = pq.read_table(out)
     assert t.column_names == ["id", "latitude", "longitude", "confidence", "radius_km", "within_1km", "within_25km",
-                              "within_200km", "within_750km", "within_2500km"] and t.num_rows == 200
+                              "within_200km", "within_750km", "within_2500km", "far_probability",
+                              "far_pick"] and t.num_rows == 200
     np.testing.assert_array_equal(t.column("confidence").to_numpy(), t.column("within_200km").to_numpy())
+    far_above = json.loads((built / "index" / "retrieve.json").read_text())["params"]["far_above"]
+    np.testing.assert_array_equal(t.column("far_pick").to_numpy(), t.column("far_probability").to_numpy() > far_above)
     # the same answers as the engine gives the image files themselves (their embeddings stored as the
     # shards store them, in fp16: the tiny model's ties would otherwise reorder some neighbours)
     from embed.images import open_rgb

@@ -52,7 +52,11 @@ function show(a) {
     (a.calibrated
       ? `<div><b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> probability within 200 km · ` +
         `90% within <b id="radius-km">${Math.round(a.radius_km).toLocaleString()} km</b> · ` +
-        `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`
+        `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>` +
+        (a.far_pick
+          ? `<div id="far-pick">looks far from every training image (${(100 * a.far_probability).toFixed(0)}%): ` +
+            `answered by its nearest neighbours, not the densest place they vote for</div>`
+          : "")
       : `<div>vote share <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> (not calibrated) · ` +
         `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`) +
     (rows ? `<table><tr><th>#</th><th>alternative</th><th>${a.calibrated ? "within 200 km" : "vote share"}</th><th>from the answer</th></tr>${rows}</table>` : "");
