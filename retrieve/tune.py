@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="dataset root (default: the sample)")
     ap.add_argument("--split", default="val")
     args = ap.parse_args(argv)
-    if args.split == "test":
-        print("error: tuning on the test split would make its scores meaningless; use val", file=sys.stderr)
+    if args.split == "test" or args.split.startswith("test_"):
+        print(f"error: tuning on the {args.split} split would make its scores meaningless; use val",
+              file=sys.stderr)
         return 2
     try:
         engine = Engine(resolve(index=args.index).require_index(), calibrated=False)

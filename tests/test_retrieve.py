@@ -153,6 +153,7 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     assert mean_geoscore(far.lat_deg, far.lon_deg, far_lat, far_lon) == pytest.approx(
         saved["validation"]["calibrated val_far"]["geoscore"], rel=1e-6)
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
+    assert tune_main(["--index", str(built / "index"), "--split", "test_far"]) == 2
 
 
 def test_retrieve_json_with_an_unknown_key_is_refused_by_name(built, tmp_path, capsys):
