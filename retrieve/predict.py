@@ -46,11 +46,15 @@ class VoteConfig:
     # neighbours: the minimum-risk answer. 0: never (retrieve.tune turns it on where it helps)
     hedge_below: float = 0.0
     # far places: where the calibration (retrieve.calibrate, fitted with far places) puts P(far) above
-    # this, answer the neighbour of highest expected GeoScore under the sharper weights
-    # softmax(sim / far_temperature): near the best few neighbours, not in the densest cell, which for
-    # a place no training image covers is usually elsewhere. 1: never (retrieve.tune sets it where it helps)
+    # this, answer the far pick: the neighbour of highest expected GeoScore under the weights
+    # softmax(sim / far_temperature) x spacing_km ** far_density_power. The vote's weights estimate
+    # where the photo is under the gallery's own prior (where training images are), right for a covered
+    # place; for a place no training image covers, that prior sends the answer to the densest region of
+    # look-alikes. Dividing by the gallery's density (~ 1 / spacing^2 on a surface) undoes it.
+    # 1: never (retrieve.tune sets all three on far places, where the tuning has them)
     far_above: float = 1.0
-    far_temperature: float = 0.01
+    far_temperature: float = 0.03
+    far_density_power: float = 2.0
 
     def __post_init__(self):
         self.levels = tuple(int(v) for v in self.levels)
@@ -62,9 +66,9 @@ class VoteConfig:
             raise ValueError("k and n_starts must be >= 1, temperature and bandwidth_km > 0")
         if not 0.0 <= self.hedge_below <= 1.0:
             raise ValueError(f"hedge_below must be within [0, 1], got {self.hedge_below}")
-        if not 0.0 <= self.far_above <= 1.0 or self.far_temperature <= 0:
-            raise ValueError(f"far_above must be within [0, 1] and far_temperature > 0, got {self.far_above} "
-                             f"and {self.far_temperature}")
+        if not 0.0 <= self.far_above <= 1.0 or self.far_temperature <= 0 or self.far_density_power < 0:
+            raise ValueError("need 0 <= far_above <= 1, far_temperature > 0, far_density_power >= 0; got "
+                             f"{self.far_above}, {self.far_temperature}, {self.far_density_power}")
         if self.mean_shift_steps < 0 or self.n_alternatives < 0:
             raise ValueError("mean_shift_steps and n_alternatives must be >= 0")
 
@@ -221,6 +225,19 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
     return cand[np.arange(len(w)), best], best
 
 
+def far_weights(sim: np.ndarray, spacing_km: np.ndarray | None, params: VoteConfig) -> np.ndarray:
+    """(Q, K) the far pick's weights: softmax(sim / far_temperature) x spacing ** far_density_power,
+    normalised (VoteConfig); without spacing, the softmax alone."""
+    w = softmax_weights(sim, params.far_temperature)
+    if spacing_km is None or not params.far_density_power:
+        return w
+    k = sim.shape[1]
+    spacing = np.nan_to_num(np.asarray(spacing_km, np.float64)[:, :k], nan=1.0)
+    w = w * np.maximum(spacing, 1.0) ** params.far_density_power  # >= 1 km: no zero weight for duplicates
+    total = w.sum(1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
          params: VoteConfig, spacing_km: np.ndarray | None = None,
          far_pick: bool | None = None) -> Prediction:
@@ -330,8 +347,8 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
     alt_features = np.take_along_axis(alt_features, order[:, :, None], 1)
     pred = Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score, features, alt_features)
     if params.far_above < 1.0 if far_pick is None else far_pick:  # whether it answers: the calibration's call
-        far, _ = min_risk_point(xyz, softmax_weights(sim, params.far_temperature), valid, None,
-                                np.full((q, 0, 2), np.nan))
+        wf = far_weights(sim, spacing_km, params)
+        far, _ = min_risk_point(xyz, wf, valid, None, np.full((q, 0, 2), np.nan))
         pred.far_lat_deg, pred.far_lon_deg = unit_to_latlon(far)
         pred.far_lat_deg[none], pred.far_lon_deg[none] = np.nan, np.nan
         pred.far_features = np.concatenate(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geovote.geo import haversine_km
+from geovote.geo import haversine_km, latlon_to_unit, unit_to_latlon
 from geovote.metrics import distance_metrics
 
 GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat on the edge (200 km)
@@ -70,7 +70,10 @@ class TooFewToTune(Exception):
 
 
 HEDGE_BELOW = (0.2, 0.4, 0.6)  # tried with the best setting: the minimum-risk answer below this share
-# with far places to tune on: the P(far) above which the far pick answers (its temperature stays 0.01)
+# with far places to tune on: the far pick's weights (chosen on the far places alone), then the P(far)
+# above which it answers (on the tuning images and the far ones together)
+FAR_TEMPERATURE = (0.01, 0.03, 0.1)
+FAR_DENSITY_POWER = (0.0, 1.0, 2.0, 3.0, 4.0)
 FAR_ABOVE = (0.3, 0.5, 0.7, 0.9)
 MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
@@ -136,7 +139,7 @@ def score(lat, lon, true_lat, true_lon) -> dict:
 
 def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) -> tuple[object, dict, list]:
     """Score every setting of `grid`; `exclude` (carve_from_train) filters each query's neighbours."""
-    from retrieve.predict import one_nn, vote, weighted_mean
+    from retrieve.predict import VoteConfig, one_nn, vote, weighted_mean
 
     if exclude is None:
         res = engine.search(emb, max(grid["k"]))
@@ -155,7 +158,9 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
     trials = []
     t0 = time.perf_counter()
     # the decisions tuned after the grid start off: not inherited from an earlier tuning's retrieve.json
-    start = replace(engine.params, hedge_below=0.0, far_above=1.0)
+    default = VoteConfig()
+    start = replace(engine.params, hedge_below=0.0, far_above=1.0, far_temperature=default.far_temperature,
+                    far_density_power=default.far_density_power)
     for cells, levels in grid["cells"]:
         base = replace(start, cells=cells, levels=tuple(levels))
         table = np.asarray(engine.cells(base))[np.maximum(res.rows, 0)]
@@ -207,6 +212,8 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
     far = f"{split}_far"
     if has_split and _has_split(data, far):
         _, far_lat, far_lon, far_emb = embed_for_eval(engine, data, far, workers, log)
+        best, far_grid = tune_far_weights(engine, best, far_emb, far_lat, far_lon, log)
+        voted = _vote_on(engine, best, emb, None)  # the far picks with those weights: calibrated too
         far_voted = _vote_on(engine, best, far_emb, None)
         fitted.append((far_voted, far_lat, far_lon))
         fitted_on = f"{split} + {far}"
@@ -214,7 +221,7 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
     cal = fit_calibration(fitted, fitted_on)
     if len(fitted) > 1:
         both = [(emb, lat, lon), (far_emb, far_lat, far_lon)]
-        best, far_grid = tune_far_pick(engine, best, cal, both, log)
+        best, far_grid["above"] = tune_far_above(engine, best, cal, both, log)
         voted, far_voted = _vote_on(engine, best, emb, None), _vote_on(engine, best, far_emb, None)
         scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon, best.far_above)
     scores["calibrated"] = calibrated_scores(voted, cal, lat, lon, best.far_above)
@@ -262,7 +269,36 @@ def fit_calibration(voted: list, fitted_on: str):
                fitted_on, is_far)
 
 
-def tune_far_pick(engine, best, cal, images: list, log) -> tuple[object, dict]:
+def tune_far_weights(engine, best, emb, lat, lon, log) -> tuple[object, dict]:
+    """(params, record): best with the far pick's weights (VoteConfig.far_temperature and
+    far_density_power) that give its highest GeoScore on the far places `emb` (val_far), and each
+    setting's GeoScore (keyed "T=..., power=...")."""
+    from retrieve.predict import far_weights, min_risk_point
+
+    res = engine.search(emb, best.k)
+    rows = np.maximum(res.rows, 0)
+    spacing = np.asarray(engine.spacing())[rows]
+    valid = np.isfinite(res.similarity) & np.isfinite(res.lat_deg)
+    xyz = latlon_to_unit(np.where(valid, res.lat_deg, 0.0), np.where(valid, res.lon_deg, 0.0))
+    ok = valid.any(1)
+    sim = np.where(valid, res.similarity, -np.inf)
+    no_alternatives = np.full((len(emb), 0, 2), np.nan)
+    record, chosen, top = {}, best, -1.0
+    for temp, power in itertools.product(FAR_TEMPERATURE, FAR_DENSITY_POWER):
+        p = replace(best, far_temperature=temp, far_density_power=power)
+        point, _ = min_risk_point(xyz, far_weights(sim, spacing, p), valid, None, no_alternatives)
+        plat, plon = unit_to_latlon(point)
+        got = score(plat[ok], plon[ok], lat[ok], lon[ok])["geoscore"]
+        record[f"T={temp}, power={power}"] = got
+        if got > top:
+            chosen, top = p, got
+    log(f"far pick: weights softmax(sim / {chosen.far_temperature}) x spacing^{chosen.far_density_power:g}, "
+        f"GeoScore {top:.1f} on the far places (plain softmax(sim / {FAR_TEMPERATURE[0]}): "
+        f"{record[f'T={FAR_TEMPERATURE[0]}, power=0.0']:.1f})")
+    return chosen, {"weights": record}
+
+
+def tune_far_above(engine, best, cal, images: list, log) -> tuple[object, dict]:
     """(params, record): best with the threshold of the far pick (VoteConfig.far_above) that gives the
     highest calibrated GeoScore over the tuning images and the far ones together, as they come
     (`images`: [(embeddings, lat, lon), ...]); best unchanged (far_above 1: never) where none raises it."""
@@ -271,21 +307,28 @@ def tune_far_pick(engine, best, cal, images: list, log) -> tuple[object, dict]:
     true_lat = np.concatenate([la for _, la, _ in images])
     true_lon = np.concatenate([lo for _, _, lo in images])
 
-    def pooled(params):
+    def geoscores(params) -> list:
+        """[both together, then each group of `images`]"""
         preds = [apply(cal, _vote_on(engine, params, e, None), params.far_above) for e, _, _ in images]
         lat, lon = np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds])
         ok = np.isfinite(lat)  # as tune() does: an image whose search found nothing has no answer
-        return score(lat[ok], lon[ok], true_lat[ok], true_lon[ok])["geoscore"]
+        out = [score(lat[ok], lon[ok], true_lat[ok], true_lon[ok])["geoscore"]]
+        for p, (_, la, lo) in zip(preds, images):
+            ok = np.isfinite(p.lat_deg)
+            out.append(score(p.lat_deg[ok], p.lon_deg[ok], la[ok], lo[ok])["geoscore"])
+        return out
 
-    chosen, top = best, pooled(best)
-    record = {"without": top}
+    # each threshold's GeoScore over both, and over each (the trade-off, for a user who expects fewer or
+    # more far photos than the tuning has)
+    record = {"without": geoscores(best)}
+    chosen, top = best, record["without"][0]
     for above in FAR_ABOVE:
         p = replace(best, far_above=above)
-        record[f"above {above}"] = got = pooled(p)
-        if got > top:
-            chosen, top = p, got
+        record[f"above {above}"] = got = geoscores(p)
+        if got[0] > top:
+            chosen, top = p, got[0]
     log(f"far pick: {'never' if chosen.far_above >= 1 else f'where P(far) > {chosen.far_above}'}; GeoScore "
-        f"over both {top:.1f} (without: {record['without']:.1f})")
+        f"over both {top:.1f} (without: {record['without'][0]:.1f})")
     return chosen, record
 
 

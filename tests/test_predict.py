@@ -219,7 +219,7 @@ def test_gallery_spacing_feature_is_the_weighted_mean_log_spacing():
     assert np.isnan(vote(sim, lat, lon, cells, params).features[:, j]).all()  # not given: unknown
 
 
-def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_sharp_weights():
+def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_density_corrected_weights():
     from geovote.metrics import GEOSCORE_SCALE_KM
     from retrieve.predict import FEATURES
 
@@ -227,12 +227,14 @@ def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_sharp_weig
     sim[4, 3:] = -np.inf  # a query with 3 neighbours found
     lat[4, 3:] = lon[4, 3:] = np.nan
     cells = H3Cells((1, 3)).assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(8, 15, 2)
-    p = VoteConfig(k=12, temperature=0.1, bandwidth_km=100.0, far_above=0.5, far_temperature=0.02)
-    got = vote(sim, lat, lon, cells, p)
+    p = VoteConfig(k=12, temperature=0.1, bandwidth_km=100.0, far_above=0.5, far_temperature=0.02,
+                   far_density_power=2.0)
+    spacing = np.random.default_rng(1).uniform(0.5, 400, (8, 15))  # below 1 km counts as 1 km
+    got = vote(sim, lat, lon, cells, p, spacing)
     share = FEATURES.index("share_within_200km")
     for q in range(8):
         ok = np.flatnonzero(np.isfinite(sim[q, :12]))
-        w = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.02)
+        w = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.02) * np.maximum(spacing[q, ok], 1.0) ** 2
         w /= w.sum()
         d = haversine_km(lat[q, ok][:, None], lon[q, ok][:, None], lat[q, ok][None], lon[q, ok][None])
         best = ok[np.argmax((w[None] * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)).sum(1))]

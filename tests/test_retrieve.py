@@ -143,11 +143,18 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
         saved["validation"]["calibrated"]["geoscore"], rel=1e-6)
     # the far pick answers only where it raised the GeoScore of val and val_far together
-    grid, chosen = saved["far_pick"], saved["params"]["far_above"]
+    grid, chosen = saved["far_pick"]["above"], saved["params"]["far_above"]
+    both = {k: v[0] for k, v in grid.items()}  # [both together, val, val_far]
     if chosen == 1.0:
-        assert grid["without"] >= max(grid.values())
+        assert both["without"] >= max(both.values())
     else:
-        assert grid[f"above {chosen}"] == max(grid.values()) > grid["without"]
+        assert both[f"above {chosen}"] == max(both.values()) > both["without"]
+    n, n_far = saved["validation"]["images"], 100
+    for together, near, far in grid.values():  # GeoScore is a mean: both together weigh each by its images
+        assert together == pytest.approx((n * near + n_far * far) / (n + n_far))
+    # its weights: those of the highest GeoScore on val_far
+    weights, p = saved["far_pick"]["weights"], saved["params"]
+    assert weights[f"T={p['far_temperature']}, power={p['far_density_power']}"] == max(weights.values())
     _, far_lat, far_lon, far_emb = embed_for_eval(engine, sample_root, "val_far")
     far, _ = engine.locate(far_emb)
     assert mean_geoscore(far.lat_deg, far.lon_deg, far_lat, far_lon) == pytest.approx(
