@@ -15,7 +15,8 @@ probability, and each candidate's `score` its own probability within 200 km: all
 tuning split by `retrieve.tune`. `far_probability`: how likely the photo is of a place far from every
 training image (null when the tuning had no far places, as val_far in the bundled sample); `far_pick`:
 true when that probability passed the threshold tuning chose, and the answer is then the neighbour of
-highest expected GeoScore rather than the vote's most probable peak (an alternative can then be more
+highest expected GeoScore under weights corrected for the gallery's density, rather than the vote's most
+probable peak (an alternative can then be more
 likely within 200 km). An engine tuned before calibration existed answers `calibrated: false`, the raw
 vote share as confidence, and null within_km and radius_km.
 """
