@@ -218,9 +218,14 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
     first = [] if answer is None else [answer[:, None]]
     cand = np.concatenate([*first, alt, xyz], axis=1)  # (Q, [1 +] A + K, 3)
     ok = np.concatenate([np.ones((len(w), len(first)), bool), finite, valid], axis=1)
-    chord = np.sqrt(np.maximum(np.sum((cand[:, :, None] - xyz[:, None]) ** 2, axis=3), 0.0))  # (Q, C, K)
-    d_km = km_for_chord(chord)
-    expected = np.sum(w[:, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
+    expected = np.empty(ok.shape)
+    step = max(1, 2**24 // max(1, cand.shape[1] * xyz.shape[1]))  # (rows, C, K) float64 under 128 MB
+    for i in range(0, len(w), step):
+        c, x = cand[i:i + step], xyz[i:i + step]
+        sq = (np.sum(c * c, 2)[:, :, None] + np.sum(x * x, 2)[:, None, :]
+              - 2.0 * np.einsum("qcd,qkd->qck", c, x))  # |c - x|^2, (rows, C, K)
+        d_km = km_for_chord(np.sqrt(np.maximum(sq, 0.0)))
+        expected[i:i + step] = np.sum(w[i:i + step, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
     best = np.argmax(np.where(ok, expected, -1.0), axis=1)  # first of equals: the answer
     return cand[np.arange(len(w)), best], best
 

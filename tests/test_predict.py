@@ -246,3 +246,23 @@ def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_density_co
     assert np.all(got.far_features[:, FEATURES.index("is_far_pick")] == 1)
     assert np.all(got.features[:, FEATURES.index("is_far_pick")] == 0)
     assert vote(sim, lat, lon, cells, replace(p, far_above=1.0)).far_lat_deg is None  # never answers: not computed
+
+
+def test_min_risk_point_in_chunks_equals_one_row_at_a_time():
+    """2,000 queries x 100 neighbours: the (Q, C, K) distances go in two chunks (128 MB each at most);
+    rows of both agree with a brute-force pass over each row."""
+    from geovote.metrics import GEOSCORE_SCALE_KM
+    from retrieve.predict import min_risk_point
+
+    rng = np.random.default_rng(4)
+    q, k = 2000, 100
+    lat, lon = rng.uniform(-60, 60, (q, k)), rng.uniform(-180, 180, (q, k))
+    xyz = latlon_to_unit(lat, lon)
+    w = rng.dirichlet(np.ones(k), q)
+    valid = np.ones((q, k), bool)
+    point, best = min_risk_point(xyz, w, valid, None, np.full((q, 0, 2), np.nan))
+    for row in (0, 1000, 1999):
+        d = haversine_km(lat[row][:, None], lon[row][:, None], lat[row][None], lon[row][None])
+        want = np.argmax((w[row][None] * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)).sum(1))
+        assert best[row] == want
+        np.testing.assert_allclose(point[row], xyz[row, want])
