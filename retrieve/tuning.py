@@ -293,8 +293,7 @@ def tune_far_weights(engine, best, emb, lat, lon, log) -> tuple[object, dict]:
         if got > top:
             chosen, top = p, got
     log(f"far pick: weights softmax(sim / {chosen.far_temperature}) x spacing^{chosen.far_density_power:g}, "
-        f"GeoScore {top:.1f} on the far places (plain softmax(sim / {FAR_TEMPERATURE[0]}): "
-        f"{record[f'T={FAR_TEMPERATURE[0]}, power=0.0']:.1f})")
+        f"GeoScore {top:.1f} on the far places (best of {len(record)} settings)")
     return chosen, {"weights": record}
 
 
