@@ -219,12 +219,12 @@ def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np
     cand = np.concatenate([*first, alt, xyz], axis=1)  # (Q, [1 +] A + K, 3)
     ok = np.concatenate([np.ones((len(w), len(first)), bool), finite, valid], axis=1)
     expected = np.empty(ok.shape)
-    step = max(1, 2**24 // max(1, cand.shape[1] * xyz.shape[1]))  # (rows, C, K) float64 under 128 MB
+    # in chunks of queries, the (rows, C, K, 3) differences under 128 MB; differences, not dot products:
+    # a point's distance to itself is exactly 0, and equal candidates score exactly equal (ties matter)
+    step = max(1, 2**24 // max(1, 3 * cand.shape[1] * xyz.shape[1]))
     for i in range(0, len(w), step):
-        c, x = cand[i:i + step], xyz[i:i + step]
-        sq = (np.sum(c * c, 2)[:, :, None] + np.sum(x * x, 2)[:, None, :]
-              - 2.0 * np.einsum("qcd,qkd->qck", c, x))  # |c - x|^2, (rows, C, K)
-        d_km = km_for_chord(np.sqrt(np.maximum(sq, 0.0)))
+        diff = cand[i:i + step, :, None] - xyz[i:i + step, None]  # (rows, C, K, 3)
+        d_km = km_for_chord(np.sqrt(np.maximum(np.sum(diff ** 2, axis=3), 0.0)))
         expected[i:i + step] = np.sum(w[i:i + step, None, :] * np.exp(-d_km / GEOSCORE_SCALE_KM), axis=2)
     best = np.argmax(np.where(ok, expected, -1.0), axis=1)  # first of equals: the answer
     return cand[np.arange(len(w)), best], best

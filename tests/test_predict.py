@@ -266,3 +266,18 @@ def test_min_risk_point_in_chunks_equals_one_row_at_a_time():
         want = np.argmax((w[row][None] * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)).sum(1))
         assert best[row] == want
         np.testing.assert_allclose(point[row], xyz[row, want])
+
+
+def test_min_risk_point_ties_go_to_the_first_candidate():
+    """Two neighbours of equal weight score exactly equal: the first wins, as the answer does in hedging
+    (a dot-product form of the distances broke such ties one time in ten)."""
+    from retrieve.predict import min_risk_point
+
+    lat = np.array([[6.9799986344676626, 69.6115878060429]])
+    lon = np.array([[-91.74713137694334, -58.28830090929388]])
+    xyz = latlon_to_unit(lat, lon)
+    w, valid = np.array([[0.5, 0.5]]), np.ones((1, 2), bool)
+    _, best = min_risk_point(xyz, w, valid, None, np.full((1, 0, 2), np.nan))
+    assert best[0] == 0
+    _, best = min_risk_point(xyz, w, valid, xyz[:, 0], np.full((1, 0, 2), np.nan))  # the answer on neighbour 0
+    assert best[0] == 0
