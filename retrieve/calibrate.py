@@ -60,12 +60,15 @@ class Calibration:
     def __post_init__(self):
         self.levels_km = list(self.levels_km or LEVELS_KM)
 
+    def _standardised(self, features: np.ndarray) -> np.ndarray:
+        return (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+
     def within(self, features: np.ndarray) -> np.ndarray:
         """(..., F) features -> (..., levels) probabilities, non-decreasing along the levels."""
-        x = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+        x = self._standardised(features)
         p = _sigmoid(x @ np.asarray(self.coef).T + np.asarray(self.intercept))
         if self.far_coef is not None:
-            far = _sigmoid(x @ np.asarray(self.far_odds_coef) + self.far_odds_intercept)[..., None]
+            far = self.far_probability(features)[..., None]
             p_far = _sigmoid(x @ np.asarray(self.far_coef).T + np.asarray(self.far_intercept))
             p = (1.0 - far) * p + far * p_far
         return np.maximum.accumulate(p, axis=-1)
@@ -75,7 +78,7 @@ class Calibration:
         None without a far expert."""
         if self.far_odds_coef is None:
             return None
-        x = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+        x = self._standardised(features)
         return _sigmoid(x @ np.asarray(self.far_odds_coef) + self.far_odds_intercept)
 
     def save(self, path: str | Path) -> Path:

@@ -251,7 +251,9 @@ class Engine:
         rows = np.maximum(res.rows, 0)
         cells = np.asarray(self.cells(params))[rows]
         spacing = np.asarray(self.spacing())[rows] if calibrate else None
-        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing)
+        # the far pick only where a calibration can let it answer
+        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing,
+                    far_pick=calibrate and params.far_above < 1.0)
         if region:
             pred = _inside(pred, res, region, params)
         if calibrate:

@@ -13,12 +13,12 @@ first and highest unless far_pick).
 for 1, 25, 200, 750 and 2500 km ({"1": p, ...}), `radius_km` the radius holding the true place with 90%
 probability, and each candidate's `score` its own probability within 200 km: all calibrated on the
 tuning split by `retrieve.tune`. `far_probability`: how likely the photo is of a place far from every
-training image (null when the tuning had no far places, as val_far in the bundled sample); `far_pick`:
-true when that probability passed the threshold tuning chose, and the answer is then the neighbour of
-highest expected GeoScore under weights corrected for the gallery's density, rather than the vote's most
-probable peak (an alternative can then be more
-likely within 200 km). An engine tuned before calibration existed answers `calibrated: false`, the raw
-vote share as confidence, and null within_km and radius_km.
+training image (null when the tuning had no far places, such as the bundled sample's val_far);
+`far_pick`: true when that probability passed the threshold tuning chose, and the answer is then the
+neighbour of highest expected GeoScore under weights corrected for the gallery's density, rather than
+the vote's most probable peak (an alternative can then be more likely within 200 km). An engine tuned
+before calibration existed answers `calibrated: false`, the raw vote share as confidence, and null
+within_km and radius_km.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def human(answer: dict, top: int) -> str:
              f"  map: {osm_link(lat, lon)}"]
     if answer.get("far_pick"):
         lines.append(f"  looks far from every training image ({answer['far_probability']:.0%}): answered by "
-                     "its nearest neighbours, not the densest place they vote for")
+                     "the neighbour that fits best once the gallery's density is discounted")
     alts = answer["candidates"][1:top]
     if alts:
         from geovote.geo import haversine_km

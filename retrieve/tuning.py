@@ -207,23 +207,23 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
         split = "train (held out of its own search)"
     best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
-    voted = _vote_on(engine, best, emb, exclude)  # one search and vote serve the fit and its score
-    fitted, fitted_on, far_grid = [(voted, lat, lon)], split, None
     far = f"{split}_far"
-    if has_split and _has_split(data, far):
+    far_grid = None
+    if has_split and _has_split(data, far):  # the far pick's weights first: its candidates are calibrated too
         _, far_lat, far_lon, far_emb = embed_for_eval(engine, data, far, workers, log)
         best, far_grid = tune_far_weights(engine, best, far_emb, far_lat, far_lon, log)
-        voted = _vote_on(engine, best, emb, None)  # the far picks with those weights: calibrated too
-        far_voted = _vote_on(engine, best, far_emb, None)
-        fitted.append((far_voted, far_lat, far_lon))
+    # one search and vote of each split serve the fit, the far pick's threshold and the scores
+    fitted, fitted_on = [(_vote_on(engine, best, emb, exclude), lat, lon)], split
+    if far_grid is not None:
+        fitted.append((_vote_on(engine, best, far_emb, None), far_lat, far_lon))
         fitted_on = f"{split} + {far}"
         log(f"calibration: fitted on {split} and {far} ({len(far_emb):,} views of far places)")
     cal = fit_calibration(fitted, fitted_on)
-    if len(fitted) > 1:
-        both = [(emb, lat, lon), (far_emb, far_lat, far_lon)]
-        best, far_grid["above"] = tune_far_above(engine, best, cal, both, log)
-        voted, far_voted = _vote_on(engine, best, emb, None), _vote_on(engine, best, far_emb, None)
+    if far_grid is not None:
+        best, far_grid["above"] = tune_far_above(best, cal, fitted, log)
+        far_voted, far_lat, far_lon = fitted[1]
         scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon, best.far_above)
+    voted = fitted[0][0]
     scores["calibrated"] = calibrated_scores(voted, cal, lat, lon, best.far_above)
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
     path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
@@ -297,22 +297,23 @@ def tune_far_weights(engine, best, emb, lat, lon, log) -> tuple[object, dict]:
     return chosen, {"weights": record}
 
 
-def tune_far_above(engine, best, cal, images: list, log) -> tuple[object, dict]:
+def tune_far_above(best, cal, voted: list, log) -> tuple[object, dict]:
     """(params, record): best with the threshold of the far pick (VoteConfig.far_above) that gives the
     highest calibrated GeoScore over the tuning images and the far ones together, as they come
-    (`images`: [(embeddings, lat, lon), ...]); best unchanged (far_above 1: never) where none raises it."""
+    (`voted`: [(Prediction with its far picks, lat, lon), ...]: the threshold only decides which answers,
+    so one vote serves every threshold); best unchanged (far_above 1: never) where none raises it."""
     from retrieve.calibrate import apply
 
-    true_lat = np.concatenate([la for _, la, _ in images])
-    true_lon = np.concatenate([lo for _, _, lo in images])
+    true_lat = np.concatenate([la for _, la, _ in voted])
+    true_lon = np.concatenate([lo for _, _, lo in voted])
 
     def geoscores(params) -> list:
-        """[both together, then each group of `images`]"""
-        preds = [apply(cal, _vote_on(engine, params, e, None), params.far_above) for e, _, _ in images]
+        """[both together, then each group of `voted`]"""
+        preds = [apply(cal, v, params.far_above) for v, _, _ in voted]
         lat, lon = np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds])
         ok = np.isfinite(lat)  # as tune() does: an image whose search found nothing has no answer
         out = [score(lat[ok], lon[ok], true_lat[ok], true_lon[ok])["geoscore"]]
-        for p, (_, la, lo) in zip(preds, images):
+        for p, (_, la, lo) in zip(preds, voted):
             ok = np.isfinite(p.lat_deg)
             out.append(score(p.lat_deg[ok], p.lon_deg[ok], la[ok], lo[ok])["geoscore"])
         return out

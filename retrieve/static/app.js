@@ -55,7 +55,7 @@ function show(a) {
         `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>` +
         (a.far_pick
           ? `<div id="far-pick">looks far from every training image (${(100 * a.far_probability).toFixed(0)}%): ` +
-            `answered by its nearest neighbours, not the densest place they vote for</div>`
+            `answered by the neighbour that fits best once the gallery's density is discounted</div>`
           : "")
       : `<div>vote share <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> (not calibrated) · ` +
         `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>`) +
