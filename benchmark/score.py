@@ -50,6 +50,11 @@ def read_predictions(path: Path) -> pa.Table:
                 include_columns=[ID, LAT, LON], column_types={ID: pa.string()}))
         except pa.ArrowInvalid as e:
             raise DataError(f"{path}: unreadable as CSV ({str(e).splitlines()[0]})") from None
+        from geovote.csvsafe import uncell
+
+        ids = table.column(ID).to_pylist()  # a spreadsheet-safe id (geovote.csvsafe) back to the id itself
+        table = table.set_column(0, ID, pa.array([None if i is None else uncell(i) for i in ids],
+                                                 pa.string()))
     if table.num_rows == 0:
         raise DataError(f"{path} holds no predictions (a header only)")
     try:

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BackboneError, ShardError, IndexError_, PhotoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk that filled up, a folder made read-only meanwhile
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"done: {out}")
     return 0
 

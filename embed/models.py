@@ -60,19 +60,24 @@ class ShortestSideTransform:
         self.mean = np.asarray(mean, np.float32)[:, None, None]
         self.std = np.asarray(std, np.float32)[:, None, None]
 
+    def shrink(self, img):
+        """The resize step alone: `img` with its shortest side at `size`. The transform of the result is
+        the transform of `img` to the bit, so a server can drop a large decoded image's pixels early."""
+        w, h = img.size
+        s = self.size
+        if (w, h) != (s, s):
+            new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            if new != (w, h):
+                img = img.resize(new, self.filter)
+        return img
+
     def __call__(self, img):
         import numpy as np
         import torch
 
-        w, h = img.size
         s = self.size
-        if (w, h) != (s, s):
-            if w <= h:
-                new = (s, int(s * h / w))
-            else:
-                new = (int(s * w / h), s)
-            if new != (w, h):
-                img = img.resize(new, self.filter)
+        if img.size != (s, s):
+            img = self.shrink(img)
             w, h = img.size
             top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
             img = img.crop((left, top, left + s, top + s))
@@ -102,6 +107,12 @@ class Backbone:
 
         return open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std,
                                          resize_mode=self.resize_mode, interpolation=self.interpolation)
+
+    def shrink(self, img):
+        """A decoded image made as small as its preprocessing allows without changing the model's input:
+        the shortest side resized first (ShortestSideTransform.shrink); other modes keep it whole."""
+        t = self.transform()
+        return t.shrink(img) if isinstance(t, ShortestSideTransform) else img
 
     def preprocessing(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),

@@ -35,6 +35,8 @@ import numpy as np
 
 from embed.features import FeatureExtractor, ImageFiles
 from embed.images import DEFAULT_MAX_PIXELS
+from geovote import csvsafe
+from geovote.csvsafe import uncell
 from geovote.data import DataError
 from geovote.shards import MANIFEST, shard_paths, write_shard
 
@@ -223,8 +225,8 @@ def write_fingerprints(out_dir: Path, split, fingerprints: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    with open(out_dir / FAILURES, newline="") as f:
-        failed = [r[0] for r in list(csv.reader(f))[1:]]
+    with open(out_dir / FAILURES, newline="", encoding="utf-8") as f:
+        failed = [uncell(r[0]) for r in list(csv.reader(f))[1:]]
     held = np.asarray(pc.invert(pc.is_in(split.table.column("id"), value_set=pa.array(failed, pa.string()))))
     fp = fingerprints[held]
     tmp = out_dir / (FINGERPRINTS + ".partial")
@@ -277,6 +279,21 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
         f"to embed (new, changed or failed before), {len(old_fp) - int(reuse.sum()):,} earlier ones dropped "
         "(removed or changed)")
     ids, lat, lon, paths = split.ids.astype(str), split.lat_deg, split.lon_deg, split.image_paths()
+    kept_rows = np.unique(old_rows)
+    # read before the long embedding, and checked row by row against what the fingerprints promised:
+    # a vector is kept only for the image (id and coordinates) it was made from
+    kept_shards = read_embeddings(out_dir, rows=kept_rows, dtype=np.float16)
+    kept = kept_shards.embedding
+    where_kept = np.full(n, -1, np.int64)
+    where_kept[np.flatnonzero(reuse)] = np.searchsorted(kept_rows, old_rows)
+    mine = np.flatnonzero(reuse)
+    same = ((kept_shards.ids.astype(str)[where_kept[mine]] == ids[mine])
+            & (kept_shards.lat_deg[where_kept[mine]] == lat[mine])
+            & (kept_shards.lon_deg[where_kept[mine]] == lon[mine]))
+    if not np.all(same):
+        bad = mine[~same][0]
+        raise DataError(f"{out_dir}: {FINGERPRINTS} does not match its shards (row of {ids[bad]!r} holds "
+                        "another image): the folder was changed by another program; delete it and rebuild")
     emb_new = np.zeros((len(todo), backbone.dim), np.float16)
     why_new = [""] * len(todo)
     if len(todo):
@@ -289,10 +306,8 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
             emb_new[at[ok]] = emb.astype(np.float16)  # vectors of the images that could be read, in order
             for i, why in zip(at, reasons):
                 why_new[i] = why
-    kept_rows = np.unique(old_rows)
-    kept = read_embeddings(out_dir, rows=kept_rows, dtype=np.float16).embedding
-    where_kept = np.full(n, -1, np.int64)
-    where_kept[np.flatnonzero(reuse)] = np.searchsorted(kept_rows, old_rows)
+            if cfg.throttle_s:
+                time.sleep(cfg.throttle_s)
     where_new = np.full(n, -1, np.int64)
     where_new[todo] = np.arange(len(todo))
     stage, replaced = _staged(out_dir)
@@ -316,7 +331,7 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
     (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     elapsed = time.perf_counter() - t0
     manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed, elapsed, log,
-                            lambda: write_fingerprints(stage, split, fingerprints))  # complete: manifest
+                            lambda: write_fingerprints(stage, split, fingerprints), out_dir)  # complete
     out_dir.rename(replaced)
     stage.rename(out_dir)
     shutil.rmtree(replaced)
@@ -329,18 +344,20 @@ def write_split_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim
     failed = [f for p in parts for f in p[2]]
     fail_path = out_dir / f"shard-{shard:05d}.failures.csv"
     tmp = fail_path.with_name(fail_path.name + ".partial")
-    with open(tmp, "w", newline="") as f:  # before the shard: a finished shard always has its failures
-        w = csv.writer(f)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:  # before the shard: a finished shard always
+        w = csv.writer(f)                                     # has its failures
         w.writerow(["id", "path", "reason"])
-        w.writerows(failed)
+        w.writerows(csvsafe.row(r) for r in failed)
     tmp.replace(fail_path)
     write_shard(out_dir / f"shard-{shard:05d}.parquet", ids[rows], lat[rows], lon[rows], emb)
 
 
 def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
-                  n_failed_now: int, elapsed: float, log, before_manifest=None) -> dict:
+                  n_failed_now: int, elapsed: float, log, before_manifest=None,
+                  listed_in: Path | None = None) -> dict:
     """Gather the failures, check the count and write the manifest, last: a folder with a manifest is a
-    finished run. `before_manifest()` writes what must be there when it is (the fingerprints)."""
+    finished run. `before_manifest()` writes what must be there when it is (the fingerprints);
+    `listed_in`: the folder `out_dir` becomes (an update's), named in the summary."""
     import pyarrow.parquet as pq
 
     missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
@@ -349,9 +366,9 @@ def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(out_dir))
     failures = []
     for s in range(n_shards):
-        with open(out_dir / f"shard-{s:05d}.failures.csv", newline="") as f:
-            failures += list(csv.reader(f))[1:]
-    with open(out_dir / FAILURES, "w", newline="") as f:
+        with open(out_dir / f"shard-{s:05d}.failures.csv", newline="", encoding="utf-8") as f:
+            failures += list(csv.reader(f))[1:]  # cells as written (csvsafe): copied, not read
+    with open(out_dir / FAILURES, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["id", "path", "reason"])
         w.writerows(failures)
@@ -370,6 +387,8 @@ def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards
         key = f[2].split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
     why = f" ({', '.join(f'{v} {k}' for k, v in sorted(reasons.items()))})" if reasons else ""
-    log(f"{plan['split']}: {rows:,} images embedded, {len(failures):,} failed{why}; "
-        f"this run {n_embedded_now:,} images in {elapsed:.1f} s ({rate:,.0f} img/s) -> {out_dir}")
+    final = listed_in or out_dir
+    where = f", listed in {final / FAILURES}" if failures else ""
+    log(f"{plan['split']}: {rows:,} images embedded, {len(failures):,} failed{why}{where}; "
+        f"this run {n_embedded_now:,} images in {elapsed:.1f} s ({rate:,.0f} img/s) -> {final}")
     return manifest

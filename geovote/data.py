@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from geovote import csvsafe
 import pyarrow.csv as pacsv
 
 ID, LAT, LON = "id", "latitude", "longitude"
@@ -355,7 +357,7 @@ class _Rejects:
             self.report.rejects_path = self.path
         text = text if text is not None else [""] * len(ids)
         for r, i, t in zip(rows, ids, text):
-            self._writer.writerow([r, "" if i is None else i, reason, t])
+            self._writer.writerow(csvsafe.row([r, i, reason, t]))
 
     def close(self) -> None:
         if self._file is not None:

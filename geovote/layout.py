@@ -6,9 +6,11 @@
         index/                          the FAISS index folder (index.store)
             retrieve.json               voting parameters chosen by retrieve.tune
             calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
-            cells-<spec>.npy            each training row's cell at every voting level (retrieve.engine)
-            countries.npy               each training row's country code (retrieve.engine, for --within)
-            spacing-<m>.npy             each training row's distance to its m-th nearest other row (km)
+            cells-<spec>-<digest>.npy   each training row's cell at every voting level (retrieve.engine)
+            countries-<digest>.npy      each training row's country code (retrieve.engine, for --within)
+            spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row (km)
+                                        (<digest>: the index build they were computed from, a hash of
+                                        its index.json: a cache is only ever read by that build)
         predictions-<split>.parquet     retrieve.query --split
 
 An engine is named by its folder or by its index folder (`--index DIR`: DIR is the index, whatever its
@@ -72,15 +74,14 @@ class EngineLayout:
     def rejects(self, split: str) -> Path:
         return self.root / f"rejects-{split}.csv"
 
-    def cells(self, spec: str) -> Path:
-        return self.index / f"cells-{spec}.npy"
+    def cells(self, spec: str, digest: str) -> Path:
+        return self.index / f"cells-{spec}-{digest}.npy"
 
-    @property
-    def countries(self) -> Path:
-        return self.index / "countries.npy"
+    def countries(self, digest: str) -> Path:
+        return self.index / f"countries-{digest}.npy"
 
-    def spacing(self, m: int) -> Path:
-        return self.index / f"spacing-{m}.npy"
+    def spacing(self, m: int, digest: str) -> Path:
+        return self.index / f"spacing-{m}-{digest}.npy"
 
     def predictions(self, split: str) -> Path:
         return self.root / f"predictions-{split}.parquet"

@@ -370,6 +370,23 @@ def _gpu_device(device: str) -> str | None:
     return resolved if resolved.startswith("cuda") else None
 
 
+def index_digest(index_json: bytes) -> str:
+    """What names one build of an index: a hash of its index.json (which holds its embedding manifest,
+    creation time and build timings), so that files derived from an index (the engine's caches) can be
+    tied to the build that made them."""
+    import hashlib
+
+    return hashlib.sha256(index_json).hexdigest()[:16]
+
+
+def current_digest(folder: str | Path) -> str | None:
+    """The digest of the index now in `folder` (None while there is none: being replaced, or removed)."""
+    try:
+        return index_digest((Path(folder) / "index.json").read_bytes())
+    except OSError:
+        return None
+
+
 class GeoIndex:
     """An opened index folder. `search(queries, k)` -> SearchResult.
 
@@ -429,7 +446,9 @@ class GeoIndex:
     def _read_info(self) -> dict:
         path = self.folder / "index.json"
         try:
-            info = json.loads(path.read_text())
+            raw = path.read_bytes()
+            self.digest = index_digest(raw)
+            info = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise IndexError_(f"{path} is not valid JSON ({e}): the index is damaged; rebuild it with "
                               "`python -m embed.build`") from None

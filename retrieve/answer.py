@@ -74,6 +74,7 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
 def answers(engine, paths: list[Path], tta: bool = False, region=None):
     """Yield (path, answer dict or None, error or None), in order, in batches."""
     from embed.images import ImageFailure, open_rgb
+    from geovote.csvsafe import printable
 
     size = engine.backbone.image_size
     for start in range(0, len(paths), BATCH):
@@ -85,7 +86,8 @@ def answers(engine, paths: list[Path], tta: bool = False, region=None):
                 ok.append(p)
             except ImageFailure as e:
                 errors[p] = str(e)
-        results = (dict(zip(ok, answers_for_images(engine, imgs, [str(p) for p in ok], tta, region)))
+        names = [printable(str(p)) for p in ok]  # valid UTF-8 in every output, whatever the file name
+        results = (dict(zip(ok, answers_for_images(engine, imgs, names, tta, region)))
                    if imgs else {})
         for p in chunk:
             yield p, results.get(p), errors.get(p)
@@ -130,7 +132,10 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
     if out.suffix == ".csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, tmp)
+        from geovote.csvsafe import cell
+
+        safe_ids = pa.array([cell(i) for i in ids], pa.string())  # read back by benchmark.score (uncell)
+        pacsv.write_csv(table.set_column(0, "id", safe_ids), tmp)
     elif out.suffix == ".geojson":
         from retrieve.formats import geojson_text
 

@@ -15,14 +15,18 @@ in the threadpool, so the event loop (and /health) never waits behind them.
 """
 from __future__ import annotations
 
+import asyncio
 import io
+from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 20.0
@@ -53,25 +57,61 @@ def _host_name(host: str) -> str | None:
     return name if name and all(c.isalnum() or c in "-._" for c in name) else None
 
 
+class DecodeBudget:
+    """At most `pixels` decoded at once (an image's count read from its header, after JPEG draft
+    reduction): concurrent uploads of large images wait their turn on the event loop, holding no thread,
+    instead of decoding side by side (16 uploads of a 131 KB, 40 MP flat PNG took 5 GB at once). An
+    image over the whole budget still decodes, alone."""
+
+    def __init__(self, pixels: int):
+        self.pixels, self.used = int(pixels), 0
+        self._changed: asyncio.Condition | None = None  # made on the server's own event loop
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.pixels)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
 def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
                max_pixels: int = int(MAX_MEGAPIXELS * 1e6), allowed_hosts: tuple[str, ...] = LOCAL_HOSTS,
                body_timeout_s: float = BODY_TIMEOUT_S, max_batch: int = MAX_BATCH,
-               batch_wait_ms: float = BATCH_WAIT_MS, max_queue: int = MAX_QUEUE):
+               batch_wait_ms: float = BATCH_WAIT_MS, max_queue: int = MAX_QUEUE,
+               decode_pixels: int | None = None, log=print):
     """The app over `engine`. Requests whose Host header names another host are refused (400): a page
-    elsewhere cannot reach this server through DNS rebinding. `allowed_hosts` = ("*",) serves any.
+    elsewhere cannot reach this server through DNS rebinding; a POST whose Origin is another site's is
+    refused (403): a web page cannot drive it either. `allowed_hosts` = ("*",) serves any.
     Concurrent uploads are answered in batches (retrieve.batcher): up to `max_batch` gathered for at
-    most `batch_wait_ms`; past `max_queue` waiting, 503 with Retry-After."""
-    from embed.images import ImageFailure, open_rgb
+    most `batch_wait_ms`; past `max_queue` waiting, 503 with Retry-After. At most `decode_pixels`
+    (default 2 x max_pixels) are decoded at once, and each decoded image is shrunk at once to what the
+    model's preprocessing needs, so the queue holds small images. When the index on disk changes (an
+    update), the engine takes up the new one before the next answer (Engine.refresh)."""
+    from embed.images import ImageFailure, decoded_size, open_rgb
     from retrieve.answer import answers_for_images
     from retrieve.batcher import Batcher, QueueFull
+    from retrieve.engine import IndexChanged
     from retrieve.region import RegionError, parse_region
     from retrieve.upload import UploadError, parse_multipart, read_body
 
     app = FastAPI(title="geovote", version="1", description="Where on Earth was this photo taken?")
     app.state.engine = engine
+    budget = DecodeBudget(decode_pixels or 2 * max_pixels)
+
+    def answer_batch(images, names, region=None):
+        engine.refresh(log)  # a no-op unless the index on disk changed
+        return answers_for_images(engine, images, names, False, region)
+
     # one batch at a time (torch and FAISS use every core): one forward, one search, one vote for all
-    batcher = Batcher(lambda images, names: answers_for_images(engine, images, names), max_batch,
-                      batch_wait_ms, max_queue)
+    batcher = Batcher(answer_batch, max_batch, batch_wait_ms, max_queue)
     app.state.batcher = batcher
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -86,6 +126,12 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         if not any_host and _host_name(host) not in served:
             return error(400, f"host {host or '(none)'!r} is not served here (serving "
                               f"{', '.join(allowed_hosts)}; retrieve.serve --allow-host adds one)")
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and not any_host:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or _host_name(parts.netloc) not in served:
+                return error(403, f"requests from the web page of another site ({origin[:100]!r}) are "
+                                  "refused: only this server's own page may post to it")
         return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
@@ -98,7 +144,13 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
 
     @app.get("/health")
     async def health() -> dict:
-        """The index this server answers from, and whether it is ready."""
+        """The index this server answers from, and whether it is ready (not while an update of the index
+        on disk is under way, or brought another model: `error` says which)."""
+        try:
+            await run_in_threadpool(engine.refresh, log)
+        except IndexChanged as e:
+            return JSONResponse({"ready": False, "error": str(e)}, status_code=503,
+                                headers={"Retry-After": "5"})
         return {"ready": True, "waiting": batcher.waiting, "backbone": engine.index.backbone,
                 "images": engine.index.count,
                 "dim": engine.index.dim, "index": engine.index.info["factory"],
@@ -122,12 +174,21 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         try:
             body = await read_body(request.stream(), limit, body_timeout_s)
             form = parse_multipart(body, ctype)
-            parts = [p for p in form if p.name == "image"]
-            fields = {p.name: p.data.decode("utf-8", "replace") for p in form if p.filename is None}
         except UploadError as e:
             if e.status == 413:  # the limit the user set, not the one with room for the form's own bytes
                 return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
             return error(e.status, str(e))
+        except ClientDisconnect:
+            log("a client disconnected before its upload arrived")
+            return Response(status_code=499)
+        parts = [p for p in form if p.name == "image"]
+        names = [p.name for p in form if p.filename is None]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            return error(400, f"the form field {twice[0]!r} is given more than once: give it once")
+        fields = {p.name: p.data.decode("utf-8", "replace") for p in form if p.filename is None}
+        if len(parts) > 1:
+            return error(400, f"{len(parts)} files in the form field `image`: send one photo per request")
         if not parts or parts[0].filename is None:
             return error(400, "no file in the form field `image`")
         try:
@@ -141,27 +202,48 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(400, "the uploaded file is empty")
         if len(data) > max_upload_bytes:
             return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
+        size = engine.backbone.image_size
+
+        def decode():
+            return engine.backbone.shrink(open_rgb(io.BytesIO(data), size, max_pixels))
+
         try:
-            img = await run_in_threadpool(open_rgb, io.BytesIO(data), engine.backbone.image_size, max_pixels)
+            w, h = await run_in_threadpool(decoded_size, io.BytesIO(data), size)
+            if w * h > max_pixels:
+                return error(413, f"{name}: too large: {w}x{h} pixels (limit {max_pixels:,})")
+            async with budget.hold(w * h):
+                img = await run_in_threadpool(decode)
         except ImageFailure as e:
             why = str(e)
             status = 413 if why.startswith("too large") else 415 if why.startswith("not an image") else 422
             return error(status, f"{name}: {why}")
-        if region:  # a region changes the search: answered on its own, beside the batches
-            return (await run_in_threadpool(answers_for_images, engine, [img], [name], False, region))[0]
-        try:  # queued on the loop: /health and new uploads are served while a batch runs
+        try:
+            if region:  # a region changes the search: answered on its own, beside the batches
+                return (await run_in_threadpool(answer_batch, [img], [name], region))[0]
+            # queued on the loop: /health and new uploads are served while a batch runs
             return await batcher.submit(img, name)
         except QueueFull as e:
             return error(503, f"busy: {e}; try again shortly", headers={"Retry-After": "1"})
+        except IndexChanged as e:
+            return error(503, str(e), headers={"Retry-After": "5"})
 
-    @app.get("/gallery/{image_id}", responses={404: {}})
+    @app.get("/gallery/{image_id:path}", responses={404: {}})
     async def gallery(image_id: str):
-        """A training image of this engine by its id (the thumbnails beside an answer): only images of
-        the gallery the engine was built from are served, never another path."""
-        path = await run_in_threadpool(engine.gallery_image, image_id)
+        """A training image of this engine by its id, which may hold `/` (a photo in a sub-folder): the
+        thumbnails beside an answer. Only images of the gallery the engine was built from are served,
+        never another path; JPEG, PNG, WebP and GIF as they are, other kinds (TIFF, HEIC) as a JPEG."""
+        path, why = await run_in_threadpool(engine.gallery_lookup, image_id)
         if path is None:
-            return error(404, f"no gallery image {image_id!r} in this engine")
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+            return error(404, why)
+        cache = {"Cache-Control": "public, max-age=3600"}
+        media = BROWSER_IMAGES.get(path.suffix.lower())
+        if media:
+            return FileResponse(path, media_type=media, headers=cache)
+        try:
+            jpeg = await run_in_threadpool(_as_jpeg, path, engine.backbone.image_size, max_pixels)
+        except ImageFailure as e:
+            return error(422, f"gallery image {image_id!r}: {e}")
+        return Response(jpeg, media_type="image/jpeg", headers=cache)
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -177,6 +259,22 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         return FileResponse(STATIC / "app.js", media_type="text/javascript")
 
     return app
+
+
+BROWSER_IMAGES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jfif": "image/jpeg", ".jpe": "image/jpeg",
+                  ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}
+GALLERY_SIDE_PX = 512
+
+
+def _as_jpeg(path: Path, min_side_px: int, max_pixels: int) -> bytes:
+    """A gallery image browsers cannot show (TIFF, HEIC) as a JPEG of at most GALLERY_SIDE_PX a side."""
+    from embed.images import open_rgb
+
+    img = open_rgb(path, max(min_side_px, GALLERY_SIDE_PX), max_pixels)
+    img.thumbnail((GALLERY_SIDE_PX, GALLERY_SIDE_PX))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
 
 _WORLD: bytes | None = None

@@ -5,10 +5,13 @@ The index folder carries everything a query needs besides the model (paths: geov
     retrieve.json         voting parameters chosen on validation by `retrieve.tune` (defaults if absent)
     calibration.json      the answers' probabilities, fitted with them (retrieve.calibrate; without it,
                           `confidence` is the raw vote share and there is no within_km or radius_km)
-    cells-<spec>.npy      each training row's cell at every voting level, computed once and cached
-    countries.npy         each training row's country (reverse_geocoder, as OSV-5M), for regions; cached
-    spacing-<m>.npy       each training row's distance to its m-th nearest other row, for the calibration
-                          (feature log_gallery_spacing_km); cached
+    cells-<spec>-<digest>.npy   each training row's cell at every voting level, computed once and cached
+    countries-<digest>.npy      each training row's country (reverse_geocoder, as OSV-5M), for regions
+    spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row, for the
+                                calibration (feature log_gallery_spacing_km); cached
+The caches carry the digest of the index build they came from (index.store.index_digest), and an engine
+that outlives its index (a server during an update) takes up the new one (Engine.refresh) and never
+writes its old tables into the new folder.
 
 Queries are embedded by the one feature extractor (embed.features) and searched on the GPU when torch
 sees one (device "auto"), on the CPU otherwise.
@@ -16,6 +19,7 @@ sees one (device "auto"), on the CPU otherwise.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -52,10 +56,12 @@ def save_params(index_dir: str | Path, params: VoteConfig, record: dict) -> Path
     return path
 
 
-def _cached(path: Path, ok, compute) -> np.ndarray:
-    """The array cached at `path` when `ok(array)` holds, else `compute()`, saved there atomically (kept
-    in memory only when the folder is read-only). A cache that is not what it should be (truncated,
-    another shape or type) is rebuilt, never trusted."""
+def _cached(path: Path, ok, compute, still_current=lambda: True) -> np.ndarray:
+    """The array cached at `path` when `ok(array)` holds, else `compute()`, saved there atomically when
+    `still_current()` (the index it was computed from is still the one in the folder: a server opened
+    before an update must not leave its old index's table in the new one) and the folder is writable,
+    else kept in memory only. A cache that is not what it should be (truncated, another shape or type)
+    is rebuilt, never trusted; the caller names the file after the index build (geovote.layout)."""
     if path.exists():
         try:
             table = np.load(path, mmap_mode="r")
@@ -64,6 +70,8 @@ def _cached(path: Path, ok, compute) -> np.ndarray:
         except (OSError, ValueError, EOFError):
             pass
     table = compute()
+    if not still_current():
+        return table
     tmp = path.with_name(path.name + ".partial.npy")
     try:
         np.save(tmp, table)
@@ -73,6 +81,11 @@ def _cached(path: Path, ok, compute) -> np.ndarray:
     return table
 
 
+class IndexChanged(Exception):
+    """The index on disk is no longer the one this engine opened, and cannot be taken up in its place
+    (another model, or an update still under way); the message says what to do."""
+
+
 class Engine:
     def __init__(self, index_dir: str | Path, model: str | None = None, params: VoteConfig | None = None,
                  load_model: bool = True, device: str = "auto", backbone=None, calibrated: bool = True):
@@ -80,6 +93,8 @@ class Engine:
         False: answer without the stored calibration, unread (tuning, which fits a new one)."""
         self.layout = EngineLayout.from_index(index_dir)
         self.index_dir = self.layout.index
+        self._lock = threading.RLock()  # a reload (refresh) never lands in the middle of a search and vote
+        self._device, self._calibrated = device, calibrated
         self.index = GeoIndex(self.index_dir, device=device)
         manifest = self.index.info.get("embedding_manifest") or {}
         self.model_name = model or (manifest.get("config") or {}).get("model")
@@ -96,11 +111,17 @@ class Engine:
                 self.backbone = load_backbone(self.model_name)
             self.index.check_queries(np.ones(self.index.dim), backbone=self.backbone.name)
             self.features = FeatureExtractor(self.backbone, device=device, batch_size=64)
+        self._fixed_params = params
+        self._read_tuning()
+
+    def _read_tuning(self) -> None:
+        """The voting parameters and calibration stored with the index; no cached table yet."""
+        params = self._fixed_params
         if params is None:
             params = load_params(self.layout.params) if self.layout.params.exists() else VoteConfig()
         self.params = params
         self.calibration = None
-        if calibrated and self.layout.calibration.exists():
+        if self._calibrated and self.layout.calibration.exists():
             from retrieve.calibrate import Calibration, CalibrationError
             from retrieve.predict import FEATURES
 
@@ -109,6 +130,41 @@ class Engine:
             except CalibrationError as e:
                 raise ConfigError(str(e)) from None
         self._cells: dict[str, np.ndarray] = {}
+        self._spacing = self._countries = self._by_country = None
+        self._region_rows: dict = {}
+
+    def _still_current(self) -> bool:
+        from index.store import current_digest
+
+        return current_digest(self.index_dir) == self.index.digest
+
+    def refresh(self, log=None) -> bool:
+        """Take up the index now on disk when it is not the one this engine opened (an update ran while a
+        server was up): the index, its tuning and calibration are reopened and the cached tables dropped.
+        True when it did. IndexChanged when the new one cannot be taken up: still being replaced, or
+        built with another model (which needs a restart to load)."""
+        from index.store import IndexError_, current_digest
+
+        with self._lock:
+            now = current_digest(self.index_dir)
+            if now == self.index.digest:
+                return False
+            if now is None:
+                raise IndexChanged(f"{self.index_dir} is being replaced (an update is under way); "
+                                   "try again shortly")
+            try:
+                index = GeoIndex(self.index_dir, device=self._device)
+            except IndexError_ as e:
+                raise IndexChanged(f"{self.index_dir} changed and cannot be opened yet ({e}); "
+                                   "try again shortly") from None
+            if self.backbone is not None and index.backbone not in (None, self.backbone.name):
+                raise IndexChanged(f"{self.index_dir} now holds embeddings of {index.backbone}, not of the "
+                                   f"loaded {self.backbone.name}: restart the server to load that model")
+            self.index = index
+            self._read_tuning()
+            if log:
+                log(f"the index changed on disk: now answering from {index.count:,} images")
+            return True
 
     @property
     def tuned(self) -> bool:
@@ -127,26 +183,28 @@ class Engine:
         spec = params.cell_spec
         if spec not in self._cells:
             shape = (self.index.count, len(params.levels))
+            index = self.index
             self._cells[spec] = _cached(
-                self.layout.cells(spec), lambda t: t.shape == shape and t.dtype.kind in "iu",
-                lambda: cell_table(np.asarray(self.index.lat), np.asarray(self.index.lon), params))
+                self.layout.cells(spec, index.digest), lambda t: t.shape == shape and t.dtype.kind in "iu",
+                lambda: cell_table(np.asarray(index.lat), np.asarray(index.lon), params), self._still_current)
         return self._cells[spec]
 
     def spacing(self) -> np.ndarray:
         """(N,) each index row's gallery spacing in km (geovote.geo.spacing_km: the distance to its
         SPACING_NEIGHBOURS-th nearest other row), the feature log_gallery_spacing_km's input; cached."""
-        if getattr(self, "_spacing", None) is None:
+        if self._spacing is None:
             from geovote.geo import spacing_km
 
-            m = SPACING_NEIGHBOURS
+            m, index = SPACING_NEIGHBOURS, self.index
             self._spacing = _cached(
-                self.layout.spacing(m), lambda t: t.shape == (self.index.count,) and t.dtype == np.float64,
-                lambda: spacing_km(np.asarray(self.index.lat), np.asarray(self.index.lon), m))
+                self.layout.spacing(m, index.digest),
+                lambda t: t.shape == (index.count,) and t.dtype == np.float64,
+                lambda: spacing_km(np.asarray(index.lat), np.asarray(index.lon), m), self._still_current)
         return self._spacing
 
     def _rows_by_country(self) -> tuple[np.ndarray, np.ndarray]:
         """(country codes sorted, the rows in that order): one sort, then a country's rows are a slice"""
-        if getattr(self, "_by_country", None) is None:
+        if self._by_country is None:
             codes = np.asarray(self.countries())
             order = np.argsort(codes, kind="stable")
             self._by_country = codes[order], order
@@ -154,28 +212,35 @@ class Engine:
 
     def countries(self) -> np.ndarray:
         """(N,) each index row's ISO country code (bytes), computed once and cached in the index folder."""
-        if getattr(self, "_countries", None) is None:
+        if self._countries is None:
+            index = self.index
+
             def compute():
                 from retrieve.region import country_codes
 
-                codes = np.empty(self.index.count, "S2")
-                for start in range(0, self.index.count, 1_000_000):  # bounded memory at 5M rows
-                    stop = min(self.index.count, start + 1_000_000)
+                codes = np.empty(index.count, "S2")
+                for start in range(0, index.count, 1_000_000):  # bounded memory at 5M rows
+                    stop = min(index.count, start + 1_000_000)
                     codes[start:stop] = np.char.encode(
-                        country_codes(np.asarray(self.index.lat[start:stop]),
-                                      np.asarray(self.index.lon[start:stop])).astype(str), "ascii")
+                        country_codes(np.asarray(index.lat[start:stop]),
+                                      np.asarray(index.lon[start:stop])).astype(str), "ascii")
                 return codes
 
-            rows = (self.index.count,)
-            self._countries = _cached(self.layout.countries,
-                                      lambda t: t.shape == rows and t.dtype.kind == "S", compute)
+            rows = (index.count,)
+            self._countries = _cached(self.layout.countries(index.digest),
+                                      lambda t: t.shape == rows and t.dtype.kind == "S", compute,
+                                      self._still_current)
         return self._countries
 
     def region_rows(self, region) -> np.ndarray:
         """Sorted index rows inside `region` (retrieve.region), or RegionError when there are none."""
+        with self._lock:
+            return self._region_rows_locked(region)
+
+    def _region_rows_locked(self, region) -> np.ndarray:
         from retrieve.region import RegionError
 
-        cache = self.__dict__.setdefault("_region_rows", {})
+        cache = self._region_rows
         if region not in cache:
             if region.countries:  # each country's rows are a slice of the rows sorted by country
                 codes, order = self._rows_by_country()
@@ -196,26 +261,34 @@ class Engine:
         return rows
 
     def gallery_image(self, image_id: str):
-        """The file of one of this engine's training images (the evidence behind an answer), or None: only
-        an id the index holds, and only a file inside <dataset>/images/<split>/ of the embeddings it was
-        built from (one sub-folder deep, as OSV-5M's archives and the sample unpack), or for a gallery of
-        photos (embed.build --photos) the file at that relative path inside its folder, is ever returned."""
-        from pathlib import Path
+        """The file of one of this engine's training images (the evidence behind an answer), or None
+        (gallery_lookup says why)."""
+        return self.gallery_lookup(image_id)[0]
 
+    def gallery_lookup(self, image_id: str) -> tuple:
+        """(the file of one of this engine's training images, or None; why not, or ""). Only an id the
+        index holds, and only a file inside <dataset>/images/<split>/ of the embeddings it was built from
+        (one sub-folder deep, as OSV-5M's archives and the sample unpack), or for a gallery of photos
+        (embed.build --photos) the file at that relative path inside its folder, is ever returned: a
+        link to a file elsewhere is named as such, not followed."""
         manifest = self.index.info.get("embedding_manifest") or {}
         root, split = manifest.get("dataset"), manifest.get("split", "train")
         if not root or not image_id or not str(image_id).isprintable():
-            return None
+            return None, f"no gallery image {image_id!r} in this engine"
         try:
             wanted = str(image_id).encode("utf-8")
         except UnicodeError:
-            return None
+            return None, "not a gallery image id (not UTF-8)"
         if not np.any(np.asarray(self.index.ids) == wanted):  # ~15 ms over 5M ids
-            return None
+            return None, f"no gallery image {image_id!r} in this engine"
         if (manifest.get("config") or {}).get("photos"):
             base = Path(root).resolve()
             path = (base / str(image_id)).resolve()  # a link or a ".." out of the folder: refused below
-            return path if path.is_file() and base in path.parents else None
+            if base not in path.parents:
+                return None, (f"gallery image {image_id!r} is a link to a file outside the gallery folder "
+                              f"{base}: not served")
+            return (path, "") if path.is_file() else (None, f"gallery image {image_id!r} is no longer in "
+                                                             f"{base}")
         base = (Path(root) / "images" / split).resolve()
         name = f"{image_id}.jpg"
         candidates = [base / name]
@@ -224,8 +297,8 @@ class Engine:
         for path in candidates:
             path = path.resolve()  # a link out of the gallery resolves outside `base`: refused
             if path.is_file() and base in path.parents and len(path.relative_to(base).parts) <= 2:
-                return path
-        return None
+                return path, ""
+        return None, f"the file of gallery image {image_id!r} is not in {base}"
 
     def embed_images(self, images: list) -> np.ndarray:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""
@@ -243,6 +316,10 @@ class Engine:
         them (the most probable candidate answers), so they are computed whenever calibrated.
         `region` (retrieve.region.Region): only training images inside vote, and every answer lies
         inside (a peak that left it moves to the nearest neighbour, which is inside)."""
+        with self._lock:
+            return self._locate(emb, params, alternatives, calibrated, region)
+
+    def _locate(self, emb, params, alternatives, calibrated, region):
         params = params or self.params
         calibrate = calibrated and self.calibration is not None
         if not alternatives and not calibrate and not params.hedge_below:  # both weigh the runner-ups
@@ -302,4 +379,4 @@ def _inside(pred: Prediction, res, region, params: VoteConfig) -> Prediction:
                    alt_lon_deg=alt_lon, alt_features=alt_feats, alt_score=alt_score)
 
 
-__all__ = ["Engine", "Prediction", "VoteConfig", "load_params", "save_params"]
+__all__ = ["Engine", "IndexChanged", "Prediction", "VoteConfig", "load_params", "save_params"]

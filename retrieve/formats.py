@@ -5,7 +5,8 @@ via import) and CSV.
                                      properties: image, place names, confidence, within_km, radius_km,
                                      far_probability, far_pick, candidates
     csv_text(answers)             -> one row per photo (within_km flattened to within_<d>km columns, the
-                                     evidence as gallery ids joined by ";")
+                                     evidence as a JSON list in one cell; text cells made safe for
+                                     spreadsheets by geovote.csvsafe)
 
 `retrieve.query --format geojson|csv` writes them.
 """
@@ -15,6 +16,7 @@ import csv
 import io
 import json
 
+from geovote import csvsafe
 from retrieve.calibrate import LEVELS_KM
 
 PLACE_KEYS = ("country", "region", "sub_region", "city")
@@ -47,7 +49,8 @@ def csv_text(answers: list[dict]) -> str:
     w.writerow(CSV_COLUMNS)
     for a in answers:
         within = a.get("within_km") or {}
+        evidence = a.get("evidence")  # gallery images, nearest first: one JSON list in one quoted cell
         row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM},
-               "evidence": ";".join(e["id"] for e in a.get("evidence") or [])}  # gallery ids, nearest first
-        w.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+               "evidence": json.dumps(evidence, ensure_ascii=False) if evidence else None}
+        w.writerow(csvsafe.row(row.get(c) for c in CSV_COLUMNS))
     return buf.getvalue()

@@ -8,7 +8,9 @@ stage's driver. `python -m embed.build` is its command.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,12 +20,9 @@ from geovote.layout import EngineLayout
 
 def build_engine(cfg: EmbedConfig, log=print) -> Path:
     """Embed every split of `cfg`, then (rank 0) index train and tune the voting. Returns the folder."""
-    from embed.models import load_backbone
+    from embed.models import canonical_name, load_backbone
     from geovote import distributed
     from geovote.bundled_sample import ensure_sample
-    from geovote.data import read_split
-
-    from embed.models import canonical_name
 
     if cfg.photos:
         return build_photo_engine(cfg, log)
@@ -37,6 +36,37 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
         check_factory(cfg.index_factory, backbone.dim)
     layout = (EngineLayout(Path(cfg.out)) if cfg.out
               else EngineLayout.for_dataset(root, engine_name(cfg.model, backbone.name)))
+    _check_out(layout)
+    with _locked(layout, rank, world, log):
+        return _build(cfg, root, backbone, layout, rank, world, log)
+
+
+@contextmanager
+def _locked(layout: EngineLayout, rank: int, world: int, log):
+    """The engine's write lock (geovote.lock), held by rank 0 for the whole job; every rank learns
+    whether it was had, so that a refused job stops on all of them."""
+    from geovote import distributed
+    from geovote.lock import EngineBusy, engine_lock
+
+    with ExitStack() as stack:
+        busy = None
+        if rank == 0:
+            try:
+                stack.enter_context(engine_lock(layout.root, "embed.build", log=log))
+            except EngineBusy as e:
+                busy = str(e)
+        if world > 1:
+            busy = distributed.broadcast(busy)
+        if busy:
+            distributed.leave()
+            raise EngineBusy(busy)
+        yield
+
+
+def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: int, world: int, log) -> Path:
+    from geovote import distributed
+    from geovote.data import read_split
+
     for name in cfg.splits:
         split = read_split(root, name, rejects_path=layout.rejects(name) if rank == 0 else None)
         if rank == 0:
@@ -65,6 +95,7 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     gallery (ids: their paths relative to the folder), the others are listed in rejects-photos.csv; then
     the index and the tuning on photos held out of their own search, as for a dataset without val."""
     from embed.models import canonical_name, load_backbone
+    from geovote.lock import engine_lock
     from geovote.paths import default_sample_root
     from geovote.photos import scan_photos, write_rejects
     from index.store import refresh_index
@@ -83,18 +114,36 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     layout = (EngineLayout(Path(cfg.out)) if cfg.out else
               EngineLayout(default_sample_root().parent / "photos" / folder / engine_name(cfg.model,
                                                                                          backbone.name)))
+    _check_out(layout)
     reasons = ", ".join(f"{n:,} {why}" for why, n in split.report.rejected.most_common())
     left_out = f", {len(rejected):,} left out ({reasons}; listed in {layout.rejects('photos')})"
     log(f"{root}: {split.report.rows:,} photos, {len(split):,} with coordinates"
         + (left_out if rejected else ""))
-    split.require_rows()
-    embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
-    write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
-    if cfg.index:
-        refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
-        if cfg.tune:
-            _tune(layout, cfg.model, backbone, root, cfg.workers, log)
+    if len(split) == 0:
+        write_rejects(layout.rejects("photos"), rejected)  # the file the message above points to
+        split.require_rows()
+    with engine_lock(layout.root, "embed.build --photos", log=log):
+        embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
+        write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
+        if cfg.index:
+            refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None,
+                          log=log)
+            if cfg.tune:
+                _tune(layout, cfg.model, backbone, root, cfg.workers, log)
     return layout.root
+
+
+def _check_out(layout: EngineLayout) -> None:
+    """ConfigError unless the engine folder is a folder, or can be made: before any work."""
+    from geovote.config import ConfigError
+
+    for folder in (layout.root, *layout.root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out {layout.root}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {layout.root}: {folder} is not writable")
+            return
 
 
 def engine_name(model: str, backbone_name: str) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from embed.models import BackboneError
 from geovote.config import ConfigError
+from geovote.csvsafe import printable
 from geovote.data import DataError
 from geovote.layout import EngineMissing, resolve
 from geovote.paths import default_sample_root
@@ -104,25 +105,39 @@ def main(argv: list[str] | None = None) -> int:
                          "--bbox=S,W,N,E when S is negative)")
     ap.add_argument("--split", help="predict a whole split of --data instead of images")
     ap.add_argument("--data", type=Path, help="dataset root for --split (default: the sample)")
-    ap.add_argument("--out", type=Path, help="predictions parquet for --split")
+    ap.add_argument("--out", type=Path, help="with --split: predictions (.parquet, .csv or .geojson); with "
+                                             "images: the --format geojson or csv document (.geojson, .csv)")
     args = ap.parse_args(argv)
     if args.json and args.format not in (None, "json"):
         ap.error(f"--json and --format {args.format} disagree: give one")
-    fmt = "json" if args.json else (args.format or "text")
     if not args.images and not args.split:
         ap.error("give image files or folders, or --split")
+    if args.images and args.out is not None and not args.json and args.format is None:
+        args.format = IMAGE_OUT_FORMATS.get(args.out.suffix)  # --out answers.geojson says the format
+    fmt = "json" if args.json else (args.format or "text")
+    if args.images and args.out is not None and fmt not in ("geojson", "csv"):
+        ap.error(f"--out {args.out} with images writes a geojson or csv document: give --format geojson "
+                 "or csv, or a file name ending in .geojson or .csv (text and --json go to the terminal)")
+    if args.images and args.out is not None and args.out.suffix != f".{fmt}":
+        ap.error(f"--out {args.out}: --format {fmt} is written to a file ending in .{fmt}")
     if args.evidence < 0:
         ap.error(f"--evidence must be 0 or more, got {args.evidence}")
     if args.top < 1:
         ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
     if args.out is not None and (args.out.is_dir() or args.out.suffix not in SPLIT_SUFFIXES):
         ap.error(f"--out {args.out}: give a file name ending in .parquet, .csv or .geojson")
-    if args.split and (args.within or args.bbox):
+    if args.split and (args.within is not None or args.bbox is not None):
         ap.error("--within and --bbox apply to images, not to --split")
     try:
         region = parse_region(args.within, args.bbox)
     except RegionError as e:
         ap.error(str(e))
+    if args.out is not None:
+        try:  # before any work: a split's predictions take minutes to make, then could not be written
+            check_writable(args.out)
+        except OSError as e:
+            print(f"error: --out {args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
+            return 2
     layout = resolve(index=args.index)
     try:
         engine = Engine(layout.require_index(), model=args.model)
@@ -135,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
         return 2
     failed = 0
     paths = expand(args.images)
@@ -150,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     collected = []  # geojson and csv are one document: written once every image is answered
     for path, answer, error in answers(engine, paths, tta=args.tta, region=region or None):
         if answer is not None and args.evidence:
-            answer["evidence"] = [{**n, "path": str(engine.gallery_image(n["id"]) or "")}
-                                  for n in answer["neighbours"][:args.evidence]]
+            answer["evidence"] = [evidence(engine, n) for n in answer["neighbours"][:args.evidence]]
         if error:
             failed += 1
-            print(f"error: {path}: {error}", file=sys.stderr)
+            print(f"error: {printable(str(path))}: {error}", file=sys.stderr)
         elif fmt == "json":
             print(json.dumps({k: v for k, v in answer.items() if k != "neighbours"}), flush=True)
         elif fmt == "text":
@@ -164,8 +181,48 @@ def main(argv: list[str] | None = None) -> int:
     if fmt in ("geojson", "csv"):
         from retrieve.formats import csv_text, geojson_text
 
-        sys.stdout.write(geojson_text(collected) + "\n" if fmt == "geojson" else csv_text(collected))
+        text = geojson_text(collected) + "\n" if fmt == "geojson" else csv_text(collected)
+        if args.out is None:
+            sys.stdout.write(text)
+        else:
+            try:
+                write_text(args.out, text)
+            except OSError as e:
+                print(f"error: --out {args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
+                return 2
+            print(f"{len(collected)} answers -> {args.out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+IMAGE_OUT_FORMATS = {".geojson": "geojson", ".csv": "csv"}
+
+
+def evidence(engine, neighbour: dict) -> dict:
+    """A neighbour behind an answer with its file (`path`), or "" and a `note` saying why there is none
+    (a photo linked in from outside the gallery folder, a file gone since the build)."""
+    path, why = engine.gallery_lookup(neighbour["id"])
+    return {**neighbour, "path": str(path or "")} | ({} if path else {"note": why})
+
+
+def check_writable(out: Path) -> None:
+    """OSError unless a file can be created at `out` (its folder made where missing): tried, not
+    guessed, with the name the result is first written under, and removed again."""
+    for folder in out.parents:  # the nearest that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(20, f"{folder} is a file, not a folder")
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    probe = out.with_name(out.name + ".partial")
+    with open(probe, "wb"):
+        pass
+    probe.unlink()
+
+
+def write_text(out: Path, text: str) -> None:
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,11 @@ def known_countries() -> set[str]:
 def parse_region(within: str | None = None, bbox: str | None = None) -> Region:
     """A Region from the command line's or the form's text, or RegionError saying what is wrong."""
     countries: tuple[str, ...] = ()
-    if within is not None and within.strip():
+    if within is not None:  # given, so it must name a country: an empty one would answer from anywhere
         codes = [c.strip().upper() for c in within.split(",") if c.strip()]
+        if not codes:
+            raise RegionError(f"--within {within!r} names no country: give ISO 3166 alpha-2 codes (e.g. "
+                              "FR,DE), or leave it out to answer from anywhere")
         bad_form = [c for c in codes if len(c) != 2 or not c.isalpha()]
         if bad_form:
             raise RegionError(f"--within takes ISO 3166 alpha-2 country codes (e.g. FR,DE), not "
@@ -81,7 +84,7 @@ def parse_region(within: str | None = None, bbox: str | None = None) -> Region:
                               "(ISO 3166 alpha-2, e.g. GB not UK)")
         countries = tuple(dict.fromkeys(codes))
     box = None
-    if bbox is not None and bbox.strip():
+    if bbox is not None:
         try:
             s, w, n, e = (float(v) for v in bbox.split(","))
         except ValueError:

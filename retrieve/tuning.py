@@ -43,11 +43,14 @@ def ensure_embedded(engine, data: Path, split: str, workers: int = -1, log=None)
     model or set of rows, so stored embeddings are never silently those of something else."""
     from embed.split import EmbedConfig, embed_split
     from geovote.data import read_split
+    from geovote.lock import engine_lock
 
     emb_dir = engine.layout.embeddings(split)
-    s = read_split(data, split, rejects_path=engine.layout.rejects(split))
-    cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers, index=False)
-    embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
+    with engine_lock(engine.layout.root, f"embedding {split}", log=log or _stderr):
+        s = read_split(data, split, rejects_path=engine.layout.rejects(split))
+        cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers,
+                          index=False)
+        embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
     return emb_dir
 
 
@@ -192,7 +195,15 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
 
 def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log=print):
     """Embed `split`, tune on it, store the choice in the index folder. Returns (params, scores, path).
-    Without a val split, tunes on train images held out of their own search (carve_from_train)."""
+    Without a val split, tunes on train images held out of their own search (carve_from_train). Holds
+    the engine's write lock (geovote.lock) throughout."""
+    from geovote.lock import engine_lock
+
+    with engine_lock(engine.layout.root, "tuning", log=log):
+        return _tune_and_save(engine, data, split, workers, log)
+
+
+def _tune_and_save(engine, data: Path, split: str, workers: int, log):
     from geovote.data import split_csv
     from retrieve.engine import save_params
 

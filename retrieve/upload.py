@@ -77,10 +77,11 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int = 4) -> list[
     def end():
         state["ended"] = True
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": begin, "on_header_field": header_field, "on_header_value": header_value,
-        "on_header_end": header_end, "on_part_data": part_data, "on_part_end": part_end, "on_end": end})
+    callbacks = {"on_part_begin": begin, "on_header_field": header_field, "on_header_value": header_value,
+                 "on_header_end": header_end, "on_part_data": part_data, "on_part_end": part_end,
+                 "on_end": end}
     try:
+        parser = MultipartParser(boundary, callbacks)  # refuses a boundary over 256 bytes (RFC 2046: 70)
         parser.write(body)
         parser.finalize()
     except UploadError:

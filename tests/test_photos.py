@@ -55,9 +55,25 @@ def photo_folder(sample_root, tmp_path_factory):
 
 
 def test_dms_with_references():
-    assert dms_to_deg((48.0, 51.0, 29.4), "N") == pytest.approx(48 + 51 / 60 + 29.4 / 3600)
-    assert dms_to_deg((2.0, 21.0, 5.0), b"W") == pytest.approx(-(2 + 21 / 60 + 5 / 3600))
-    assert dms_to_deg((33.0, 52.0, 0.0), "S") < 0
+    assert dms_to_deg((48.0, 51.0, 29.4), "N", "latitude") == pytest.approx(48 + 51 / 60 + 29.4 / 3600)
+    assert dms_to_deg((2.0, 21.0, 5.0), b"W", "longitude") == pytest.approx(-(2 + 21 / 60 + 5 / 3600))
+    assert dms_to_deg((33.0, 52.0, 0.0), " s\x00", "latitude") == -33 - 52 / 60  # padded, lower case
+    assert dms_to_deg((33.0, 52.0, 0.0), b"e", "longitude") == 33 + 52 / 60
+
+
+@pytest.mark.parametrize("dms,ref,axis,reason", [
+    ((48.0, 51.0, 0.0), "South", "latitude", "latitude reference 'South' in its EXIF GPS is not N or S"),
+    ((2.0, 21.0, 0.0), "West", "longitude", "longitude reference 'West' in its EXIF GPS is not E or W"),
+    ((48.0, 51.0, 0.0), None, "latitude", "no latitude reference (N/S) in its EXIF GPS"),
+    ((48.0, 51.0, 0.0), "X", "latitude", "latitude reference 'X' in its EXIF GPS is not N or S"),
+    ((48.0, 51.0, 0.0), "W", "latitude", "latitude reference 'W' in its EXIF GPS is not N or S"),
+    ((48.0, 51.0, 0.0), 83, "latitude", "latitude reference 83 in its EXIF GPS is not N or S"),  # a SHORT
+    ((-32.0, 7.0, 48.0), "S", "latitude", "latitude in its EXIF GPS has a negative component"),
+])
+def test_gps_references_other_than_n_s_e_w_are_refused(dms, ref, axis, reason):
+    with pytest.raises(ValueError) as e:
+        dms_to_deg(dms, ref, axis)
+    assert str(e.value).startswith(reason)
 
 
 def test_scan_reads_exif_and_rejects_with_reasons(photo_folder):
@@ -120,7 +136,7 @@ def test_photos_refused_clearly(tmp_path, capsys):
     empty.mkdir()
     shutil.copy(__file__, empty / "x.txt")
     assert embed_main(["--photos", str(empty), "--out", str(tmp_path / "e")]) == 2
-    assert "empty: no photos in it or its sub-folders (looked for jpg, jpeg, png" in capsys.readouterr().err
+    assert "empty: no photos in it or its sub-folders (looked for jpg, jpeg, jpe, jfif, png" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 

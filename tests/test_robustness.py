@@ -241,7 +241,7 @@ def test_a_damaged_cells_cache_is_rebuilt_not_trusted(engine_copy, sample_root, 
     from retrieve.engine import Engine
 
     engine = Engine(engine_copy / "index")
-    cache = engine.layout.cells(engine.params.cell_spec)  # the table the answers were voted over
+    cache = engine.layout.cells(engine.params.cell_spec, engine.index.digest)  # the table voted over
     assert cache.exists()
     cache.write_bytes(cache.read_bytes()[:200])
     rc, _ = _query(engine_copy, sample_root)
