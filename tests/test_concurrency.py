@@ -125,6 +125,7 @@ def test_an_engine_opened_before_an_update_takes_up_the_new_index_and_leaves_no_
     out = tmp_path / "engine"
     assert subprocess.run(_cmd(photos, tiny_model, out), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     server = Engine(out / "index", load_model=False)
+    served = Engine(out / "index", load_model=False)  # behind a live app
     shutil.rmtree(photos)
     _gallery(sample_root, photos, rows[300:400], 300)  # other places, other countries
     assert subprocess.run(_cmd(photos, tiny_model, out), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
@@ -143,3 +144,10 @@ def test_an_engine_opened_before_an_update_takes_up_the_new_index_and_leaves_no_
     assert server.refresh() is True and server.index.count == 100  # the old engine takes up the new index
     np.testing.assert_array_equal(np.asarray(server.countries()), want)
     assert server.refresh() is False
+
+    from fastapi.testclient import TestClient
+
+    from retrieve.app import create_app
+
+    health = TestClient(create_app(served, log=lambda _: None), base_url="http://127.0.0.1").get("/health").json()
+    assert health["ready"] and health["images"] == 100  # the app refreshed before answering

@@ -286,16 +286,29 @@ def test_an_empty_gallery_rewrites_its_rejects_file(sample_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- server
-@pytest.fixture(scope="module")
-def hostile_server(hostile_engine):
+def _server(index: Path):
     from live_server import start_server
 
-    *_, out = hostile_engine
-    proc, port = start_server(out / "index", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, port = start_server(index, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     yield port, proc
     proc.terminate()
     _, err = proc.communicate(timeout=20)
     assert b"Traceback" not in err, err.decode()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def hostile_server(hostile_engine):
+    yield from _server(hostile_engine[-1] / "index")
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_engine):
+    yield from _server(tiny_engine / "index")
+
+
+@pytest.fixture(scope="module")
+def a_jpeg(sample_root) -> bytes:
+    return sorted((sample_root / "images" / "test").rglob("*.jpg"))[0].read_bytes()
 
 
 def _post(port, fields: list, headers: dict | None = None, boundary: str = "b0undary"):
@@ -349,10 +362,9 @@ def test_gallery_thumbnails_in_sub_folders_with_their_own_type(hostile, hostile_
     assert status == 404 and "link to a file outside the gallery folder" in json.loads(body)["error"]
 
 
-def test_form_fields_given_twice_and_long_boundaries_are_refused(hostile, hostile_server):
-    root, _, _ = hostile
-    port, _ = hostile_server
-    jpeg = (root / "2024" / "00" / "p00000.jpg").read_bytes()
+def test_form_fields_given_twice_and_long_boundaries_are_refused(tiny_server, a_jpeg):
+    port, _ = tiny_server
+    jpeg = a_jpeg
     status, body = _post(port, [("image", "a.jpg", jpeg), ("within", None, b"US"), ("within", None, b"FR")])
     assert status == 400 and "'within' is given more than once" in body["error"]
     status, body = _post(port, [("image", "a.jpg", jpeg), ("image", "b.jpg", jpeg)])
@@ -365,10 +377,9 @@ def test_form_fields_given_twice_and_long_boundaries_are_refused(hostile, hostil
     assert status == 200 and body["image"] == "a.jpg"
 
 
-def test_a_web_page_of_another_site_cannot_post(hostile, hostile_server):
-    root, _, _ = hostile
-    port, _ = hostile_server
-    jpeg = (root / "2024" / "00" / "p00000.jpg").read_bytes()
+def test_a_web_page_of_another_site_cannot_post(tiny_server, a_jpeg):
+    port, _ = tiny_server
+    jpeg = a_jpeg
     for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example:80"):
         status, body = _post(port, [("image", "a.jpg", jpeg)], {"Origin": origin})
         assert status == 403 and "web page of another site" in body["error"], origin
@@ -376,17 +387,24 @@ def test_a_web_page_of_another_site_cannot_post(hostile, hostile_server):
     assert status == 200  # the server's own page
 
 
-def test_a_client_that_disconnects_mid_upload_is_one_log_line(hostile_server):
+def test_a_client_that_disconnects_mid_upload_is_one_log_line(tiny_engine):
     import socket
 
-    port, proc = hostile_server
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                  b"boundary=b0undary\r\nContent-Length: 100000\r\n\r\n--b0undary\r\n")
-        time.sleep(0.5)
-    time.sleep(1.0)
-    status, _, _ = _get(port, "/health")  # still serving; its log is checked for tracebacks at teardown
-    assert status == 200
+    from live_server import start_server
+
+    proc, port = start_server(tiny_engine / "index", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                      b"boundary=b0undary\r\nContent-Length: 100000\r\n\r\n--b0undary\r\n")
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert _get(port, "/health")[0] == 200  # still serving
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert b"Traceback" not in err and b"Traceback" not in out, (err + out).decode()[-3000:]
+    assert out.count(b"a client disconnected before its upload arrived") == 1, out.decode()[-2000:]
 
 
 def test_concurrent_large_png_uploads_decode_within_a_budget(tiny_engine):
