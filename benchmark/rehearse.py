@@ -27,15 +27,16 @@ import threading
 import time
 from pathlib import Path
 
-from benchmark.fabricate import pixels_side
+from benchmark.fabricate import rehearsal_model
+from geovote.layout import model_slug
 
 STAGES = ("fabricate", "index", "tune", "query", "benchmark", "score")
 
 
 def stage_commands(out: Path, n_train: int, n_test: int, dim: int, head_minutes: float | None,
                    bootstrap: int) -> dict[str, list[str]]:
-    side = pixels_side(dim)
-    engine = out / "geovote" / f"pixels-{side}"
+    model = rehearsal_model(dim)
+    engine = out / "geovote" / model_slug(model)
     index = engine / "index"
     pred = engine / "predictions-test.parquet"
     run = ["-m", "benchmark.run", "--data", str(out), "--engine", str(engine), "--out", str(out / "run"),
@@ -45,7 +46,7 @@ def stage_commands(out: Path, n_train: int, n_test: int, dim: int, head_minutes:
     return {
         "fabricate": ["-m", "benchmark.fabricate", "--train", str(n_train), "--test", str(n_test), "--dim",
                       str(dim), "--out", str(out)],
-        "index": ["-m", "embed.build", "--data", str(out), "--model", f"pixels:{side}", "--splits", "train",
+        "index": ["-m", "embed.build", "--data", str(out), "--model", model, "--splits", "train",
                   "test", "--set", "tune=false"],
         "tune": ["-m", "retrieve.tune", "--index", str(index), "--data", str(out)],
         "query": ["-m", "retrieve.query", "--index", str(index), "--data", str(out), "--split", "test",
@@ -94,9 +95,8 @@ def run_stage(name: str, args: list[str], log_dir: Path, sample_s: float = 0.2) 
 def geoscores(out: Path, dim: int) -> dict:
     """The GeoScores the stages left behind: tuning's held-out train, the query stage's test predictions
     (benchmark.score) and every benchmark.run method."""
-    side = pixels_side(dim)
     scores = {}
-    params = out / "geovote" / f"pixels-{side}" / "index" / "retrieve.json"
+    params = out / "geovote" / model_slug(rehearsal_model(dim)) / "index" / "retrieve.json"
     if params.is_file():
         tuned = json.loads(params.read_text())["validation"]["voting"]
         scores["tune (held-out train)"] = round(tuned["geoscore"])
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=5_100_000)
     ap.add_argument("--test", type=int, default=210_122)
-    ap.add_argument("--dim", type=int, default=768, help="3 N^2: the model is pixels:N (768: pixels:16)")
+    ap.add_argument("--dim", type=int, default=768, help="embedding width, any (768: the model pixels:16; "
+                                                         "512: pixels:8@512, benchmark.fabricate)")
     ap.add_argument("--out", type=Path, help="default runs/rehearse-<UTC time>")
     ap.add_argument("--from", dest="start", choices=STAGES, default="fabricate",
                     help="skip the stages before this one (their outputs are in --out already)")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=200, help="benchmark.run's bootstrap resamples")
     args = ap.parse_args(argv)
     try:
-        pixels_side(args.dim)
+        rehearsal_model(args.dim)
     except ValueError as e:
         ap.error(str(e))
     if args.train < 100 or args.test < 1:

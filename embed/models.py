@@ -10,6 +10,7 @@
                             folder with open_clip_config.json and weights (a hub snapshot)
     random:ARCH             an open_clip architecture (or `default`) with random weights, seeded
     pixels:N                raw pixels: the image at 4N px, area-averaged to N x N x 3 (a baseline)
+    pixels:N@D              those pixels through a fixed random projection to D dims (rehearsals)
 
 `python -m embed.build --model list` prints them and what each resolves to. Pretrained towers are
 resolved as open_clip resolves them (embed.pretrained): the tag's QuickGELU, mean, std, interpolation and
@@ -312,19 +313,31 @@ def random_backbone(arch_name: str, seed: int = 0) -> Backbone:
                       {"arch": arch_name, "random": seed})
 
 
-def pixels_backbone(side_px: int) -> Backbone:
-    """`pixels:N`: the image itself, N x N x 3, as the embedding (the raw-pixel kNN baseline)."""
+def pixels_backbone(side_px: int, dim: int | None = None) -> Backbone:
+    """`pixels:N`: the image itself, N x N x 3, as the embedding (the raw-pixel kNN baseline).
+    `pixels:N@D`: those pixels times a fixed random projection to D dimensions (seed 0, Gaussian: inner
+    products kept in expectation), a model of any width for rehearsals at the dims of real towers."""
     import open_clip
     import torch
     from torch.nn import functional as F
 
-    class Pixels(torch.nn.Module):
-        def forward(self, x):
-            return F.adaptive_avg_pool2d(x, side_px).flatten(1)
+    raw = 3 * side_px * side_px
 
-    return Backbone(name=f"pixels:{side_px}", model=Pixels(), image_size=4 * side_px,
+    class Pixels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            if dim is not None:
+                g = torch.Generator().manual_seed(0)
+                self.register_buffer("projection", torch.randn(raw, dim, generator=g) / dim ** 0.5)
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(x, side_px).flatten(1)
+            return x if dim is None else x @ self.projection.to(x.dtype)
+
+    name = f"pixels:{side_px}" if dim is None else f"pixels:{side_px}@{dim}"
+    return Backbone(name=name, model=Pixels(), image_size=4 * side_px,
                     mean=tuple(open_clip.OPENAI_DATASET_MEAN), std=tuple(open_clip.OPENAI_DATASET_STD),
-                    dim=3 * side_px * side_px, source={"pixels": side_px})
+                    dim=dim or raw, source={"pixels": side_px, **({"projected_to": dim} if dim else {})})
 
 
 def canonical_name(name: str) -> str:
@@ -343,7 +356,7 @@ def canonical_name(name: str) -> str:
 
 
 MODEL_FORMS = ("default", *ALIASES, "ARCH:TAG", "ARCH:/path/weights", "hf-hub:ORG/REPO", "a folder",
-               "random:ARCH", "pixels:N")
+               "random:ARCH", "pixels:N", "pixels:N@D")
 
 
 def describe_models() -> str:
@@ -355,7 +368,8 @@ def describe_models() -> str:
               "hf-hub:ORG/REPO      an open_clip model on the hub (open_clip_config.json + weights)",
               "FOLDER               a finetune checkpoint, or a folder of open_clip_config.json + weights",
               "random:ARCH          an open_clip architecture (or `default`) with seeded random weights",
-              "pixels:N             raw pixels, N x N x 3 (a baseline)"]
+              "pixels:N             raw pixels, N x N x 3 (a baseline)",
+              "pixels:N@D           raw pixels projected to D dims (a fixed random projection; rehearsals)"]
     return "\n".join(lines)
 
 
@@ -372,10 +386,14 @@ def load_backbone(name: str = "default") -> Backbone:
     if name.startswith("random:"):
         return random_backbone(name.split(":", 1)[1])
     if name.startswith("pixels:"):
+        side, _, dim = name.split(":", 1)[1].partition("@")
         try:
-            return pixels_backbone(int(name.split(":", 1)[1]))
+            side_px, width = int(side), int(dim) if dim else None
         except ValueError:
-            raise BackboneError(f"pixels:N needs a whole number of pixels, got {name!r}") from None
+            raise BackboneError(f"pixels:N (or pixels:N@D) needs whole numbers, got {name!r}") from None
+        if side_px < 1 or (width is not None and width < 1):
+            raise BackboneError(f"pixels:N@D needs N and D of at least 1, got {name!r}")
+        return pixels_backbone(side_px, width)
     if name.startswith("hf-hub:"):
         return load_hub_or_folder(name)
     path = Path(name).expanduser()

@@ -208,6 +208,25 @@ def test_pixels_baseline_backbone():
         load_backbone("pixels:x")
 
 
+def test_projected_pixels_keep_the_pixels_geometry_at_any_width():
+    """pixels:N@D: the pixels through a fixed random projection; cosines of the projected vectors are the
+    raw pixels' cosines to within the projection's error (about 1 / sqrt(D)), and the same every load."""
+    import torch
+
+    raw, wide = load_backbone("pixels:4"), load_backbone("pixels:4@4096")
+    assert wide.name == "pixels:4@4096" and wide.dim == 4096 and wide.image_size == raw.image_size
+    torch.manual_seed(0)
+    base = torch.rand(1, 3, 16, 16)
+    x = base + 0.3 * torch.rand(12, 3, 16, 16)  # images alike in part: cosines spread over (0, 1)
+    a, b = raw.model(x), wide.model(x)
+    cos = lambda v: torch.nn.functional.normalize(v, dim=1) @ torch.nn.functional.normalize(v, dim=1).T  # noqa: E731
+    assert (cos(a) - cos(b)).abs().max() < 4 / 4096 ** 0.5
+    torch.testing.assert_close(load_backbone("pixels:4@4096").model(x), b)  # a fixed projection
+    assert load_backbone("pixels:8@512").dim == 512
+    with pytest.raises(BackboneError, match="at least 1"):
+        load_backbone("pixels:4@0")
+
+
 @pytest.mark.parametrize("size", [(64, 64), (80, 50), (50, 97), (513, 384), (33, 31)])
 def test_our_preprocessing_equals_open_clip(size):
     import open_clip
