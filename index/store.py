@@ -392,8 +392,8 @@ class GeoIndex:
 
     device: 'cpu' (default), 'auto' (CUDA when torch sees a GPU; what retrieve.engine asks for) or
     'cuda'. On CUDA the fp16 vectors are loaded on the GPU once and every search is exact (fp16 matmul +
-    top-k): faster than IVF-PQ there, and the faiss-gpu-cu12 wheel has no Hopper kernels. A FAISS GPU
-    build, when installed and seeing a GPU, takes over the exact (Flat) index instead.
+    top-k): faster than IVF-PQ there, and it needs only torch (the `gpu` extra's faiss-cuda is optional).
+    A FAISS GPU build, when installed and seeing a GPU, takes over the exact (Flat) index instead.
     """
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
@@ -620,7 +620,7 @@ SCORE_BYTES = 1 << 30  # the (queries x N) score matrix of one exact-search batc
 
 def exact_search_torch(vectors, queries, k: int, device: str | None = None, batch: int | None = None):
     """Exact inner-product top-k with torch (fp16 matmul on CUDA, fp32 on CPU): the GPU path that
-    works wherever torch sees a GPU, since the faiss-gpu-cu12 wheel has no Hopper kernels. Queries go in
+    works wherever torch sees a GPU, with or without a FAISS GPU build. Queries go in
     batches whose score matrix stays under SCORE_BYTES (5M vectors: 107 queries, not 4,096 x 5M = 41 GB)."""
     import torch
 

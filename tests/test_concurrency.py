@@ -55,6 +55,7 @@ def galleries(sample_root, tiny_model, tmp_path_factory):
     return photos, engine, fresh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset_s", [0.0, 1.0])
 def test_two_updates_at_once_end_equal_to_a_fresh_build_or_one_is_refused(galleries, tiny_model, tmp_path,
                                                                           offset_s):

@@ -93,6 +93,7 @@ def _dataset_with_bad_images(sample_root, dest):
     return ids, {ids[3]: "unreadable", ids[10]: "not an image"}
 
 
+@pytest.mark.slow
 def test_embed_build_end_to_end(sample_root, tiny_model, tmp_path, capsys):
     ids, bad = _dataset_with_bad_images(sample_root, tmp_path / "data")
     out = tmp_path / "out"

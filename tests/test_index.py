@@ -201,6 +201,7 @@ def test_bad_shards_are_refused(tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.slow
 def test_an_opq_rotated_index_takes_nprobe_and_reranks_exactly(tmp_path):
     """An OPQ rotation in front of the IVF (an IndexPreTransform, as index_bench --factories builds) still
     gets nprobe through the re-rank stage's parameters, and re-ranks exactly."""

@@ -24,6 +24,7 @@ def test_every_alias_is_what_open_clip_resolves_for_its_tag(alias):
     assert r.describe() in describe_models()
 
 
+@pytest.mark.slow
 def test_vit_b_32_openai_and_every_local_form_embed_as_open_clip_does(tmp_path):
     """One alias end to end on a fake Hugging Face cache (offline): the same embeddings as open_clip's
     create_model_and_transforms('ViT-B-32-quickgelu', 'openai'); then the same weights as a file, an

@@ -41,6 +41,7 @@ def noval_engine(noval_root, tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_benchmark_run_without_val(noval_root, noval_engine, tmp_path, capsys):
     from benchmark.run import main as run_main
 
@@ -80,6 +81,7 @@ def test_heads_never_train_on_the_held_out_rows(noval_root, noval_engine):
     assert np.isin(val.lat, lat[held]).all()
 
 
+@pytest.mark.slow
 def test_an_index_in_its_own_row_order_changes_nothing_the_heads_see(noval_root, noval_engine, tiny_model,
                                                                    tmp_path):
     """An IVF index numbers its rows list by list, the shards keep theirs: the holdout, its exclusions and

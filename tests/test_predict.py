@@ -167,18 +167,18 @@ def test_softmax_weights_and_empty_queries():
 
 
 def test_hedging_answers_the_candidate_of_highest_expected_geoscore():
-    """Three neighbours in Lisbon, one each in Berlin, Warsaw, Vienna and Budapest, all as similar: the
+    """Three neighbours in Lisbon, one each in Berlin, Warsaw, Vienna and Budapest, nearly as similar: the
     vote's cell is Lisbon's; with hedging on, the answer is the candidate maximising
     sum_j w_j 5000 exp(-d_j / 1492.7), computed here by hand over the same candidates: in central Europe."""
     from retrieve.predict import min_risk_point
 
     lat = np.array([[38.72, 38.73, 38.71, 52.52, 52.23, 48.21, 47.50]])
     lon = np.array([[-9.14, -9.13, -9.15, 13.40, 21.01, 16.37, 19.04]])
-    sim = np.full((1, 7), 0.8)
+    sim = np.array([[0.80, 0.79, 0.81, 0.80, 0.78, 0.82, 0.79]])  # unequal: the weights' T matters
     cells = H3Cells((1, 3)).assign(lat[0], lon[0])[None]
-    base = VoteConfig(k=7, temperature=1.0, bandwidth_km=25, n_alternatives=2)
+    base = VoteConfig(k=7, temperature=0.2, bandwidth_km=25, n_alternatives=2)
     plain = vote(sim, lat, lon, cells, base)
-    w = softmax_weights(sim, 0.05)[0]
+    w = softmax_weights(sim, base.temperature)[0]  # the vote's own weights
     cand = [(plain.lat_deg[0], plain.lon_deg[0])] + list(zip(plain.alt_lat_deg[0], plain.alt_lon_deg[0])) + \
         list(zip(lat[0], lon[0]))
     expected = [sum(wj * 5000 * math.exp(-haversine_km(a, b, la, lo) / 1492.7) for wj, la, lo in zip(w, lat[0], lon[0]))

@@ -16,6 +16,7 @@ def test_a_stage_reports_the_memory_it_held(tmp_path):
     assert 290 / 1024 <= s["peak_private_gb"] <= s["peak_rss_gb"]  # anonymous pages, sampled
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_every_stage_and_reports_them(tmp_path, capsys):
     """The smallest rehearsal that runs every stage, at a width no pixels:N has (512 = ViT-B's)."""
     out = tmp_path / "rehearse"

@@ -101,6 +101,7 @@ def _digest(root):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic_and_ensure_is_idempotent(tmp_path):
     a = generate(tmp_path / "a", 300, 30, 30, seed=7, quiet=True)
     b = generate(tmp_path / "b", 300, 30, 30, seed=7, quiet=True)
