@@ -465,10 +465,12 @@ def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int 
         if (failed["train"] or failed["val"]) and out is not None:
             import csv
 
-            with open(out / "failures.csv", "w", newline="") as f:
+            from geovote import csvsafe
+
+            with open(out / "failures.csv", "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(["split", "path", "reason"])
-                w.writerows([(name, *x) for name in ("train", "val") for x in failed[name]])
+                w.writerows([csvsafe.row((name, *x)) for name in ("train", "val") for x in failed[name]])
             log(f"{len(failed['train'])} train and {len(failed['val'])} val images could not be read and are "
                 f"skipped (listed in {out / 'failures.csv'})")
         (tr, tr_rows), (va, va_rows) = full["train"], full["val"]

@@ -164,11 +164,11 @@ def scan_photos(folder: str | Path, coordinates_csv: str | Path | None = None):
     extra = read_coordinates_csv(Path(coordinates_csv)) if coordinates_csv else {}
     files, rejected = _walk(root)
     n_unlisted = sum(1 for rel, _ in rejected if not rel.endswith("/"))  # files that could not be used
+    seen = {rel for rel, _ in rejected}  # a CSV row naming one of these is not a row for no photo
     if not files and not rejected:
         raise PhotoError(f"{root}: no photos in it or its sub-folders (looked for "
                          f"{', '.join(s.lstrip('.') for s in PHOTO_SUFFIXES)})")
     ids, lat, lon, size, mtime = [], [], [], [], []
-    seen = set()
     for path in files:
         rel = path.relative_to(root).as_posix()
         seen.add(rel)

@@ -127,9 +127,9 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(400, f"host {host or '(none)'!r} is not served here (serving "
                               f"{', '.join(allowed_hosts)}; retrieve.serve --allow-host adds one)")
         origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and not any_host:
-            parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or _host_name(parts.netloc) not in served:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:
+            parts = urlsplit(origin)  # the page's own origin is this server: the same host and port
+            if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.strip().lower():
                 return error(403, f"requests from the web page of another site ({origin[:100]!r}) are "
                                   "refused: only this server's own page may post to it")
         return await call_next(request)
@@ -226,6 +226,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(503, f"busy: {e}; try again shortly", headers={"Retry-After": "1"})
         except IndexChanged as e:
             return error(503, str(e), headers={"Retry-After": "5"})
+        except RegionError as e:  # the index changed since the region was checked, and has none there
+            return error(422, str(e).replace("--", ""))
 
     @app.get("/gallery/{image_id:path}", responses={404: {}})
     async def gallery(image_id: str):
@@ -240,7 +242,9 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         if media:
             return FileResponse(path, media_type=media, headers=cache)
         try:
-            jpeg = await run_in_threadpool(_as_jpeg, path, engine.backbone.image_size, max_pixels)
+            w, h = await run_in_threadpool(decoded_size, path, GALLERY_SIDE_PX)
+            async with budget.hold(w * h):  # as uploads are: a few at a time
+                jpeg = await run_in_threadpool(_as_jpeg, path, max_pixels)
         except ImageFailure as e:
             return error(422, f"gallery image {image_id!r}: {e}")
         return Response(jpeg, media_type="image/jpeg", headers=cache)
@@ -266,11 +270,11 @@ BROWSER_IMAGES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jfif": "image/j
 GALLERY_SIDE_PX = 512
 
 
-def _as_jpeg(path: Path, min_side_px: int, max_pixels: int) -> bytes:
+def _as_jpeg(path: Path, max_pixels: int) -> bytes:
     """A gallery image browsers cannot show (TIFF, HEIC) as a JPEG of at most GALLERY_SIDE_PX a side."""
     from embed.images import open_rgb
 
-    img = open_rgb(path, max(min_side_px, GALLERY_SIDE_PX), max_pixels)
+    img = open_rgb(path, GALLERY_SIDE_PX, max_pixels)
     img.thumbnail((GALLERY_SIDE_PX, GALLERY_SIDE_PX))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)

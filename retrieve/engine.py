@@ -93,7 +93,7 @@ class Engine:
         False: answer without the stored calibration, unread (tuning, which fits a new one)."""
         self.layout = EngineLayout.from_index(index_dir)
         self.index_dir = self.layout.index
-        self._lock = threading.RLock()  # a reload (refresh) never lands in the middle of a search and vote
+        self._lock = threading.Lock()  # index, params and calibration are swapped and read together
         self._device, self._calibrated = device, calibrated
         self.index = GeoIndex(self.index_dir, device=device)
         manifest = self.index.info.get("embedding_manifest") or {}
@@ -112,59 +112,91 @@ class Engine:
             self.index.check_queries(np.ones(self.index.dim), backbone=self.backbone.name)
             self.features = FeatureExtractor(self.backbone, device=device, batch_size=64)
         self._fixed_params = params
-        self._read_tuning()
+        self._tables: dict[tuple, np.ndarray] = {}  # (what, index digest, ...) -> table
+        self._disk = self._on_disk()
+        self.params, self.calibration = self._read_tuning()
 
-    def _read_tuning(self) -> None:
-        """The voting parameters and calibration stored with the index; no cached table yet."""
+    def _read_tuning(self):
+        """(voting parameters, calibration or None) as stored with the index now."""
         params = self._fixed_params
         if params is None:
             params = load_params(self.layout.params) if self.layout.params.exists() else VoteConfig()
-        self.params = params
-        self.calibration = None
+        calibration = None
         if self._calibrated and self.layout.calibration.exists():
             from retrieve.calibrate import Calibration, CalibrationError
             from retrieve.predict import FEATURES
 
             try:
-                self.calibration = Calibration.load(self.layout.calibration, FEATURES)
+                calibration = Calibration.load(self.layout.calibration, FEATURES)
             except CalibrationError as e:
                 raise ConfigError(str(e)) from None
-        self._cells: dict[str, np.ndarray] = {}
-        self._spacing = self._countries = self._by_country = None
-        self._region_rows: dict = {}
+        return params, calibration
 
-    def _still_current(self) -> bool:
+    def _on_disk(self) -> tuple:
+        """What says whether the engine on disk is still the one in memory: the index build's digest and
+        the identity (inode, size, mtime) of retrieve.json and calibration.json, which tuning rewrites
+        without touching the index."""
         from index.store import current_digest
 
-        return current_digest(self.index_dir) == self.index.digest
+        def ident(path: Path):
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return st.st_ino, st.st_size, st.st_mtime_ns
+
+        return current_digest(self.index_dir), ident(self.layout.params), ident(self.layout.calibration)
+
+    def _still_current(self, index=None) -> bool:
+        from index.store import current_digest
+
+        return current_digest(self.index_dir) == (index or self.index).digest
 
     def refresh(self, log=None) -> bool:
-        """Take up the index now on disk when it is not the one this engine opened (an update ran while a
-        server was up): the index, its tuning and calibration are reopened and the cached tables dropped.
-        True when it did. IndexChanged when the new one cannot be taken up: still being replaced, or
-        built with another model (which needs a restart to load)."""
-        from index.store import IndexError_, current_digest
+        """Take up what is on disk when it is not what this engine opened (an update or a tuning ran while
+        a server was up): the index (a new build), its voting parameters and calibration are reopened;
+        tables cached for another build are dropped. True when it did. The check is a few stats and a
+        hash of index.json; the swap waits only for a search in progress. IndexChanged when the new state
+        cannot be taken up: still being replaced, unreadable, or built with another model (which needs a
+        restart to load)."""
+        from index.store import IndexError_
 
-        with self._lock:
-            now = current_digest(self.index_dir)
-            if now == self.index.digest:
-                return False
-            if now is None:
-                raise IndexChanged(f"{self.index_dir} is being replaced (an update is under way); "
-                                   "try again shortly")
+        disk = self._on_disk()
+        if disk == self._disk:
+            return False
+        if disk[0] is None:
+            raise IndexChanged(f"{self.index_dir} is being replaced (an update is under way); try again "
+                               "shortly")
+        index = self.index
+        if disk[0] != index.digest:
             try:
                 index = GeoIndex(self.index_dir, device=self._device)
             except IndexError_ as e:
-                raise IndexChanged(f"{self.index_dir} changed and cannot be opened yet ({e}); "
-                                   "try again shortly") from None
+                raise IndexChanged(f"{self.index_dir} changed and cannot be opened yet ({e}); try again "
+                                   "shortly") from None
             if self.backbone is not None and index.backbone not in (None, self.backbone.name):
                 raise IndexChanged(f"{self.index_dir} now holds embeddings of {index.backbone}, not of the "
                                    f"loaded {self.backbone.name}: restart the server to load that model")
-            self.index = index
-            self._read_tuning()
-            if log:
-                log(f"the index changed on disk: now answering from {index.count:,} images")
-            return True
+        try:
+            params, calibration = self._read_tuning()
+        except ConfigError as e:
+            raise IndexChanged(f"{self.index_dir}: its tuning changed and cannot be read ({e}); try again "
+                               "shortly, or rerun `python -m retrieve.tune`") from None
+        with self._lock:
+            self.index, self.params, self.calibration, self._disk = index, params, calibration, disk
+            for key in [k for k in self._tables if k[1] != index.digest]:
+                del self._tables[key]
+        if log:
+            tuned = "calibrated" if calibration is not None else "uncalibrated: not tuned (yet)"
+            log(f"the engine changed on disk: now answering from {index.count:,} images, {tuned}")
+        return True
+
+    def _table(self, key: tuple, path: Path, ok, compute, index) -> np.ndarray:
+        """A table derived from `index` (a snapshot: a refresh may swap self.index meanwhile), computed
+        once per build and cached in memory and on disk (_cached)."""
+        if key not in self._tables:
+            self._tables[key] = _cached(path, ok, compute, lambda: self._still_current(index))
+        return self._tables[key]
 
     @property
     def tuned(self) -> bool:
@@ -177,84 +209,76 @@ class Engine:
         return (f"warning: {self.layout.params} is missing (tuning never ran or did not finish): answering "
                 "with the default voting settings; run `python -m retrieve.tune`")
 
-    def cells(self, params: VoteConfig | None = None) -> np.ndarray:
+    def cells(self, params: VoteConfig | None = None, index=None) -> np.ndarray:
         """(N, L) cell table of the index's rows for `params` (cached in the index folder)."""
-        params = params or self.params
-        spec = params.cell_spec
-        if spec not in self._cells:
-            shape = (self.index.count, len(params.levels))
-            index = self.index
-            self._cells[spec] = _cached(
-                self.layout.cells(spec, index.digest), lambda t: t.shape == shape and t.dtype.kind in "iu",
-                lambda: cell_table(np.asarray(index.lat), np.asarray(index.lon), params), self._still_current)
-        return self._cells[spec]
+        params, index = params or self.params, index or self.index
+        shape = (index.count, len(params.levels))
+        return self._table(("cells", index.digest, params.cell_spec), self.layout.cells(params.cell_spec,
+                                                                                       index.digest),
+                           lambda t: t.shape == shape and t.dtype.kind in "iu",
+                           lambda: cell_table(np.asarray(index.lat), np.asarray(index.lon), params), index)
 
-    def spacing(self) -> np.ndarray:
+    def spacing(self, index=None) -> np.ndarray:
         """(N,) each index row's gallery spacing in km (geovote.geo.spacing_km: the distance to its
         SPACING_NEIGHBOURS-th nearest other row), the feature log_gallery_spacing_km's input; cached."""
-        if self._spacing is None:
-            from geovote.geo import spacing_km
+        from geovote.geo import spacing_km
 
-            m, index = SPACING_NEIGHBOURS, self.index
-            self._spacing = _cached(
-                self.layout.spacing(m, index.digest),
-                lambda t: t.shape == (index.count,) and t.dtype == np.float64,
-                lambda: spacing_km(np.asarray(index.lat), np.asarray(index.lon), m), self._still_current)
-        return self._spacing
+        m, index = SPACING_NEIGHBOURS, index or self.index
+        return self._table(("spacing", index.digest, m), self.layout.spacing(m, index.digest),
+                           lambda t: t.shape == (index.count,) and t.dtype == np.float64,
+                           lambda: spacing_km(np.asarray(index.lat), np.asarray(index.lon), m), index)
 
-    def _rows_by_country(self) -> tuple[np.ndarray, np.ndarray]:
+    def _rows_by_country(self, index) -> tuple[np.ndarray, np.ndarray]:
         """(country codes sorted, the rows in that order): one sort, then a country's rows are a slice"""
-        if self._by_country is None:
-            codes = np.asarray(self.countries())
+        key = ("by country", index.digest)
+        if key not in self._tables:
+            codes = np.asarray(self.countries(index))
             order = np.argsort(codes, kind="stable")
-            self._by_country = codes[order], order
-        return self._by_country
+            self._tables[key] = (codes[order], order)
+        return self._tables[key]
 
-    def countries(self) -> np.ndarray:
+    def countries(self, index=None) -> np.ndarray:
         """(N,) each index row's ISO country code (bytes), computed once and cached in the index folder."""
-        if self._countries is None:
-            index = self.index
+        index = index or self.index
 
-            def compute():
-                from retrieve.region import country_codes
+        def compute():
+            from retrieve.region import country_codes
 
-                codes = np.empty(index.count, "S2")
-                for start in range(0, index.count, 1_000_000):  # bounded memory at 5M rows
-                    stop = min(index.count, start + 1_000_000)
-                    codes[start:stop] = np.char.encode(
-                        country_codes(np.asarray(index.lat[start:stop]),
-                                      np.asarray(index.lon[start:stop])).astype(str), "ascii")
-                return codes
+            codes = np.empty(index.count, "S2")
+            for start in range(0, index.count, 1_000_000):  # bounded memory at 5M rows
+                stop = min(index.count, start + 1_000_000)
+                codes[start:stop] = np.char.encode(
+                    country_codes(np.asarray(index.lat[start:stop]),
+                                  np.asarray(index.lon[start:stop])).astype(str), "ascii")
+            return codes
 
-            rows = (index.count,)
-            self._countries = _cached(self.layout.countries(index.digest),
-                                      lambda t: t.shape == rows and t.dtype.kind == "S", compute,
-                                      self._still_current)
-        return self._countries
+        rows = (index.count,)
+        return self._table(("countries", index.digest), self.layout.countries(index.digest),
+                           lambda t: t.shape == rows and t.dtype.kind == "S", compute, index)
 
-    def region_rows(self, region) -> np.ndarray:
-        """Sorted index rows inside `region` (retrieve.region), or RegionError when there are none."""
-        with self._lock:
-            return self._region_rows_locked(region)
-
-    def _region_rows_locked(self, region) -> np.ndarray:
+    def region_rows(self, region, index=None) -> np.ndarray:
+        """Sorted rows of `index` (default: the current one) inside `region` (retrieve.region), or
+        RegionError when there are none. Not under the engine's lock: the first region of a large index
+        computes every row's country, and batches go on meanwhile."""
         from retrieve.region import RegionError
 
-        cache = self._region_rows
-        if region not in cache:
+        index = index or self.index
+        key = ("region", index.digest, region)
+        if key not in self._tables:
             if region.countries:  # each country's rows are a slice of the rows sorted by country
-                codes, order = self._rows_by_country()
+                codes, order = self._rows_by_country(index)
                 keys = [c.encode("ascii") for c in dict.fromkeys(region.countries)]  # each once
-                parts = [order[np.searchsorted(codes, key, "left"):np.searchsorted(codes, key, "right")]
-                         for key in keys]
+                parts = [order[np.searchsorted(codes, k, "left"):np.searchsorted(codes, k, "right")]
+                         for k in keys]
                 rows = np.sort(np.concatenate(parts))
-                rows = rows[region.in_box(self.index.lat[rows], self.index.lon[rows])]
+                rows = rows[region.in_box(index.lat[rows], index.lon[rows])]
             else:
-                rows = np.flatnonzero(region.in_box(self.index.lat, self.index.lon))
-            if len(cache) >= 16:  # a few regions are asked again and again; their rows are kept
-                cache.pop(next(iter(cache)))
-            cache[region] = rows
-        rows = cache[region]
+                rows = np.flatnonzero(region.in_box(index.lat, index.lon))
+            regions = [k for k in self._tables if k[0] == "region"]
+            if len(regions) >= 16:  # a few regions are asked again and again; their rows are kept
+                del self._tables[regions[0]]
+            self._tables[key] = rows
+        rows = self._tables[key]
         if rows.size == 0:
             raise RegionError(f"no training image of this engine lies in {region.describe()}: nothing to "
                               "answer from there")
@@ -304,9 +328,9 @@ class Engine:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""
         return self.features.images(images)
 
-    def search(self, emb: np.ndarray, k: int, subset=None):
-        return self.index.search(emb, k=k, backbone=self.backbone.name if self.backbone else None,
-                                 subset=subset)
+    def search(self, emb: np.ndarray, k: int, subset=None, index=None):
+        return (index or self.index).search(emb, k=k, backbone=self.backbone.name if self.backbone else None,
+                                            subset=subset)
 
     def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True,
                calibrated: bool = True, region=None):
@@ -315,19 +339,20 @@ class Engine:
         the vote's time at k = 100): for answers nobody reads them in; a calibrated answer still weighs
         them (the most probable candidate answers), so they are computed whenever calibrated.
         `region` (retrieve.region.Region): only training images inside vote, and every answer lies
-        inside (a peak that left it moves to the nearest neighbour, which is inside)."""
+        inside (a peak that left it moves to the nearest neighbour, which is inside). The index, voting
+        parameters and calibration are taken together at the start, so a refresh meanwhile never mixes
+        two builds in one answer."""
         with self._lock:
-            return self._locate(emb, params, alternatives, calibrated, region)
-
-    def _locate(self, emb, params, alternatives, calibrated, region):
-        params = params or self.params
-        calibrate = calibrated and self.calibration is not None
+            index, stored, calibration = self.index, self.params, self.calibration
+        params = params or stored
+        calibrate = calibrated and calibration is not None
         if not alternatives and not calibrate and not params.hedge_below:  # both weigh the runner-ups
             params = replace(params, n_alternatives=0)
-        res = self.search(emb, params.k, subset=self.region_rows(region) if region else None)
+        res = self.search(emb, params.k, subset=self.region_rows(region, index) if region else None,
+                          index=index)
         rows = np.maximum(res.rows, 0)
-        cells = np.asarray(self.cells(params))[rows]
-        spacing = np.asarray(self.spacing())[rows] if calibrate else None
+        cells = np.asarray(self.cells(params, index))[rows]
+        spacing = np.asarray(self.spacing(index))[rows] if calibrate else None
         # the far pick only where a calibration can let it answer
         pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing,
                     far_pick=calibrate and params.far_above < 1.0)
@@ -336,7 +361,7 @@ class Engine:
         if calibrate:
             from retrieve.calibrate import apply
 
-            pred = apply(self.calibration, pred, params.far_above)
+            pred = apply(calibration, pred, params.far_above)
         return pred, res
 
 

@@ -49,7 +49,8 @@ def csv_text(answers: list[dict]) -> str:
     w.writerow(CSV_COLUMNS)
     for a in answers:
         within = a.get("within_km") or {}
-        evidence = a.get("evidence")  # gallery images, nearest first: one JSON list in one quoted cell
+        evidence = [{k: csvsafe.printable(v) if isinstance(v, str) else v for k, v in e.items()}
+                    for e in a.get("evidence") or []]  # gallery images, nearest first: one JSON list
         row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM},
                "evidence": json.dumps(evidence, ensure_ascii=False) if evidence else None}
         w.writerow(csvsafe.row(row.get(c) for c in CSV_COLUMNS))

@@ -53,8 +53,8 @@ def _locked(layout: EngineLayout, rank: int, world: int, log):
         if rank == 0:
             try:
                 stack.enter_context(engine_lock(layout.root, "embed.build", log=log))
-            except EngineBusy as e:
-                busy = str(e)
+            except (EngineBusy, OSError) as e:  # every rank stops, not only rank 0
+                busy = str(e) if isinstance(e, EngineBusy) else f"{layout.root}: cannot be locked ({e})"
         if world > 1:
             busy = distributed.broadcast(busy)
         if busy:
@@ -107,22 +107,23 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
         from index.store import check_factory
 
         check_factory(cfg.index_factory, backbone.dim)
-    split, rejected = scan_photos(root, cfg.photos_csv or None)
     # by default beside the sample, named after the folder and a hash of its path: two folders called
     # `pics` get two engines
     folder = f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
     layout = (EngineLayout(Path(cfg.out)) if cfg.out else
               EngineLayout(default_sample_root().parent / "photos" / folder / engine_name(cfg.model,
                                                                                          backbone.name)))
-    _check_out(layout)
-    reasons = ", ".join(f"{n:,} {why}" for why, n in split.report.rejected.most_common())
-    left_out = f", {len(rejected):,} left out ({reasons}; listed in {layout.rejects('photos')})"
-    log(f"{root}: {split.report.rows:,} photos, {len(split):,} with coordinates"
-        + (left_out if rejected else ""))
-    if len(split) == 0:
-        write_rejects(layout.rejects("photos"), rejected)  # the file the message above points to
-        split.require_rows()
+    _check_out(layout)  # before the scan, which opens every photo
     with engine_lock(layout.root, "embed.build --photos", log=log):
+        split, rejected = scan_photos(root, cfg.photos_csv or None)
+        reasons = ", ".join(f"{n:,} {why}" for why, n in split.report.rejected.most_common())
+        left_out = (f", {split.report.rows - len(split):,} left out ({reasons}; listed in "
+                    f"{layout.rejects('photos')})")
+        log(f"{root}: {split.report.rows:,} photos, {len(split):,} with coordinates"
+            + (left_out if rejected else ""))
+        if len(split) == 0:
+            write_rejects(layout.rejects("photos"), rejected)  # the file the message above points to
+            split.require_rows()
         embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
         write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
         if cfg.index:

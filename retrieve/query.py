@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
+    except OSError as e:  # a disk that filled up, a folder that went away meanwhile
+        print(f"error: {printable(str(e.filename or ''))}: {e.strerror or e}", file=sys.stderr)
         return 2
     failed = 0
     paths = expand(args.images)
@@ -201,7 +201,7 @@ def evidence(engine, neighbour: dict) -> dict:
     """A neighbour behind an answer with its file (`path`), or "" and a `note` saying why there is none
     (a photo linked in from outside the gallery folder, a file gone since the build)."""
     path, why = engine.gallery_lookup(neighbour["id"])
-    return {**neighbour, "path": str(path or "")} | ({} if path else {"note": why})
+    return {**neighbour, "path": printable(str(path or ""))} | ({} if path else {"note": printable(why)})
 
 
 def check_writable(out: Path) -> None:
