@@ -121,13 +121,15 @@ def check_search(s: dict) -> dict:
 
     from geovote.distributed import pick_device
     from geovote.shards import write_shard
-    from index.store import GeoIndex, build_index, exact_search_torch
+    from index.build import build_index
+    from index.exact import exact_topk
+    from index.search import GeoIndex
     from index.synthetic import clustered_vectors
 
     n, dim, nq, k = s["vectors"], s["dim"], s["queries"], 10
     base = clustered_vectors(n, dim, seed=1)
     queries = clustered_vectors(nq, dim, seed=2)
-    truth = exact_search_torch(base, queries[:1000], k, device="cpu")[1]  # float32 ground truth
+    truth = exact_topk(base, queries[:1000], k, device="cpu")[1]  # float32 ground truth
 
     def recall(rows):
         return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(rows, truth)]))
@@ -136,10 +138,10 @@ def check_search(s: dict) -> dict:
     out = {"vectors": n, "dim": dim, "queries": nq, "device": device}
     if device.startswith("cuda"):
         gpu_base = torch.from_numpy(base.astype(np.float16)).to(device)
-        exact_search_torch(gpu_base, queries[:100], k, device=device)  # warm-up
+        exact_topk(gpu_base, queries[:100], k, device=device)  # warm-up
         sync(True)
         t0 = time.perf_counter()
-        _, rows = exact_search_torch(gpu_base, queries, k, device=device)
+        _, rows = exact_topk(gpu_base, queries, k, device=device)
         sync(True)
         out["gpu_exact_queries_per_s"] = round(nq / (time.perf_counter() - t0), 1)
         out["gpu_exact_recall_at_10"] = recall(rows[:1000])

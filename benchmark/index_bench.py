@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from geovote.shards import write_shard
-from index.store import GeoIndex, build_index
+from index.build import build_index
+from index.search import GeoIndex
 from index.synthetic import clustered_vectors
 
 SHARD_ROWS = 100_000

@@ -56,40 +56,46 @@ def stage_commands(out: Path, n_train: int, n_test: int, dim: int, head_minutes:
     }
 
 
-def _private_kb(pid: int) -> int:
-    """RssAnon + RssShmem of a live process (kB): the memory it holds that the kernel cannot drop, unlike
-    the pages of the files it maps (the re-rank copy), which RSS also counts. 0 once it is gone."""
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon + RssShmem) of a live process (kB), (0, 0) once it is gone. VmHWM: its peak RSS
+    since its exec (the kernel's own high-water mark; the rusage of a child, os.wait4's ru_maxrss, also
+    counts the parent's pages at the fork, 2 GB under pytest). RssAnon + RssShmem: the memory it holds
+    that the kernel cannot drop, unlike the pages of the files it maps (the re-rank copy)."""
     try:
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                       if ":" in line)
-        return sum(int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssShmem"))
+        kb = {k: int(fields.get(k, "0 kB").split()[0]) for k in ("VmHWM", "RssAnon", "RssShmem")}
+        return kb["VmHWM"], kb["RssAnon"] + kb["RssShmem"]
     except (OSError, ValueError):
-        return 0
+        return 0, 0
 
 
-def run_stage(name: str, args: list[str], log_dir: Path, sample_s: float = 0.2) -> dict:
-    """Run `python args...` to completion; its wall time, peak RSS (the kernel's own count, os.wait4, which
-    includes the mapped files' pages it touched), peak private memory (sampled every `sample_s` from
-    /proc: what must stay resident) and exit code. Its output goes to <log_dir>/<name>.log."""
+def run_stage(name: str, args: list[str], log_dir: Path, sample_s: float = 0.05) -> dict:
+    """Run `python args...` to completion; its wall time, peak RSS (the kernel's high-water mark VmHWM,
+    which includes the mapped files' pages it touched; read every `sample_s` until it exits, so a peak
+    in its last `sample_s` can be missed), peak private memory (sampled likewise: what must stay
+    resident) and exit code. Its output goes to <log_dir>/<name>.log."""
     log_path = log_dir / f"{name}.log"
     t0 = time.perf_counter()
-    peak_kb = [0]
+    peak_kb = [0, 0]
     done = threading.Event()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT)
 
         def sample():
-            while not done.wait(sample_s):
-                peak_kb[0] = max(peak_kb[0], _private_kb(proc.pid))
+            while not done.is_set():
+                hwm, private = _memory_kb(proc.pid)  # the zombie reads 0 until it is reaped below
+                peak_kb[0], peak_kb[1] = max(peak_kb[0], hwm), max(peak_kb[1], private)
+                done.wait(sample_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status = os.waitpid(proc.pid, 0)
         done.set()
         sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "peak_private_gb": round(peak_kb[0] / 2**20, 2), "rc": proc.returncode, "log": str(log_path)}
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak_kb[0] / 2**20, 2),
+            "peak_private_gb": round(peak_kb[1] / 2**20, 2), "rc": proc.returncode, "log": str(log_path)}
 
 
 def geoscores(out: Path, dim: int) -> dict:

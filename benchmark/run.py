@@ -21,7 +21,7 @@ from geovote.config import ConfigError, add_config_args, load_config, overrides_
 from geovote.data import DataError
 from geovote.layout import EngineMissing
 from geovote.shards import ShardError
-from index.store import IndexError_
+from index.search import IndexError_
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ def write_photos(sample: Path, rows: list[dict], folder: Path) -> None:
 
 
 def recall_at_10(index_dir: Path, queries: np.ndarray) -> float:
-    from index.store import GeoIndex
+    from index.search import GeoIndex
 
     index = GeoIndex(index_dir)
     found = index.search(queries, k=10).rows

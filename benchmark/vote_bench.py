@@ -2,7 +2,7 @@
 
     python -m benchmark.vote_bench [--n 1000000] [--queries 1000]
 
-Builds our index (index.store, default factory) over N clustered synthetic 512-d vectors placed at
+Builds our index (index.build, default factory) over N clustered synthetic 512-d vectors placed at
 random GeoNames-like places (clusters share a region, so neighbours vote over real cells), searches
 k = 100 for each query, then votes (retrieve.predict) with the engine's default settings: with the
 three runner-up peaks (what retrieve.query shows) and without (what split predictions, tuning and
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=100)
     args = ap.parse_args(argv)
     from geovote.shards import write_shard
-    from index.store import GeoIndex, build_index
+    from index.build import build_index
+    from index.search import GeoIndex
     from index.synthetic import clustered_vectors
     from retrieve.predict import VoteConfig, cell_table, vote
 

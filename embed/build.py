@@ -8,7 +8,7 @@ Output (default `<data>/geovote/<model>/`, see geovote.layout):
     embeddings/<split>/shard-NNNNN.parquet   id, latitude, longitude, embedding (fp16, L2-normalised)
     embeddings/<split>/manifest.json          backbone, preprocessing, dim, rows, dataset, config, version
     embeddings/<split>/failures.csv           images that could not be embedded, with the reason
-    index/                                    the FAISS index over the train split (index.store)
+    index/                                    the FAISS index over the train split (index.build)
     index/retrieve.json                       the voting parameters tuned on val (retrieve.tuning)
 
 Resumable: shard NNNNN holds rows [NNNNN * shard_rows, ...) of the split's valid rows and is written
@@ -26,7 +26,7 @@ from geovote.config import ConfigError, add_config_args, load_config, overrides_
 from geovote.data import DataError
 from geovote.photos import PhotoError
 from geovote.shards import ShardError
-from index.store import IndexError_
+from index.search import IndexError_
 from retrieve.pipeline import build_engine
 
 

@@ -59,7 +59,7 @@ class EmbedConfig:
     shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
     index: bool = True  # build the FAISS index over the train split
-    index_factory: str = ""  # "" = chosen from the data (index.store.choose_factory)
+    index_factory: str = ""  # "" = chosen from the data (index.build.choose_factory)
     tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
     throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
     dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank

@@ -418,11 +418,11 @@ def validation_rows(cfg: TrainConfig, data: Data) -> tuple[np.ndarray, np.ndarra
 def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
     """(Prediction, neighbour rows) of the voting predictor (the engine's default VoteConfig), with the
     neighbours found by exact search: what the engine answers over a Flat index of `train_emb`."""
-    from index.store import exact_search_torch
+    from index.exact import exact_topk
     from retrieve.predict import VoteConfig, cell_table, vote
 
     cfg = vote_cfg or VoteConfig()
-    sim, rows = exact_search_torch(train_emb, query_emb, cfg.k)
+    sim, rows = exact_topk(train_emb, query_emb, cfg.k)
     cells = cell_table(train_lat, train_lon, cfg)
     return vote(sim, train_lat[rows], train_lon[rows], cells[rows], cfg), rows
 

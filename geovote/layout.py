@@ -3,7 +3,7 @@
     <engine>/                           default <data>/geovote/<model slug>/ (embed.build --out)
         embeddings/<split>/             shards + manifest.json + failures.csv + plan.json (embed)
         rejects-<split>.csv             dataset rows that could not be used, with the reason (geovote.data)
-        index/                          the FAISS index folder (index.store)
+        index/                          the FAISS index folder (index.build, index.search)
             retrieve.json               voting parameters chosen by retrieve.tune
             calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
             cells-<spec>-<digest>.npy   each training row's cell at every voting level (retrieve.engine)

@@ -118,7 +118,7 @@ def read_embeddings(folder: str | Path, rows: np.ndarray | None = None, dtype=np
 
 def read_coordinates(folder: str | Path) -> Shard:
     """Every row's id and coordinates in shard order (no embeddings: 5.1M rows in seconds). An index
-    numbers its rows in its own order (index.store), so whatever streams the shards (the heads, the
+    numbers its rows in its own order (index.build), so whatever streams the shards (the heads, the
     holdout) takes the rows' coordinates from here, not from the index."""
     parts = [pq.read_table(p, columns=["id", "latitude", "longitude"]) for p in shard_paths(folder)]
     table = pa.concat_tables(parts)

@@ -12,7 +12,7 @@ their exact top k over every vector, on a grid of nprobe x shortlist, and the in
 
 When even the most lists and the longest shortlist on the grid fall short of the target (vectors that the
 index's codes cannot order: near-isotropic noise, as the full-size rehearsal fabricates), the index keeps
-the fallback settings it was given (index.store's defaults) instead of buying a little recall with many
+the fallback settings it was given (index.build's defaults) instead of buying a little recall with many
 times the search cost, and index.json says so (`reached`: false, with the recall at both settings).
 
 The measurement is recorded in index.json (`search_measured`, its time in `build_seconds`). Its exact
@@ -32,25 +32,25 @@ SHORTLISTS = (5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200)
 
 def measure_search(index, fallback: tuple[int, int], queries: int = QUERIES, k: int = K,
                    target: float = TARGET_RECALL, seed: int = 0) -> dict:
-    """The nprobe and shortlist `index` (an index.store.GeoIndex over an IVF index) should search with,
+    """The nprobe and shortlist `index` (an index.search.GeoIndex over an IVF index) should search with,
     and what was measured: {"nprobe", "shortlist", "recall", "reached", "target_recall", "queries", "k",
     "grid"}. `fallback`: the (nprobe, shortlist) kept when the target is out of reach."""
     import faiss
+    from faiss.contrib.evaluation import knn_intersection_measure
 
-    from index.store import exact_search_rows
+    from index.exact import exact_topk
 
     n = index.count
     rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
     q = np.asarray(index.vectors[rows], np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    _, truth = exact_search_rows(index.vectors, np.arange(n, dtype=np.int64), q, k + 1)
+    _, truth = exact_topk(index.vectors, q, k + 1, device="cpu")
     truth = _without_own_row(truth, rows, k)
 
     def recall(nprobe: int, shortlist: int) -> float:
         # k + 1 found (the own row among them) from the shortlist x k candidates a search for k re-ranks
         found = index.search(q, k + 1, nprobe=nprobe, shortlist=shortlist * k / (k + 1)).rows
-        found = _without_own_row(found, rows, k)
-        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+        return float(knn_intersection_measure(_without_own_row(found, rows, k), truth))
 
     nlist = faiss.extract_index_ivf(index.index).nlist
     nprobes = sorted({p for p in NPROBES if p < nlist} | {min(nlist, NPROBES[-1])})

@@ -9,7 +9,7 @@ The index folder carries everything a query needs besides the model (paths: geov
     countries-<digest>.npy      each training row's country (reverse_geocoder, as OSV-5M), for regions
     spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row, for the
                                 calibration (feature log_gallery_spacing_km); cached
-The caches carry the digest of the index build they came from (index.store.index_digest), and an engine
+The caches carry the digest of the index build they came from (index.search.index_digest), and an engine
 that outlives its index (a server during an update) takes up the new one (Engine.refresh) and never
 writes its old tables into the new folder.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from geovote.config import ConfigError, config_from_dict
 from geovote.layout import EngineLayout
-from index.store import GeoIndex
+from index.search import GeoIndex
 from retrieve.predict import SPACING_NEIGHBOURS, Prediction, VoteConfig, cell_table, vote
 
 
@@ -136,7 +136,7 @@ class Engine:
         """What says whether the engine on disk is still the one in memory: the index build's digest and
         the identity (inode, size, mtime) of retrieve.json and calibration.json, which tuning rewrites
         without touching the index."""
-        from index.store import current_digest
+        from index.search import current_digest
 
         def ident(path: Path):
             try:
@@ -148,7 +148,7 @@ class Engine:
         return current_digest(self.index_dir), ident(self.layout.params), ident(self.layout.calibration)
 
     def _still_current(self, index=None) -> bool:
-        from index.store import current_digest
+        from index.search import current_digest
 
         return current_digest(self.index_dir) == (index or self.index).digest
 
@@ -159,7 +159,7 @@ class Engine:
         hash of index.json; the swap waits only for a search in progress. IndexChanged when the new state
         cannot be taken up: still being replaced, unreadable, or built with another model (which needs a
         restart to load)."""
-        from index.store import IndexError_
+        from index.search import IndexError_
 
         disk = self._on_disk()
         if disk == self._disk:

@@ -31,7 +31,7 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
     cfg = replace(cfg, model=canonical_name(cfg.model))  # paths stored absolute: queries work anywhere
     backbone = load_backbone(cfg.model)
     if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after hours of embedding
-        from index.store import check_factory
+        from index.build import check_factory
 
         check_factory(cfg.index_factory, backbone.dim)
     layout = (EngineLayout(Path(cfg.out)) if cfg.out
@@ -78,7 +78,7 @@ def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: i
         return layout.root
     t_alone = time.perf_counter()
     if cfg.index and "train" in cfg.splits:
-        from index.store import refresh_index
+        from index.build import refresh_index
 
         refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
         if cfg.tune:  # on val, or without one on train images held out of their own search
@@ -98,13 +98,13 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     from geovote.lock import engine_lock
     from geovote.paths import default_sample_root
     from geovote.photos import scan_photos, write_rejects
-    from index.store import refresh_index
+    from index.build import refresh_index
 
     root = Path(cfg.photos).resolve()
     cfg = replace(cfg, model=canonical_name(cfg.model), photos=str(root), splits=("train",))
     backbone = load_backbone(cfg.model)
     if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after the embedding
-        from index.store import check_factory
+        from index.build import check_factory
 
         check_factory(cfg.index_factory, backbone.dim)
     # by default beside the sample, named after the folder and a hash of its path: two folders called

@@ -33,7 +33,7 @@ from geovote.csvsafe import printable
 from geovote.data import DataError
 from geovote.layout import EngineMissing, resolve
 from geovote.paths import default_sample_root
-from index.store import IndexError_
+from index.search import IndexError_
 from retrieve.answer import answers, predict_split
 from retrieve.engine import Engine
 from retrieve.region import RegionError, parse_region

@@ -23,7 +23,7 @@ from pathlib import Path
 from embed.models import BackboneError
 from geovote.config import ConfigError
 from geovote.layout import EngineMissing, resolve
-from index.store import IndexError_
+from index.search import IndexError_
 from retrieve.app import (BATCH_WAIT_MS, BODY_TIMEOUT_S, LOCAL_HOSTS, MAX_BATCH, MAX_MEGAPIXELS, MAX_QUEUE,
                           MAX_UPLOAD_MB, create_app)
 from retrieve.engine import Engine

@@ -22,7 +22,7 @@ from geovote.config import ConfigError
 from geovote.data import DataError
 from geovote.layout import EngineMissing, resolve
 from geovote.paths import default_sample_root
-from index.store import IndexError_
+from index.search import IndexError_
 from retrieve.engine import Engine
 from retrieve.tuning import TooFewToTune, tune_and_save
 

@@ -77,7 +77,7 @@ def test_the_check_catches_each_kind_of_violation(tmp_path):
     """The rule above, on made-up modules: an upward import, a sibling, a command, torch in the core."""
     cases = {
         "embed.up": "from retrieve.engine import Engine\n",
-        "embed.sibling": "def f():\n    from index.store import GeoIndex\n",
+        "embed.sibling": "def f():\n    from index.search import GeoIndex\n",
         "retrieve.cmd": "from retrieve.query import main\n",
         "geovote.heavy": "import torch\n",
         "retrieve.fine": "from geovote.geo import haversine_km\nfrom embed.features import pick_device\n",
@@ -90,6 +90,54 @@ def test_the_check_catches_each_kind_of_violation(tmp_path):
     found = violations(mods, root=tmp_path)
     flagged = {line.split(": ")[1].split(" imports ")[0] for line in found}
     assert flagged == {"embed.up", "embed.sibling", "retrieve.cmd", "geovote.heavy"}
+
+
+def circles(mods: dict[str, Path]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or round a ring (lazy imports count: a lazy
+    import only hides a circle), by Tarjan's strongly connected components."""
+    graph = {name: sorted({t for t, _, _ in imports(path) if t in mods and t != name})
+             for name, path in mods.items()}
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other():
+    assert circles(modules()) == []
+
+
+def test_the_circle_check_finds_a_ring(tmp_path):
+    cases = {"index.a": "def f():\n    from index.b import g\n", "index.b": "from index.c import h\n",
+             "index.c": "import index.a\n", "index.d": "from index.a import f\n"}
+    mods = {}
+    for name, text in cases.items():
+        mods[name] = tmp_path / f"{name}.py"
+        mods[name].write_text(text)
+    assert circles(mods) == [["index.a", "index.b", "index.c"]]
 
 
 @pytest.mark.parametrize("module", ["geovote.geo", "geovote.cells", "geovote.metrics", "geovote.layout",

@@ -6,7 +6,8 @@ import numpy as np
 
 from geovote.shards import write_shard
 from index.autotune import PLATEAU, _without_own_row
-from index.store import GeoIndex, build_index
+from index.build import build_index
+from index.search import GeoIndex
 from index.synthetic import clustered_vectors
 
 
@@ -67,7 +68,8 @@ def test_given_settings_override_the_measured_ones(tmp_path):
 def test_out_of_reach_keeps_the_defaults_and_says_so(tmp_path):
     """Near-isotropic vectors that 4-byte codes cannot order: no setting on the grid reaches the target,
     so the index keeps the defaults (not the most expensive settings for a little recall)."""
-    from index.store import DEFAULT_NPROBE, default_shortlist
+    from index.build import default_shortlist
+    from index.search import DEFAULT_NPROBE
 
     n, dim = 20_000, 64
     vectors = np.random.default_rng(5).normal(size=(n, dim)).astype(np.float32)

@@ -80,7 +80,7 @@ def test_two_updates_at_once_end_equal_to_a_fresh_build_or_one_is_refused(galler
         assert sorted(got) == sorted(want), f"trial {trial}"
         for image_id, vec in got.items():
             np.testing.assert_allclose(vec, want[image_id], atol=2e-3, err_msg=f"trial {trial}: {image_id}")
-        from index.store import GeoIndex
+        from index.search import GeoIndex
 
         index, rebuilt = GeoIndex(out / "index"), GeoIndex(fresh / "index")
         ids = np.char.decode(np.asarray(index.ids), "utf-8")

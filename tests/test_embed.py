@@ -18,7 +18,7 @@ from embed.build import main as embed_main
 from embed.images import ImageFailure, open_rgb, to_rgb
 from embed.models import BackboneError, load_backbone
 from geovote.shards import read_manifest, read_shard, shard_paths
-from index.store import GeoIndex
+from index.search import GeoIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 def test_checkpoint_round_trip(tiny_model):

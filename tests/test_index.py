@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from geovote.shards import write_shard
-from index.store import INDEX_VERSION, GeoIndex, IndexError_, build_index, choose_factory, exact_search_torch
+from index.build import build_index, choose_factory
+from index.exact import exact_topk
+from index.search import GeoIndex, INDEX_VERSION, IndexError_
 from index.synthetic import clustered_vectors
 
 DIM = 64
@@ -44,7 +46,7 @@ def test_choose_factory():
 
 
 def test_shortlist_fallback_grows_with_the_index():
-    from index.store import default_shortlist
+    from index.build import default_shortlist
 
     assert default_shortlist(20_000) == default_shortlist(1_000_000) == 30
     assert default_shortlist(5_000_000) == 100
@@ -134,13 +136,26 @@ def test_ivf_rows_run_in_list_order_with_their_vectors_coordinates_and_ids(tmp_p
     assert sum(map(len, runs)) == 60_000
 
 
-def test_torch_exact_search_equals_brute_force():
+def test_the_one_exact_search_equals_brute_force_on_both_routes(monkeypatch):
+    """index.exact: the numpy route (blocks of rows, chunks of queries) and the torch route (a tensor,
+    batches of queries), each against a brute-force pass, on all rows and on a subset."""
+    import torch
+
+    import index.exact
+
     vectors = clustered_vectors(3000, DIM, n_clusters=30, latent_dim=8, seed=4)
     queries = clustered_vectors(20, DIM, n_clusters=30, latent_dim=8, seed=5)
-    sim, rows = exact_search_torch(vectors, queries, k=5, device="cpu", batch=7)
-    b_sim, b_rows = _brute(vectors, queries, 5)
-    np.testing.assert_allclose(sim, b_sim, atol=1e-5)
-    assert (rows == b_rows).mean() > 0.99
+    subset = np.sort(np.random.default_rng(0).choice(3000, 700, replace=False))
+    monkeypatch.setattr(index.exact, "SCORE_BYTES", 7 * 3000 * 4)  # torch: 7 queries a batch
+    monkeypatch.setattr(index.exact, "BLOCK_ROWS", 256)  # numpy: many blocks to merge
+    for rows in (None, subset):
+        base = vectors if rows is None else vectors[rows]
+        b_sim, b_rows = _brute(base, queries, 5)
+        b_rows = b_rows if rows is None else rows[b_rows]
+        for given in (vectors, torch.from_numpy(vectors)):
+            sim, found = exact_topk(given, queries, k=5, rows=rows, device="cpu")
+            np.testing.assert_allclose(sim, b_sim, atol=1e-5)
+            assert (found == b_rows).mean() > 0.99
 
 
 @pytest.fixture(scope="module")

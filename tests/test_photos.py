@@ -163,7 +163,7 @@ def test_a_changed_folder_updates_the_engine_without_a_rebuild(photo_folder, tin
     import faiss
 
     from embed.build import main as embed_main
-    from index.store import GeoIndex
+    from index.search import GeoIndex
 
     root, _ = photo_folder
     mine = tmp_path / "photos"
@@ -236,7 +236,7 @@ def test_an_interrupted_update_is_finished_or_undone(tmp_path):
 
 def test_an_index_outgrowing_its_training_is_built_anew(tmp_path):
     from geovote.shards import write_shard
-    from index.store import refresh_index
+    from index.build import refresh_index
 
     rng = np.random.default_rng(0)
 
@@ -305,7 +305,7 @@ def test_updates_that_only_remove_replace_everything_retry_failures_or_move_coor
     """Each update ends where a build from scratch of the same CSV ends: the same vectors, failures and
     coordinates in the shards and in the index."""
     from embed.build import main as embed_main
-    from index.store import GeoIndex
+    from index.search import GeoIndex
 
     root = tmp_path / "ds"
     lines, header = _dataset_images(sample_root, root, 100)
@@ -349,7 +349,8 @@ def test_an_index_keeps_the_factory_it_was_asked_for(tmp_path):
     """An index whose factory was chosen from the data (Flat), then named by the user after growing past
     the size where the data would choose IVF: the string it records is the one it is built with."""
     from geovote.shards import write_shard
-    from index.store import GeoIndex, refresh_index
+    from index.build import refresh_index
+    from index.search import GeoIndex
 
     rng = np.random.default_rng(1)
     for n in (20_000, 60_000):

@@ -43,7 +43,8 @@ def test_regions_parse_and_contain_by_hand():
 
 def _index(tmp_path, n=60_000, dim=32, factory="IVF64,PQ8x4fs"):
     from geovote.shards import write_shard
-    from index.store import GeoIndex, build_index
+    from index.build import build_index
+    from index.search import GeoIndex
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(50, dim))
@@ -61,9 +62,9 @@ def _index(tmp_path, n=60_000, dim=32, factory="IVF64,PQ8x4fs"):
 
 
 def test_subset_search_finds_only_the_subset_and_its_true_neighbours(tmp_path, monkeypatch):
-    import index.store
+    import index.search
 
-    monkeypatch.setattr(index.store, "SUBSET_EXACT_MAX", 10_000)  # so that 55,000 rows take the IVF path
+    monkeypatch.setattr(index.search, "SUBSET_EXACT_MAX", 10_000)  # so that 55,000 rows take the IVF path
     index, emb, rng = _index(tmp_path)
     queries = emb[rng.choice(len(emb), 50, replace=False)] + 0.05 * rng.normal(size=(50, emb.shape[1]))
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -93,9 +94,9 @@ def test_a_large_subset_is_found_among_the_unrestricted_neighbours_or_searched_f
     """Queries inside a large region take their region rows from the unrestricted top PREFILTER_FACTOR * k;
     queries outside it, with too few region rows there, fall back to the filtered search. Both are
     checked against brute force over the region."""
-    import index.store
+    import index.search
 
-    monkeypatch.setattr(index.store, "PREFILTER_FROM", 1_000)
+    monkeypatch.setattr(index.search, "PREFILTER_FROM", 1_000)
     index, emb, rng = _index(tmp_path)
     rows = np.flatnonzero(emb[:, 0] > 0)  # a "region" of about half the rows, contiguous in embedding space
     inside = rng.choice(rows, 40, replace=False)
@@ -180,21 +181,24 @@ def test_query_and_server_regions(sample_root, tiny_engine, capsys):
     assert np.isfinite(d)
 
 
-def test_exact_subset_search_in_chunks_equals_one_pass():
+def test_exact_subset_search_in_chunks_equals_one_pass(monkeypatch):
     """Queries in chunks and rows in blocks (memory bounded) give what one brute-force pass gives."""
-    from index.store import exact_search_rows
+    import index.exact
+    from index.exact import exact_topk
 
+    monkeypatch.setattr(index.exact, "BLOCK_ROWS", 500)
+    monkeypatch.setattr(index.exact, "CHUNK_SCORE_BYTES", 4 * 507 * 10)  # 10 queries a chunk
     rng = np.random.default_rng(5)
     vectors = rng.normal(size=(5000, 16)).astype(np.float16)
     rows = np.sort(rng.choice(5000, 3000, replace=False))
     q = rng.normal(size=(257, 16)).astype(np.float32)
-    sim, found = exact_search_rows(vectors, rows, q, k=7, block=500, score_bytes=4 * 507 * 10)  # 10 queries a chunk
+    sim, found = exact_topk(vectors, q, 7, rows=rows, device="cpu")
     full = q @ vectors[rows].astype(np.float32).T
     want = rows[np.argsort(-full, axis=1, kind="stable")[:, :7]]
     np.testing.assert_array_equal(found, want)
     np.testing.assert_allclose(sim, np.take_along_axis(full, np.argsort(-full, axis=1, kind="stable")[:, :7], 1),
                                rtol=1e-5)
-    few, rows_few = exact_search_rows(vectors, rows[:3], q[:2], k=5)  # fewer rows than k: padded
+    few, rows_few = exact_topk(vectors, q[:2], 5, rows=rows[:3], device="cpu")  # fewer rows than k: padded
     assert np.all(rows_few[:, 3:] == -1) and np.all(np.isinf(few[:, 3:]))
 
 

@@ -1,0 +1,93 @@
+"""The one exact top-k: what every exact search of the project runs (a region's rows, a GPU index, the
+ground truth an index measures itself against, finetune's validation).
+
+    exact_topk(vectors, queries, k, rows=None, device=None) -> (similarity (Q, k), row (Q, k))
+
+Inner products of L2-normalised vectors. On a CUDA device: torch, the vectors (a tensor already there,
+or an array copied once) in fp16, queries in batches whose score matrix stays under SCORE_BYTES. On the
+CPU: numpy over `vectors[rows]` read in blocks (an fp16 memory map of 5M rows is never loaded whole),
+queries in chunks, each block's best k merged into the running best k (as FAISS's ResultHeap merges).
+Rows -1 and similarity -inf where fewer than k exist. Ties keep the lower row first on the CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SCORE_BYTES = 1 << 30  # a torch batch's (queries x N) score matrix stays under 1 GiB (5M: 107 queries)
+BLOCK_ROWS = 65_536  # CPU: rows read and scored at once
+CHUNK_SCORE_BYTES = 1 << 28  # CPU: a chunk of queries x a block of rows, with its merge, under 256 MiB
+
+
+def exact_topk(vectors, queries, k: int, rows: np.ndarray | None = None, device: str | None = None):
+    """(similarity, row) of each query's k best among `vectors` (or only among the sorted `rows` of
+    it), as float32 and int64 arrays of shape (Q, k). `device`: "cpu", "cuda[:n]", or None for what
+    geovote.distributed.pick_device says. A torch tensor is searched with torch where it lies; an array
+    with torch on CUDA, with numpy on the CPU."""
+    if _is_tensor(vectors) or (device or _default_device()).startswith("cuda"):
+        return _topk_torch(vectors, queries, k, rows, device)
+    n = vectors.shape[0]
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    return _topk_blocks(vectors, rows, np.asarray(queries, np.float32), k)
+
+
+def _is_tensor(x) -> bool:
+    return hasattr(x, "is_cuda") and hasattr(x, "index_select")
+
+
+def _is_cuda_tensor(x) -> bool:
+    return _is_tensor(x) and bool(x.is_cuda)
+
+
+def _default_device() -> str:
+    from geovote.distributed import pick_device
+
+    return pick_device()
+
+
+def _topk_blocks(vectors, rows: np.ndarray, q: np.ndarray, k: int):
+    block, score_bytes = BLOCK_ROWS, CHUNK_SCORE_BYTES  # read here: a test may set them small
+    best_sim = np.full((len(q), k), -np.inf, np.float32)
+    best_row = np.full((len(q), k), -1, np.int64)
+    chunk = max(1, score_bytes // (4 * (block + k)))
+    for start in range(0, rows.size, block):
+        r = rows[start:start + block]
+        vec = np.asarray(vectors[r], np.float32)
+        for a in range(0, len(q), chunk):
+            s = q[a:a + chunk] @ vec.T  # (chunk, block)
+            sim = np.concatenate([best_sim[a:a + chunk], s], 1)
+            cand = np.concatenate([best_row[a:a + chunk], np.broadcast_to(r, s.shape)], 1)
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if sim.shape[1] > k else np.argsort(-sim, 1)
+            best_sim[a:a + chunk] = np.take_along_axis(sim, top, 1)
+            best_row[a:a + chunk] = np.take_along_axis(cand, top, 1)
+    order = np.lexsort((best_row, -best_sim), axis=1)  # by similarity, ties by row
+    return np.take_along_axis(best_sim, order, 1), np.take_along_axis(best_row, order, 1)
+
+
+def _topk_torch(vectors, queries, k: int, rows, device: str | None):
+    import torch
+
+    if _is_tensor(vectors):
+        device = device or str(vectors.device)
+    device = device or _default_device()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    base = vectors if torch.is_tensor(vectors) else torch.as_tensor(np.asarray(vectors))
+    base = base.to(device=device, dtype=dtype)  # (N, d); no copy when already there
+    if rows is not None:
+        base = base.index_select(0, torch.as_tensor(np.asarray(rows, np.int64), device=device))
+    batch = max(1, min(4096, SCORE_BYTES // (base.element_size() * max(1, base.shape[0]))))
+    kk = min(k, base.shape[0])
+    out_sim, out_rows = [], []
+    for start in range(0, len(queries), batch):
+        q = torch.as_tensor(np.asarray(queries[start:start + batch], np.float32), device=device).to(dtype)
+        sim, found = torch.topk(q @ base.T, k=kk, dim=1)
+        out_sim.append(sim.float().cpu().numpy())
+        out_rows.append(found.cpu().numpy())
+    sim = np.concatenate(out_sim) if out_sim else np.zeros((0, kk), np.float32)
+    found = np.concatenate(out_rows).astype(np.int64) if out_rows else np.zeros((0, kk), np.int64)
+    if rows is not None:
+        found = np.asarray(rows, np.int64)[found]
+    if kk < k:  # fewer rows than k: padded as the CPU path pads
+        pad = k - kk
+        sim = np.concatenate([sim, np.full((len(sim), pad), -np.inf, np.float32)], 1)
+        found = np.concatenate([found, np.full((len(found), pad), -1, np.int64)], 1)
+    return sim, found
