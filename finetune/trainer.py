@@ -422,7 +422,9 @@ def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
     from retrieve.predict import VoteConfig, cell_table, vote
 
     cfg = vote_cfg or VoteConfig()
-    sim, rows = exact_topk(train_emb, query_emb, cfg.k)
+    q = np.asarray(query_emb, np.float32)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)  # as the index normalises every query
+    sim, rows = exact_topk(train_emb, q, cfg.k)
     cells = cell_table(train_lat, train_lon, cfg)
     return vote(sim, train_lat[rows], train_lon[rows], cells[rows], cfg), rows
 

@@ -114,8 +114,8 @@ class GeoIndex:
 
     device: 'cpu' (default), 'auto' (CUDA when torch sees a GPU; what retrieve.engine asks for) or
     'cuda'. On CUDA the fp16 vectors are loaded on the GPU once and every search is exact (fp16 matmul +
-    top-k): faster than IVF-PQ there, and it needs only torch (the `gpu` extra's faiss-cuda is optional).
-    A FAISS GPU build, when installed and seeing a GPU, takes over the exact (Flat) index instead.
+    top-k, index.exact): faster than IVF-PQ there, and it needs only torch. On the CPU a Flat index is
+    searched by index.exact over its own vectors, an IVF index by FAISS.
     """
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
@@ -162,8 +162,10 @@ class GeoIndex:
             import torch
 
             self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self.vectors)).to(self.device)
-        elif self.exact and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
+        # a Flat index is searched by index.exact over its own float32 vectors (a view, no copy): the
+        # search every exact caller runs, ties and all
+        self._flat = (faiss.rev_swig_ptr(faiss.downcast_index(self.index).get_xb(), self.count * self.dim)
+                      .reshape(self.count, self.dim) if self.exact else None)
 
     def _read_info(self) -> dict:
         path = self.folder / "index.json"
@@ -229,7 +231,7 @@ class GeoIndex:
         if self._gpu_vectors is not None:
             sim, rows = exact_topk(self._gpu_vectors, q, k, device=self.device)
         elif self.exact:
-            sim, rows = self.index.search(q, k)
+            sim, rows = exact_topk(self._flat, q, k, device="cpu")
         else:
             ivf = faiss.SearchParametersIVF(nprobe=int(nprobe or self.info["nprobe"]))
             if rerank:
@@ -248,7 +250,8 @@ class GeoIndex:
         if self._gpu_vectors is not None:
             return self._result(*exact_topk(self._gpu_vectors, q, k, rows=rows, device=self.device))
         if self.exact or rows.size <= PREFILTER_FROM:
-            return self._result(*exact_topk(self.vectors, q, k, rows=rows, device="cpu"))
+            return self._result(*exact_topk(self._flat if self.exact else self.vectors, q, k, rows=rows,
+                                            device="cpu"))
         sim, found = self._prefiltered(q, k, rows, nprobe, shortlist)
         rest = np.flatnonzero(found[:, -1] < 0)  # too few region rows among the unrestricted neighbours
         if rest.size:
