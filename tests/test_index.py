@@ -137,7 +137,7 @@ def test_ivf_rows_run_in_list_order_with_their_vectors_coordinates_and_ids(tmp_p
 
 
 def test_the_one_exact_search_equals_brute_force_on_both_routes(monkeypatch):
-    """index.exact: the numpy route (blocks of rows, chunks of queries) and the torch route (a tensor,
+    """index.exact: the CPU route (FAISS over blocks of rows, merged) and the torch route (a tensor,
     batches of queries), each against a brute-force pass, on all rows and on a subset."""
     import torch
 

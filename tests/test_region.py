@@ -186,8 +186,7 @@ def test_exact_subset_search_in_chunks_equals_one_pass(monkeypatch):
     import index.exact
     from index.exact import exact_topk
 
-    monkeypatch.setattr(index.exact, "BLOCK_ROWS", 500)
-    monkeypatch.setattr(index.exact, "CHUNK_SCORE_BYTES", 4 * 507 * 10)  # 10 queries a chunk
+    monkeypatch.setattr(index.exact, "BLOCK_ROWS", 500)  # six blocks to merge
     rng = np.random.default_rng(5)
     vectors = rng.normal(size=(5000, 16)).astype(np.float16)
     rows = np.sort(rng.choice(5000, 3000, replace=False))
