@@ -71,9 +71,10 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 
 
 def run_stage(name: str, args: list[str], log_dir: Path, sample_s: float = 0.05) -> dict:
-    """Run `python args...` to completion; its wall time, peak RSS (the kernel's high-water mark VmHWM,
-    which includes the mapped files' pages it touched; read every `sample_s` until it exits, so a peak
-    in its last `sample_s` can be missed), peak private memory (sampled likewise: what must stay
+    """Run `python args...` to completion; its wall time, peak RSS (the kernel's high-water mark VmHWM of
+    the stage's own process, not of processes it starts, which no stage of the rehearsal does; it
+    includes the mapped files' pages it touched; read every `sample_s` until it exits, so a peak in its
+    last `sample_s` can be missed), peak private memory (sampled likewise: what must stay
     resident) and exit code. Its output goes to <log_dir>/<name>.log."""
     log_path = log_dir / f"{name}.log"
     t0 = time.perf_counter()

@@ -49,10 +49,14 @@ def write_photos(sample: Path, rows: list[dict], folder: Path) -> None:
 def recall_at_10(index_dir: Path, queries: np.ndarray) -> float:
     from index.search import GeoIndex
 
+    from faiss.contrib.evaluation import knn_intersection_measure
+
+    from index.exact import exact_topk
+
     index = GeoIndex(index_dir)
     found = index.search(queries, k=10).rows
-    truth = np.argsort(-(queries @ np.asarray(index.vectors, np.float32).T), axis=1)[:, :10]
-    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
+    truth = exact_topk(index.vectors, queries, 10, device="cpu")[1]
+    return float(knn_intersection_measure(found, truth))
 
 
 def main(argv=None) -> int:

@@ -423,10 +423,15 @@ def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
 
     cfg = vote_cfg or VoteConfig()
     q = np.asarray(query_emb, np.float32)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)  # as the index normalises every query
-    sim, rows = exact_topk(train_emb, q, cfg.k)
+    norms = np.linalg.norm(q, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("a validation embedding is all zeros")
+    sim, rows = exact_topk(train_emb, q / norms, cfg.k)  # normalised as the index normalises every query
     cells = cell_table(train_lat, train_lon, cfg)
-    return vote(sim, train_lat[rows], train_lon[rows], cells[rows], cfg), rows
+    found = rows >= 0  # fewer training images than k: the rest are missing, as the engine has them
+    safe = np.maximum(rows, 0)
+    lat, lon = np.where(found, train_lat[safe], np.nan), np.where(found, train_lon[safe], np.nan)
+    return vote(sim, lat, lon, cells[safe], cfg), rows
 
 
 def knn_geoscore(train_emb, train_lat, train_lon, query_emb, query_lat, query_lon, vote_cfg=None) -> float:

@@ -5,10 +5,12 @@ ground truth an index measures itself against, finetune's validation).
 
 Inner products of L2-normalised vectors. On a CUDA device: torch, the vectors (a tensor already there,
 or an array copied once) in fp16, queries in batches whose score matrix stays under SCORE_BYTES. On the
-CPU: FAISS's exhaustive search (faiss.knn) over `vectors[rows]` read in blocks (an fp16 memory map of 5M
-rows is never loaded whole), each block's best k merged into the running best k (as FAISS's ResultHeap
-merges).
-Rows -1 and similarity -inf where fewer than k exist. Ties keep the lower row first on the CPU.
+CPU: FAISS's exhaustive search (faiss.knn) over the vectors (or `vectors[rows]`) read in blocks of
+BLOCK_ROWS (an fp16 memory map of 5M rows is never loaded whole), each block's best k merged into the
+running best k. A single query is searched as two copies of itself: FAISS computes one query with
+another kernel than several (the last bits differ with 2+ threads), so a query's neighbours do not
+depend on how many others came with it. Rows -1 and similarity -inf where fewer than k exist. Ties on
+the CPU: the lower row first, whatever the blocks.
 """
 from __future__ import annotations
 
@@ -22,20 +24,19 @@ def exact_topk(vectors, queries, k: int, rows: np.ndarray | None = None, device:
     """(similarity, row) of each query's k best among `vectors` (or only among the sorted `rows` of
     it), as float32 and int64 arrays of shape (Q, k). `device`: "cpu", "cuda[:n]", or None for what
     geovote.distributed.pick_device says. A torch tensor is searched with torch where it lies; an array
-    with torch on CUDA, with numpy on the CPU."""
+    with torch on CUDA, with FAISS on the CPU."""
     if _is_tensor(vectors) or (device or _default_device()).startswith("cuda"):
         return _topk_torch(vectors, queries, k, rows, device)
-    n = vectors.shape[0]
-    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-    return _topk_blocks(vectors, rows, np.asarray(queries, np.float32), k)
+    q = np.ascontiguousarray(queries, np.float32)
+    if len(q) == 1:  # as one of a batch (see the module's doc)
+        sim, found = _topk_blocks(vectors, None if rows is None else np.asarray(rows, np.int64),
+                                  np.concatenate([q, q]), k)
+        return sim[:1], found[:1]
+    return _topk_blocks(vectors, None if rows is None else np.asarray(rows, np.int64), q, k)
 
 
 def _is_tensor(x) -> bool:
     return hasattr(x, "is_cuda") and hasattr(x, "index_select")
-
-
-def _is_cuda_tensor(x) -> bool:
-    return _is_tensor(x) and bool(x.is_cuda)
 
 
 def _default_device() -> str:
@@ -44,25 +45,29 @@ def _default_device() -> str:
     return pick_device()
 
 
-def _topk_blocks(vectors, rows: np.ndarray, q: np.ndarray, k: int):
-    """FAISS's exhaustive search (faiss.knn: a loop per query below 20 queries, so a query's neighbours
-    do not depend on the others searched with it; BLAS in blocks beyond) on each block of rows, merged
-    into the running best k."""
+def _topk_blocks(vectors, rows: np.ndarray | None, q: np.ndarray, k: int):
+    """faiss.knn on each block of the vectors (slices when `rows` is None: no copy of a float32 array),
+    merged into the running best k by (similarity, row)."""
     import faiss
 
-    q = np.ascontiguousarray(q, np.float32)
+    n = vectors.shape[0] if rows is None else rows.size
     best_sim = np.full((len(q), k), -np.inf, np.float32)
     best_row = np.full((len(q), k), -1, np.int64)
-    for start in range(0, rows.size, BLOCK_ROWS):  # read here: a test may set it small
-        r = rows[start:start + BLOCK_ROWS]
-        vec = np.ascontiguousarray(vectors[r], np.float32)
+    for start in range(0, n, BLOCK_ROWS):  # read here: a test may set it small
+        stop = min(n, start + BLOCK_ROWS)
+        if rows is None:
+            r = np.arange(start, stop, dtype=np.int64)
+            vec = np.ascontiguousarray(vectors[start:stop], np.float32)
+        else:
+            r = rows[start:stop]
+            vec = np.ascontiguousarray(vectors[r], np.float32)
         s, local = faiss.knn(q, vec, min(k, len(r)), metric=faiss.METRIC_INNER_PRODUCT)
         sim = np.concatenate([best_sim, s], 1)
         cand = np.concatenate([best_row, np.where(local >= 0, r[np.maximum(local, 0)], -1)], 1)
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if sim.shape[1] > k else np.argsort(-sim, 1)
-        best_sim, best_row = np.take_along_axis(sim, top, 1), np.take_along_axis(cand, top, 1)
-    order = np.lexsort((best_row, -best_sim), axis=1)  # by similarity, ties by row
-    return np.take_along_axis(best_sim, order, 1), np.take_along_axis(best_row, order, 1)
+        cand_key = np.where(cand >= 0, cand, np.iinfo(np.int64).max)  # padding sorts last among -inf
+        order = np.lexsort((cand_key, -sim), axis=1)[:, :k]  # by similarity, ties by the lower row
+        best_sim, best_row = np.take_along_axis(sim, order, 1), np.take_along_axis(cand, order, 1)
+    return best_sim, best_row
 
 
 def _topk_torch(vectors, queries, k: int, rows, device: str | None):

@@ -8,13 +8,13 @@ Index folder (all arrays row-aligned with FAISS ids 0..N-1; written by index.bui
     ids.npy            image ids, fixed-width bytes, memory-mapped
     index.json         version, factory, metric, dim, count, nprobe, shortlist, embedding manifest
 
-Routes. Unrestricted: on a GPU, exact (index.exact, the fp16 copy on the device); a Flat index, FAISS's own
-exact search; an IVF index, its scan of nprobe lists re-ranked exactly from the fp16 copy (IndexRefine,
-`shortlist * k` candidates: PQ codes alone order neighbours poorly, recall@10 about 0.34 on 1M clustered
-vectors). Restricted to a subset of rows (a region): exact over the subset when it is small
-(PREFILTER_FROM) or on a GPU; else first the region's rows among the unrestricted top PREFILTER_FACTOR x k,
-and for the queries that found fewer than k there, exact over the subset up to SUBSET_EXACT_MAX rows,
-FAISS's IVF scan with an IDSelector beyond.
+Routes. Unrestricted: on a GPU, exact (index.exact, the fp16 copy on the device); a Flat index, exact
+(index.exact over the index's own float32 vectors); an IVF index, its scan of nprobe lists re-ranked
+exactly from the fp16 copy (IndexRefine, `shortlist * k` candidates: PQ codes alone order neighbours
+poorly, recall@10 about 0.34 on 1M clustered vectors). Restricted to a subset of rows (a region): exact
+over the subset when it is small (PREFILTER_FROM) or on a GPU; else first the region's rows among the
+unrestricted top PREFILTER_FACTOR x k, and for the queries that found fewer than k there, exact over the
+subset up to SUBSET_EXACT_MAX rows, FAISS's IVF scan with an IDSelector beyond.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ FILES = ("index.faiss", "index.json", "refine.faiss", "latitude.npy", "longitude
 DEFAULT_NPROBE = 16
 # a subset (a region) is searched exactly up to this many rows: the IVF scan restricted to a share f of
 # the rows needs nprobe / f lists to find as many of them, so its cost grows as 1/f while an exact search
-# over the subset (one BLAS matmul per batch of queries) grows as f. A cost model, not a measurement:
+# over the subset (index.exact: one pass over the subset's rows) grows as f. A cost model, not a measurement:
 # assuming 4-bit fast-scan look-ups some 25x cheaper per code than a 768-d fp32 dot product, the two
 # cross near f = 0.15 at 5.1M rows; 500k stays on the exact side of that. The crossover is unmeasured.
 SUBSET_EXACT_MAX = 500_000
@@ -164,8 +164,16 @@ class GeoIndex:
             self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self.vectors)).to(self.device)
         # a Flat index is searched by index.exact over its own float32 vectors (a view, no copy): the
         # search every exact caller runs, ties and all
-        self._flat = (faiss.rev_swig_ptr(faiss.downcast_index(self.index).get_xb(), self.count * self.dim)
-                      .reshape(self.count, self.dim) if self.exact else None)
+        self._flat = None
+        if self.exact:
+            flat = faiss.downcast_index(self.index)
+            if not isinstance(flat, faiss.IndexFlat):
+                raise IndexError_(f"{self.folder}: index.json says Flat, index.faiss holds a "
+                                  f"{type(flat).__name__}: rebuild the index")
+            self._flat_index = flat  # the view below reads its memory: it lives as long as this object
+            self._flat = faiss.rev_swig_ptr(flat.get_xb(), self.count * self.dim).reshape(self.count,
+                                                                                           self.dim)
+            self._flat.flags.writeable = False
 
     def _read_info(self) -> dict:
         path = self.folder / "index.json"

@@ -158,6 +158,50 @@ def test_the_one_exact_search_equals_brute_force_on_both_routes(monkeypatch):
             assert (found == b_rows).mean() > 0.99
 
 
+def test_a_query_finds_the_same_neighbours_alone_or_in_a_batch():
+    """FAISS searches one query with another kernel than several, and with 2 threads the last bits
+    differ: index.exact searches a lone query as one of two, so a server's answer does not depend on the
+    batch it was put in."""
+    import faiss
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(40_000, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.normal(size=(8, 256)).astype(np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        batch_sim, batch_rows = exact_topk(vectors, queries, 20, device="cpu")
+        for i in range(len(queries)):
+            sim, rows = exact_topk(vectors, queries[i:i + 1], 20, device="cpu")
+            np.testing.assert_array_equal(sim[0], batch_sim[i])  # to the bit
+            np.testing.assert_array_equal(rows[0], batch_rows[i])
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def test_ties_keep_the_lowest_rows_whatever_the_blocks(monkeypatch):
+    """3,000 rows made of 5 distinct vectors: every query's top 30 are tied in groups, and which tied rows
+    survive must not depend on how the rows were split into blocks: the lowest, in order."""
+    import index.exact
+
+    rng = np.random.default_rng(3)
+    distinct = rng.normal(size=(5, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    which = rng.integers(0, 5, 3000)
+    vectors = distinct[which]
+    queries = rng.normal(size=(50, 16)).astype(np.float32)
+    one_sim, one_rows = exact_topk(vectors, queries, 30, device="cpu")
+    monkeypatch.setattr(index.exact, "BLOCK_ROWS", 64)
+    sim, rows = exact_topk(vectors, queries, 30, device="cpu")
+    np.testing.assert_array_equal(rows, one_rows)
+    np.testing.assert_array_equal(sim, one_sim)
+    for q in range(len(queries)):  # by hand: the best vector's rows, lowest first, then the next's
+        order = np.argsort(-(distinct @ queries[q]), kind="stable")
+        want = np.concatenate([np.flatnonzero(which == v) for v in order])[:30]
+        np.testing.assert_array_equal(rows[q], want)
+
+
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("idx")

@@ -181,8 +181,8 @@ def test_query_and_server_regions(sample_root, tiny_engine, capsys):
     assert np.isfinite(d)
 
 
-def test_exact_subset_search_in_chunks_equals_one_pass(monkeypatch):
-    """Queries in chunks and rows in blocks (memory bounded) give what one brute-force pass gives."""
+def test_exact_subset_search_in_blocks_equals_one_pass(monkeypatch):
+    """Rows in blocks (memory bounded) give what one brute-force pass gives."""
     import index.exact
     from index.exact import exact_topk
 
