@@ -38,6 +38,34 @@ def _holder_line(what: str) -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} ({what}: {command}), since {started}"
 
 
+def _holder(fd: int, wait_s: float = 1.0) -> str:
+    """The line of the process holding the lock. It writes it just after taking the lock, so a reader
+    that finds no line, or the line of a process no longer alive (the holder before it), reads again for
+    up to `wait_s`."""
+    import re
+
+    text = ""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        pid = re.match(r"pid (\d+) on (\S+) ", text)
+        if pid and (pid.group(2) != socket.gethostname() or _alive(int(pid.group(1)))):
+            return text
+        if time.monotonic() > deadline:
+            return text or "a process that has not said which yet"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextmanager
 def engine_lock(folder: str | Path, what: str, log=print):
     """Hold the write lock of the engine `folder` (made if missing) for the block, or EngineBusy."""
@@ -68,7 +96,7 @@ def engine_lock(folder: str | Path, what: str, log=print):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process"
+            holder = _holder(fd)
             raise EngineBusy(f"{folder} is being written by another run: {holder}. Wait for it to finish "
                              "(or stop it), then run again; or give another --out") from None
         stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
@@ -76,8 +104,8 @@ def engine_lock(folder: str | Path, what: str, log=print):
             log(f"note: an earlier run on {folder} stopped without finishing ({stale}); its lock was stale "
                 "and is taken over")
         line = (_holder_line(what) + "\n").encode("utf-8", "replace")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, line, 0)
+        os.pwrite(fd, line, 0)  # over the stale line, then cut to length: never an empty file meanwhile
+        os.ftruncate(fd, len(line))
         with _guard:
             _held[key] = 0
         try:
