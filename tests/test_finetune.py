@@ -2,8 +2,10 @@
 engine, torchrun splits the batches, checkpoints load."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,42 @@ def test_a_step_limit_ends_the_schedule_and_leaves_the_cut_epoch_uncounted(sampl
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ck["sched"]["last_epoch"] == 5
     assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decayed over 5 steps
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_weights(sample_root, tmp_path):
+    """The one resume test: a run killed mid-epoch (SIGKILL), rerun, ends with the weights, optimizer
+    state, schedule and validation history of a run never interrupted; random augmentations included,
+    whose streams must resume too."""
+    def cmd(out):
+        sets = {"data": str(sample_root), "arch": TINY, "epochs": 3, "workers": 0, "out": str(out),
+                "quadtree_max_points": 200, "batch_size": 64, "warmup_steps": 2, "views": 2,
+                "rotate_deg": 30.0, "zoom": 0.1}
+        return [sys.executable, "-m", "finetune.train", *[x for k, v in sets.items()
+                                                          for x in ("--set", f"{k}={json.dumps(v)}")]]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "last.pt").exists():
+        time.sleep(0.01)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    subprocess.run(cmd(killed), cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    whole = tmp_path / "whole"
+    subprocess.run(cmd(whole), cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    a = torch.load(killed / "last.pt", weights_only=False)
+    b = torch.load(whole / "last.pt", weights_only=False)
+    assert a["state"]["step"] == b["state"]["step"] and a["state"]["epoch"] == 3
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert len(a["opt"]["state"]) == len(b["opt"]["state"]) > 0
+    for i, st in b["opt"]["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(a["opt"]["state"][i][name], value, rtol=1e-5, atol=1e-6)
+    assert a["sched"]["last_epoch"] == b["sched"]["last_epoch"] == b["state"]["step"]
+    assert [h["val_geoscore"] for h in a["state"]["history"]] == pytest.approx(
+        [h["val_geoscore"] for h in b["state"]["history"]], rel=1e-6)
