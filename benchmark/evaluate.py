@@ -80,7 +80,8 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
     from geovote.metrics import ADMIN_LEVELS
     from geovote.shards import read_coordinates
     from retrieve.engine import Engine
-    from retrieve.tuning import embed_for_eval, tune_and_save
+    from retrieve.embedded import embed_for_eval
+    from retrieve.tuning import tune_and_save
 
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
@@ -163,7 +164,8 @@ def load_validation(engine, root: Path, seed: int = 0, log=print) -> Validation:
     from geovote.data import DataError, split_csv
     from geovote.holdout import HOLDOUT_NAME, holdout
     from geovote.shards import read_coordinates, read_embeddings
-    from retrieve.tuning import embed_for_eval, split_sequences
+    from retrieve.embedded import embed_for_eval
+    from retrieve.tuning import split_sequences
 
     try:
         split_csv(root, "val")

@@ -101,7 +101,7 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
     import pyarrow.parquet as pq
 
     from geovote.shards import iter_shards
-    from retrieve.tuning import ensure_embedded
+    from retrieve.embedded import ensure_embedded
 
     ids, lat, lon, conf, radius, within, far, far_pick = [], [], [], [], [], [], [], []
     for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):

@@ -20,7 +20,7 @@ from geovote.layout import EngineLayout
 
 def build_engine(cfg: EmbedConfig, log=print) -> Path:
     """Embed every split of `cfg`, then (rank 0) index train and tune the voting. Returns the folder."""
-    from embed.models import canonical_name, load_backbone
+    from embed.models import canonical_name
     from geovote import distributed
     from geovote.bundled_sample import ensure_sample
 
@@ -29,11 +29,7 @@ def build_engine(cfg: EmbedConfig, log=print) -> Path:
     rank, world = distributed.init(cfg.dist_timeout_min)
     root = Path(cfg.data) if cfg.data else ensure_sample()
     cfg = replace(cfg, model=canonical_name(cfg.model))  # paths stored absolute: queries work anywhere
-    backbone = load_backbone(cfg.model)
-    if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after hours of embedding
-        from index.build import check_factory
-
-        check_factory(cfg.index_factory, backbone.dim)
+    backbone = _backbone(cfg)
     layout = (EngineLayout(Path(cfg.out)) if cfg.out
               else EngineLayout.for_dataset(root, engine_name(cfg.model, backbone.name)))
     _check_out(layout)
@@ -77,12 +73,8 @@ def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: i
         distributed.leave()
         return layout.root
     t_alone = time.perf_counter()
-    if cfg.index and "train" in cfg.splits:
-        from index.build import refresh_index
-
-        refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
-        if cfg.tune:  # on val, or without one on train images held out of their own search
-            _tune(layout, cfg.model, backbone, root, cfg.workers, log)
+    if "train" in cfg.splits:
+        _index_and_tune(cfg, layout, backbone, root, log)
     if world > 1:
         log(f"rank 0 indexed and tuned alone in {time.perf_counter() - t_alone:.1f} s "
             "(the other ranks had left)")
@@ -94,19 +86,14 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
     """An engine over a folder of geotagged photos (geovote.photos): the photos with coordinates are the
     gallery (ids: their paths relative to the folder), the others are listed in rejects-photos.csv; then
     the index and the tuning on photos held out of their own search, as for a dataset without val."""
-    from embed.models import canonical_name, load_backbone
+    from embed.models import canonical_name
     from geovote.lock import engine_lock
     from geovote.paths import default_sample_root
     from geovote.photos import scan_photos, write_rejects
-    from index.build import refresh_index
 
     root = Path(cfg.photos).resolve()
     cfg = replace(cfg, model=canonical_name(cfg.model), photos=str(root), splits=("train",))
-    backbone = load_backbone(cfg.model)
-    if cfg.index and cfg.index_factory:  # a bad factory string must fail now, not after the embedding
-        from index.build import check_factory
-
-        check_factory(cfg.index_factory, backbone.dim)
+    backbone = _backbone(cfg)
     # by default beside the sample, named after the folder and a hash of its path: two folders called
     # `pics` get two engines
     folder = f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
@@ -126,12 +113,33 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
             split.require_rows()
         embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
         write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
-        if cfg.index:
-            refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None,
-                          log=log)
-            if cfg.tune:
-                _tune(layout, cfg.model, backbone, root, cfg.workers, log)
+        _index_and_tune(cfg, layout, backbone, root, log)
     return layout.root
+
+
+def _backbone(cfg: EmbedConfig):
+    """The model, and the index factory checked against its width: a bad factory string must fail now,
+    not after hours of embedding."""
+    from embed.models import load_backbone
+
+    backbone = load_backbone(cfg.model)
+    if cfg.index and cfg.index_factory:
+        from index.build import check_factory
+
+        check_factory(cfg.index_factory, backbone.dim)
+    return backbone
+
+
+def _index_and_tune(cfg: EmbedConfig, layout: EngineLayout, backbone, root: Path, log) -> None:
+    """The train split's index brought up to date, then the voting tuned (on val, or without one on
+    train images held out of their own search), as cfg asks: the same for datasets and photo folders."""
+    if not cfg.index:
+        return
+    from index.build import refresh_index
+
+    refresh_index(layout.embeddings("train"), layout.index, factory=cfg.index_factory or None, log=log)
+    if cfg.tune:
+        _tune(layout, cfg.model, backbone, root, cfg.workers, log)
 
 
 def _check_out(layout: EngineLayout) -> None:

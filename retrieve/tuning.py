@@ -27,45 +27,15 @@ import numpy as np
 
 from geovote.geo import haversine_km, latlon_to_unit, unit_to_latlon
 from geovote.metrics import distance_metrics
+from retrieve.embedded import embed_for_eval
 
-GRID = {  # 700 settings, exhaustive; widened from 240 when the val optimum sat on the edge (200 km)
+GRID = {  # 700 settings, exhaustive; wide enough that the sample's val optimum lies inside it
     "k": (3, 5, 10, 20, 50),
     "temperature": (0.01, 0.03, 0.1, 0.3),
     "cells": (("h3", (0, 2)), ("h3", (1, 3)), ("h3", (1, 3, 5)), ("h3", (2, 4)),
               ("quadtree", (1, 3)), ("quadtree", (2, 4, 6)), ("quadtree", (3, 6))),
     "bandwidth_km": (25.0, 75.0, 200.0, 400.0, 800.0),
 }
-
-
-def ensure_embedded(engine, data: Path, split: str, workers: int = -1, log=None) -> Path:
-    """The folder of a split's embeddings by the engine's model. Always through embed_split: it embeds
-    only the shards that are missing, and its plan refuses a folder made from another dataset, split,
-    model or set of rows, so stored embeddings are never silently those of something else."""
-    from embed.split import EmbedConfig, embed_split
-    from geovote.data import read_split
-    from geovote.lock import engine_lock
-
-    emb_dir = engine.layout.embeddings(split)
-    with engine_lock(engine.layout.root, f"embedding {split}", log=log or _stderr):
-        s = read_split(data, split, rejects_path=engine.layout.rejects(split))
-        cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers,
-                          index=False)
-        embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
-    return emb_dir
-
-
-def embed_for_eval(engine, data: Path, split: str, workers: int = -1, log=None):
-    """(ids, lat, lon, embeddings float32) of a split, embedded once into the engine folder."""
-    from geovote.shards import read_embeddings
-
-    e = read_embeddings(ensure_embedded(engine, data, split, workers, log))
-    return e.ids, e.lat_deg, e.lon_deg, e.embedding
-
-
-def _stderr(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr)
 
 
 class TooFewToTune(Exception):

@@ -63,7 +63,7 @@ def test_validation_geoscore_is_the_engines_score_on_val(sample_root, tmp_path):
     from geovote.data import read_split
     from geovote.shards import read_embeddings
     from retrieve.engine import Engine
-    from retrieve.tuning import embed_for_eval
+    from retrieve.embedded import embed_for_eval
 
     state = train(_cfg(sample_root, tmp_path / "run"), log=lambda *_: None)
     engine_dir = tmp_path / "engine"

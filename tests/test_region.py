@@ -121,7 +121,7 @@ def test_within_the_true_country_answers_inside_it_and_scores_higher(sample_root
     from geovote.metrics import mean_geoscore
     from retrieve.engine import Engine
     from retrieve.region import country_codes
-    from retrieve.tuning import embed_for_eval
+    from retrieve.embedded import embed_for_eval
 
     engine = Engine(tiny_engine / "index")
     ids, lat, lon, emb = embed_for_eval(engine, sample_root, "test", workers=0, log=lambda *_: None)

@@ -130,7 +130,7 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     assert engine.params == load_params(built / "index" / "retrieve.json")
     # the engine, answering val with what tune chose, scores what tune recorded
     from geovote.metrics import mean_geoscore
-    from retrieve.tuning import embed_for_eval
+    from retrieve.embedded import embed_for_eval
 
     _, lat, lon, emb = embed_for_eval(engine, sample_root, "val")
     raw, _ = engine.locate(emb, calibrated=False)
