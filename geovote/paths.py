@@ -11,3 +11,16 @@ def data_root() -> Path:
 
 def default_sample_root() -> Path:
     return data_root() / "sample"
+
+
+def folder_problem(folder: Path) -> str:
+    """Why `folder` cannot be used or made for writing ("" when it can): the nearest of it and its
+    parents that exists must be a folder this process may write in. Checked before long work."""
+    for f in (folder, *folder.parents):
+        if f.exists():
+            if not f.is_dir():
+                return f"{f} is a file, not a folder"
+            if not os.access(f, os.W_OK | os.X_OK):
+                return f"{f} is not writable"
+            return ""
+    return ""

@@ -29,26 +29,31 @@ class PhotoError(ValueError):
     """A folder that cannot be a gallery, or a coordinates CSV that cannot be read."""
 
 
+class GpsError(ValueError):
+    """EXIF GPS values that are there but are not coordinates; the message is the reject's reason."""
+
+
 def dms_to_deg(dms, ref, axis: str) -> float:
     """EXIF degrees/minutes/seconds (three non-negative rationals) and the reference letter of `axis`
     (N or S for latitude, E or W for longitude; bytes or text, any case, padded or not) to signed
-    degrees. ValueError, saying what is wrong, for anything else: a missing or foreign reference, a
-    reference of another type (a SHORT), negative components."""
+    degrees. GpsError (a ValueError), saying what is wrong, for anything else: a missing or foreign
+    reference, a reference of another type (a SHORT), negative components."""
     positive, negative = REFS[axis]
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "replace")
     if ref is None:
-        raise ValueError(f"no {axis} reference ({positive}/{negative}) in its EXIF GPS")
-    if not isinstance(ref, str) or ref.strip("\x00 \t").upper() not in (positive, negative):
-        raise ValueError(f"{axis} reference {ref!r} in its EXIF GPS is not {positive} or {negative}")
+        raise GpsError(f"no {axis} reference ({positive}/{negative}) in its EXIF GPS")
+    letter = ref.strip("\x00 \t").upper() if isinstance(ref, str) else None
+    if letter not in (positive, negative):
+        raise GpsError(f"{axis} reference {ref!r} in its EXIF GPS is not {positive} or {negative}")
     if len(dms) != 3:
-        raise ValueError(f"{axis} in its EXIF GPS is not degrees, minutes, seconds")
+        raise GpsError(f"{axis} in its EXIF GPS is not degrees, minutes, seconds")
     d, m, s = (float(v) for v in dms)
     if min(d, m, s) < 0:
-        raise ValueError(f"{axis} in its EXIF GPS has a negative component (the sign belongs in the "
-                         "reference)")
+        raise GpsError(f"{axis} in its EXIF GPS has a negative component (the sign belongs in the "
+                       "reference)")
     value = d + m / 60.0 + s / 3600.0
-    return -value if ref.strip("\x00 \t").upper() == negative else value
+    return -value if letter == negative else value
 
 
 def exif_latlon(path: Path) -> tuple[float, float] | str:
@@ -71,9 +76,9 @@ def exif_latlon(path: Path) -> tuple[float, float] | str:
     try:
         return (dms_to_deg(gps[GPS_LAT], gps.get(GPS_LAT_REF), "latitude"),
                 dms_to_deg(gps[GPS_LON], gps.get(GPS_LON_REF), "longitude"))
-    except ValueError as e:
-        return str(e) if "EXIF GPS" in str(e) else "unreadable GPS coordinates in its EXIF"
-    except (TypeError, ZeroDivisionError):
+    except GpsError as e:
+        return str(e)
+    except (TypeError, ValueError, ZeroDivisionError):
         return "unreadable GPS coordinates in its EXIF"
 
 

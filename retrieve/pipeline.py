@@ -8,7 +8,6 @@ stage's driver. `python -m embed.build` is its command.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -145,14 +144,11 @@ def _index_and_tune(cfg: EmbedConfig, layout: EngineLayout, backbone, root: Path
 def _check_out(layout: EngineLayout) -> None:
     """ConfigError unless the engine folder is a folder, or can be made: before any work."""
     from geovote.config import ConfigError
+    from geovote.paths import folder_problem
 
-    for folder in (layout.root, *layout.root.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"--out {layout.root}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"--out {layout.root}: {folder} is not writable")
-            return
+    why = folder_problem(layout.root)
+    if why:
+        raise ConfigError(f"--out {layout.root}: {why}")
 
 
 def engine_name(model: str, backbone_name: str) -> str:

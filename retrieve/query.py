@@ -32,7 +32,7 @@ from geovote.config import ConfigError
 from geovote.csvsafe import printable
 from geovote.data import DataError
 from geovote.layout import EngineMissing, resolve
-from geovote.paths import default_sample_root
+from geovote.paths import default_sample_root, folder_problem
 from index.search import IndexError_
 from retrieve.answer import answers, predict_split
 from retrieve.engine import Engine
@@ -207,11 +207,9 @@ def evidence(engine, neighbour: dict) -> dict:
 def check_writable(out: Path) -> None:
     """OSError unless a file can be created at `out` (its folder made where missing): tried, not
     guessed, with the name the result is first written under, and removed again."""
-    for folder in out.parents:  # the nearest that exists must be a folder
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(20, f"{folder} is a file, not a folder")
-            break
+    why = folder_problem(out.parent)
+    if why:
+        raise OSError(why)
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = out.with_name(out.name + ".partial")
     with open(probe, "wb"):
