@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         plain = len(paths) / (time.perf_counter() - t0)
 
         # embed.build's stage, end to end (shards written)
-        cfg = EmbedConfig(data=str(data), model=args.model, batch_size=args.batch_size, workers=args.workers,
-                          shard_rows=max(args.batch_size, len(paths) // 4), index=False)
+        cfg = EmbedConfig(model=args.model, batch_size=args.batch_size, workers=args.workers,
+                          shard_rows=max(args.batch_size, len(paths) // 4))
         t0 = time.perf_counter()
         embed_split(split, backbone, work / "shards", cfg, data, log=lambda *_: None)
         sync()

@@ -31,6 +31,7 @@ distance says) and Gaussian noise (what makes an image ambiguous).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -166,9 +167,9 @@ def write_embeddings(world: World, out_dir: Path, root: Path, split: str, ids, l
     from embed.split import EmbedConfig, finish_split, plan_for, write_split_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = EmbedConfig(data=str(root), splits=(split,), model=backbone.name, shard_rows=SHARD_ROWS)
+    cfg = EmbedConfig(model=backbone.name, shard_rows=SHARD_ROWS)
     plan = plan_for(_Rows(split, ids), backbone, cfg, root)
-    (out_dir / "plan.json").write_text(__import__("json").dumps(plan, indent=2) + "\n")
+    (out_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     n = len(ids)
     n_shards = max(1, -(-n // SHARD_ROWS))
     t0 = time.perf_counter()

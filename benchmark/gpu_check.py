@@ -86,7 +86,7 @@ def check_embed(root: Path, work: Path, s: dict) -> dict:
     sync(fx.cuda)
     ceiling = len(tensors) / (time.perf_counter() - t0)
     del tensors
-    cfg = EmbedConfig(data=str(root), model=s["model"], batch_size=s["batch"], index=False,
+    cfg = EmbedConfig(model=s["model"], batch_size=s["batch"],
                       shard_rows=max(s["batch"], len(split) // 4))
     t0 = time.perf_counter()
     embed_split(split, backbone, work / "emb", cfg, root, log=lambda *_: None)
@@ -171,13 +171,12 @@ def check_search(s: dict) -> dict:
 
 def check_engine(root: Path, work: Path, s: dict) -> dict:
     from embed.images import open_rgb
-    from embed.split import EmbedConfig
     from geovote.data import read_split
     from geovote.geo import haversine_km
     from retrieve.engine import Engine
-    from retrieve.pipeline import build_engine
+    from retrieve.pipeline import BuildConfig, build_engine
 
-    folder = build_engine(EmbedConfig(data=str(root), model=s["engine_model"], out=str(work / "engine"),
+    folder = build_engine(BuildConfig(data=str(root), model=s["engine_model"], out=str(work / "engine"),
                                       batch_size=s["batch"]), log=lambda *_: None)
     test = read_split(root, "test")
     out = {"model": s["engine_model"]}

@@ -60,10 +60,9 @@ def recall_at_10(index_dir: Path, queries: np.ndarray) -> float:
 
 
 def main(argv=None) -> int:
-    from embed.split import EmbedConfig
     from geovote.bundled_sample import ensure_sample
     from geovote.shards import read_embeddings
-    from retrieve.pipeline import build_engine
+    from retrieve.pipeline import BuildConfig, build_engine
 
     ap = argparse.ArgumentParser(prog="python -m benchmark.update_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
 
         def build(out: Path) -> float:
             t0 = time.perf_counter()
-            build_engine(EmbedConfig(photos=str(folder), out=str(out), tune=False, index_factory=args.factory,
+            build_engine(BuildConfig(photos=str(folder), out=str(out), tune=False, index_factory=args.factory,
                                      workers=-1), log=quiet)
             return time.perf_counter() - t0
 

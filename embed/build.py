@@ -21,13 +21,12 @@ import argparse
 import sys
 
 from embed.models import BackboneError
-from embed.split import EmbedConfig
 from geovote.config import ConfigError, add_config_args, load_config, overrides_from_args
 from geovote.data import DataError
 from geovote.photos import PhotoError
 from geovote.shards import ShardError
 from index.search import IndexError_
-from retrieve.pipeline import build_engine
+from retrieve.pipeline import BuildConfig, build_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = overrides_from_args(args, ("data", "model", "out", "batch_size", "workers", "splits",
                                            "photos", "photos_csv"))
     try:
-        cfg = load_config(EmbedConfig, args.config, overrides)
+        cfg = load_config(BuildConfig, args.config, overrides)
         out = build_engine(cfg)
     except (ConfigError, DataError, BackboneError, ShardError, IndexError_, PhotoError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
 
 Output folder (EngineLayout.embeddings(split)):
     shard-NNNNN.parquet      id, latitude, longitude, embedding (fp16, L2-normalised)
-    manifest.json            backbone, preprocessing, dim, rows, dataset, config, version (written last)
+    manifest.json            backbone, preprocessing, dim, rows, dataset, images, config, version (last)
     failures.csv             images that could not be embedded, with the reason
     plan.json                pins backbone, dataset, split, rows and ids, so a resumed run cannot mix them
     fingerprints.npy         uint64 per embedded row (shard order): a hash of its id, coordinates and, for
@@ -48,21 +48,14 @@ UPDATABLE = {"rows", "ids_sha256", "rows_sha256"}  # plan keys a finished run is
 
 @dataclass
 class EmbedConfig:
-    data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample (generated on first use)
-    photos: str = ""  # instead of a dataset: a folder of geotagged photos (geovote.photos)
-    photos_csv: str = ""  # path,latitude,longitude for photos whose EXIF lacks coordinates
-    splits: tuple[str, ...] = ("train",)
+    """How images become vectors; what to embed and what follows (index, tuning) is the main job's
+    (retrieve.pipeline.BuildConfig)."""
     model: str = "default"  # see embed.models
-    out: str = ""  # "" = <data>/geovote/<model>
     batch_size: int = 256
     workers: int = -1  # DataLoader decoding processes; 0: in the main process; -1: auto (decode_workers)
     shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
-    index: bool = True  # build the FAISS index over the train split
-    index_factory: str = ""  # "" = chosen from the data (index.build.choose_factory)
-    tune: bool = True  # then choose the voting parameters on the val split, when the dataset has one
-    throttle_s: float = 0.0  # sleep after each batch: lets tests interrupt a run midway
-    dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank
+    pause_s: float = 0.0  # sleep after each batch: leaves a shared machine to others (tests: stop a run)
 
     def __post_init__(self):
         from geovote.config import ConfigError
@@ -72,12 +65,8 @@ class EmbedConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < -1:
             raise ConfigError(f"workers must be -1 (auto), 0 or more, got {self.workers}")
-        if not self.splits:
-            raise ConfigError("splits: name at least one split (train, val, test)")
-        if self.dist_timeout_min <= 0:
-            raise ConfigError(f"dist_timeout_min must be positive, got {self.dist_timeout_min}")
-        if self.throttle_s < 0:
-            raise ConfigError(f"throttle_s must be >= 0, got {self.throttle_s}")
+        if self.pause_s < 0:
+            raise ConfigError(f"pause_s must be >= 0, got {self.pause_s}")
 
 
 def code_version() -> str:
@@ -192,8 +181,8 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
             pending.append(writer.submit(write_split_shard, out_dir, shard, buf.pop(shard), ids, lat, lon,
                                          backbone.dim))
         bar.update(len(rows))
-        if cfg.throttle_s:
-            time.sleep(cfg.throttle_s)
+        if cfg.pause_s:
+            time.sleep(cfg.pause_s)
     bar.close()
     for f in pending:
         f.result()  # re-raises a failed write
@@ -204,7 +193,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     if rank != 0:
         return None
     return finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log,
-                        lambda: write_fingerprints(out_dir, split, fingerprints))
+                        lambda: write_fingerprints(out_dir, split, fingerprints), images=split.images)
 
 
 def row_fingerprints(split) -> np.ndarray:
@@ -306,8 +295,8 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
             emb_new[at[ok]] = emb.astype(np.float16)  # vectors of the images that could be read, in order
             for i, why in zip(at, reasons):
                 why_new[i] = why
-            if cfg.throttle_s:
-                time.sleep(cfg.throttle_s)
+            if cfg.pause_s:
+                time.sleep(cfg.pause_s)
     where_new = np.full(n, -1, np.int64)
     where_new[todo] = np.arange(len(todo))
     stage, replaced = _staged(out_dir)
@@ -331,7 +320,8 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
     (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     elapsed = time.perf_counter() - t0
     manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed, elapsed, log,
-                            lambda: write_fingerprints(stage, split, fingerprints), out_dir)  # complete
+                            lambda: write_fingerprints(stage, split, fingerprints), out_dir,  # complete
+                            images=split.images)
     out_dir.rename(replaced)
     stage.rename(out_dir)
     shutil.rmtree(replaced)
@@ -354,10 +344,11 @@ def write_split_shard(out_dir: Path, shard: int, parts: list, ids, lat, lon, dim
 
 def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards: int, n_embedded_now: int,
                   n_failed_now: int, elapsed: float, log, before_manifest=None,
-                  listed_in: Path | None = None) -> dict:
+                  listed_in: Path | None = None, images: str = "dataset") -> dict:
     """Gather the failures, check the count and write the manifest, last: a folder with a manifest is a
     finished run. `before_manifest()` writes what must be there when it is (the fingerprints);
-    `listed_in`: the folder `out_dir` becomes (an update's), named in the summary."""
+    `listed_in`: the folder `out_dir` becomes (an update's), named in the summary; `images`: the split's
+    (Split.images), which tells the engine where a gallery image's file is."""
     import pyarrow.parquet as pq
 
     missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
@@ -378,7 +369,7 @@ def finish_split(out_dir: Path, plan: dict, backbone, cfg: EmbedConfig, n_shards
         before_manifest()
     manifest = {**plan, "rows": rows, "failures": len(failures), "valid_rows": plan["rows"],
                 "n_shards": n_shards, "preprocessing": backbone.preprocessing(),
-                "config": asdict(cfg), "code_version": code_version(),
+                "images": images, "config": asdict(cfg), "code_version": code_version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     rate = n_embedded_now / elapsed if elapsed > 0 else 0.0

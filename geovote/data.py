@@ -117,6 +117,7 @@ class Split:
     name: str
     table: pa.Table
     report: Report
+    images: str = "dataset"  # `path` under: "dataset" <root>/images/<split>/, or "photos" <root>/
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -215,7 +215,7 @@ def scan_photos(folder: str | Path, coordinates_csv: str | Path | None = None):
     report.rows, report.valid = len(files) + n_unlisted, len(ids)
     for _, why in rejected:
         report.rejected[why.split(" (")[0]] += 1  # counted without the particulars in parentheses
-    return Split(root, "train", table, report), rejected
+    return Split(root, "train", table, report, images="photos"), rejected
 
 
 def write_rejects(path: Path, rejected: list[tuple[str, str]]) -> None:

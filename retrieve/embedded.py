@@ -20,8 +20,7 @@ def ensure_embedded(engine, data: Path, split: str, workers: int = -1, log=None)
     emb_dir = engine.layout.embeddings(split)
     with engine_lock(engine.layout.root, f"embedding {split}", log=log or _stderr):
         s = read_split(data, split, rejects_path=engine.layout.rejects(split))
-        cfg = EmbedConfig(data=str(data), splits=(split,), model=engine.model_name, workers=workers,
-                          index=False)
+        cfg = EmbedConfig(model=engine.model_name, workers=workers)
         embed_split(s, engine.backbone, emb_dir, cfg, data, log=log or _stderr)
     return emb_dir
 

@@ -305,7 +305,7 @@ class Engine:
             return None, "not a gallery image id (not UTF-8)"
         if not np.any(np.asarray(self.index.ids) == wanted):  # ~15 ms over 5M ids
             return None, f"no gallery image {image_id!r} in this engine"
-        if (manifest.get("config") or {}).get("photos"):
+        if manifest.get("images") == "photos" or (manifest.get("config") or {}).get("photos"):  # or older
             base = Path(root).resolve()
             path = (base / str(image_id)).resolve()  # a link or a ".." out of the folder: refused below
             if base not in path.parents:

@@ -1,6 +1,7 @@
-"""The main job, stage after stage: embed a dataset's splits, index train, tune the voting.
+"""The main job, stage after stage: embed a dataset's splits (or a folder of photos), index train, tune
+the voting.
 
-    build_engine(EmbedConfig(...)) -> the engine folder (geovote.layout.EngineLayout)
+    build_engine(BuildConfig(...)) -> the engine folder (geovote.layout.EngineLayout)
 
 It sits above the stages it drives (embed, index, retrieve.tuning), so none of them imports another
 stage's driver. `python -m embed.build` is its command.
@@ -10,21 +11,58 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from embed.images import DEFAULT_MAX_PIXELS
 from embed.split import EmbedConfig, embed_split
 from geovote.layout import EngineLayout
 
 
-def build_engine(cfg: EmbedConfig, log=print) -> Path:
-    """Embed every split of `cfg`, then (rank 0) index train and tune the voting. Returns the folder."""
+@dataclass
+class BuildConfig:
+    """The main job's settings (`python -m embed.build --config F --set key=value`): what to index, how
+    to embed it (the EmbedConfig keys), and whether to index and tune."""
+    data: str = ""  # dataset root in OSV-5M layout; "" = the bundled sample (generated on first use)
+    photos: str = ""  # instead of a dataset: a folder of geotagged photos (geovote.photos)
+    photos_csv: str = ""  # path,latitude,longitude for photos whose EXIF lacks coordinates
+    splits: tuple[str, ...] = ("train",)
+    out: str = ""  # "" = <data>/geovote/<model>
+    # embedding: embed.split.EmbedConfig
+    model: str = "default"  # see embed.models
+    batch_size: int = 256
+    workers: int = -1
+    shard_rows: int = 16384
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    pause_s: float = 0.0
+    # then
+    index: bool = True  # build the FAISS index over the train split
+    index_factory: str = ""  # "" = chosen from the data (index.build.choose_factory)
+    tune: bool = True  # then choose the voting parameters on val (or on train held out of its own search)
+    dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank
+
+    def __post_init__(self):
+        from geovote.config import ConfigError
+
+        if not self.splits:
+            raise ConfigError("splits: name at least one split (train, val, test)")
+        if self.dist_timeout_min <= 0:
+            raise ConfigError(f"dist_timeout_min must be positive, got {self.dist_timeout_min}")
+        self.embedding()  # its own checks, now
+
+    def embedding(self) -> EmbedConfig:
+        return EmbedConfig(**{f.name: getattr(self, f.name) for f in fields(EmbedConfig)})
+
+
+def build_engine(cfg: BuildConfig, log=print) -> Path:
+    """Embed every split of `cfg` (or its folder of photos), then (rank 0) index train and tune the
+    voting. Returns the folder."""
     from embed.models import canonical_name
     from geovote import distributed
     from geovote.bundled_sample import ensure_sample
 
     if cfg.photos:
-        return build_photo_engine(cfg, log)
+        return _build_photo_engine(cfg, log)
     rank, world = distributed.init(cfg.dist_timeout_min)
     root = Path(cfg.data) if cfg.data else ensure_sample()
     cfg = replace(cfg, model=canonical_name(cfg.model))  # paths stored absolute: queries work anywhere
@@ -58,7 +96,7 @@ def _locked(layout: EngineLayout, rank: int, world: int, log):
         yield
 
 
-def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: int, world: int, log) -> Path:
+def _build(cfg: BuildConfig, root: Path, backbone, layout: EngineLayout, rank: int, world: int, log) -> Path:
     from geovote import distributed
     from geovote.data import read_split
 
@@ -67,7 +105,7 @@ def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: i
         if rank == 0:
             log(split.report.summary())
         # ends at a barrier under torchrun
-        embed_split(split, backbone, layout.embeddings(name), cfg, root, rank, world, log)
+        embed_split(split, backbone, layout.embeddings(name), cfg.embedding(), root, rank, world, log)
     if rank != 0:  # rank 0 alone indexes and tunes: the others leave rather than wait on a collective
         distributed.leave()
         return layout.root
@@ -81,7 +119,7 @@ def _build(cfg: EmbedConfig, root: Path, backbone, layout: EngineLayout, rank: i
     return layout.root
 
 
-def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
+def _build_photo_engine(cfg: BuildConfig, log=print) -> Path:
     """An engine over a folder of geotagged photos (geovote.photos): the photos with coordinates are the
     gallery (ids: their paths relative to the folder), the others are listed in rejects-photos.csv; then
     the index and the tuning on photos held out of their own search, as for a dataset without val."""
@@ -110,13 +148,13 @@ def build_photo_engine(cfg: EmbedConfig, log=print) -> Path:
         if len(split) == 0:
             write_rejects(layout.rejects("photos"), rejected)  # the file the message above points to
             split.require_rows()
-        embed_split(split, backbone, layout.embeddings("train"), cfg, root, log=log)
+        embed_split(split, backbone, layout.embeddings("train"), cfg.embedding(), root, log=log)
         write_rejects(layout.rejects("photos"), rejected)  # once the engine holds this scan's photos
         _index_and_tune(cfg, layout, backbone, root, log)
     return layout.root
 
 
-def _backbone(cfg: EmbedConfig):
+def _backbone(cfg: BuildConfig):
     """The model, and the index factory checked against its width: a bad factory string must fail now,
     not after hours of embedding."""
     from embed.models import load_backbone
@@ -129,7 +167,7 @@ def _backbone(cfg: EmbedConfig):
     return backbone
 
 
-def _index_and_tune(cfg: EmbedConfig, layout: EngineLayout, backbone, root: Path, log) -> None:
+def _index_and_tune(cfg: BuildConfig, layout: EngineLayout, backbone, root: Path, log) -> None:
     """The train split's index brought up to date, then the voting tuned (on val, or without one on
     train images held out of their own search), as cfg asks: the same for datasets and photo folders."""
     if not cfg.index:

@@ -66,7 +66,7 @@ def test_two_updates_at_once_end_equal_to_a_fresh_build_or_one_is_refused(galler
         out = tmp_path / f"engine{trial}"
         shutil.copytree(engine, out, symlinks=True)
         # slowed so that the runs overlap: 80 photos to embed in batches of 8, 0.3 s after each
-        cmd = _cmd(photos, tiny_model, out, "--batch-size", "8", "--set", "throttle_s=0.3")
+        cmd = _cmd(photos, tiny_model, out, "--batch-size", "8", "--set", "pause_s=0.3")
         first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(offset_s)
         second = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,7 +94,7 @@ def test_a_stale_lock_of_a_killed_run_is_said_and_taken_over(galleries, tiny_mod
     photos, engine, _ = galleries
     out = tmp_path / "engine"
     shutil.copytree(engine, out, symlinks=True)
-    cmd = _cmd(photos, tiny_model, out, "--batch-size", "8", "--set", "throttle_s=0.2")
+    cmd = _cmd(photos, tiny_model, out, "--batch-size", "8", "--set", "pause_s=0.2")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = out / ".geovote.lock"
     deadline = time.time() + 120

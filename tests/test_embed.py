@@ -149,7 +149,7 @@ def _embed_cmd(data, model, out, extra=()):
 def test_a_killed_run_resumes_without_losing_or_repeating_rows(sample_root, tiny_model, tmp_path):
     out = tmp_path / "killed"
     shards = out / "embeddings" / "train"
-    proc = subprocess.Popen(_embed_cmd(sample_root, tiny_model, out, ["--set", "throttle_s=0.05"]), cwd=ROOT,
+    proc = subprocess.Popen(_embed_cmd(sample_root, tiny_model, out, ["--set", "pause_s=0.05"]), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("shard-*.parquet"))) < 2:
