@@ -8,12 +8,12 @@ Objectives, combined with weights (0 turns one off):
     region     supervised contrastive loss, positives share `unique_region` (the paper's, T = 0.1)
     retrieval  supervised contrastive loss, positives share the fine QuadTree cell: shapes the embedding
                for kNN directly; in-batch negatives
-After each epoch: the GeoScore of the voting predictor (retrieve.predict, default VoteConfig) on the
-validation split with neighbours from train; the best epoch is kept as a checkpoint folder that
-`embed.build --model` loads. Every epoch reseeds its shuffle and augmentations from (seed, epoch), so a
-run resumed from `last.pt` continues exactly as an uninterrupted one (with workers = 0; persistent
-decoding workers keep their own random streams across epochs). Under torchrun each rank trains on its
-share of every epoch (DDP).
+After each epoch: the GeoScore of the voting predictor (retrieve.predict) on the validation split with
+neighbours from train, its settings tuned there as embed.build tunes the engine; the best epoch is kept
+as a checkpoint folder that `embed.build --model` loads. Every epoch reseeds its shuffle and
+augmentations from (seed, epoch), so a run resumed from `last.pt` continues exactly as an uninterrupted
+one (with workers = 0; persistent decoding workers keep their own random streams across epochs).
+Under torchrun each rank trains on its share of every epoch (DDP).
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ class TrainConfig:
     grad_checkpointing: bool = True  # on CUDA
     max_minutes: float = 0.0  # stop at the first epoch end past this budget (0: no limit); rank 0's clock
     max_steps: int = 0  # stop after this many optimiser steps (0: no limit), beside the epoch limit
+    val_grid: str = "full"  # validation tunes the voting as embed.build will: full (retrieve.tuning.GRID,
+    #                          ~13 s on 2,000 images on 2 cores) or small (SMALL_GRID, ~1 s)
     val_train_images: int = 20000  # validation's gallery: a fixed sample of train (embedding all 5M each
     #                                epoch would take longer than the epoch); val is used whole
     dist_timeout_min: float = 120.0  # under torchrun: how long a collective may wait for a slow rank
@@ -90,6 +92,8 @@ class TrainConfig:
             if not isinstance(arch, dict) or not (named <= set(arch) or custom <= set(arch)):
                 raise ConfigError('arch: expected {"open_clip": NAME} or {"embed_dim": D, "vision_cfg": '
                                   f"{{...}}}}, got {self.arch}")
+        if self.val_grid not in ("full", "small"):
+            raise ConfigError(f"val_grid must be full or small, got {self.val_grid!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
@@ -415,37 +419,32 @@ def validation_rows(cfg: TrainConfig, data: Data) -> tuple[np.ndarray, np.ndarra
     return train_rows, np.arange(len(data.val))
 
 
-def knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg=None):
-    """(Prediction, neighbour rows) of the voting predictor (the engine's default VoteConfig), with the
-    neighbours found by exact search: what the engine answers over a Flat index of `train_emb`."""
-    from index.exact import exact_topk
-    from retrieve.predict import VoteConfig, cell_table, vote
-
-    cfg = vote_cfg or VoteConfig()
-    q = np.asarray(query_emb, np.float32)
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        raise ValueError("a validation embedding is all zeros")
-    sim, rows = exact_topk(train_emb, q / norms, cfg.k)  # normalised as the index normalises every query
-    cells = cell_table(train_lat, train_lon, cfg)
-    found = rows >= 0  # fewer training images than k: the rest are missing, as the engine has them
-    safe = np.maximum(rows, 0)
-    lat, lon = np.where(found, train_lat[safe], np.nan), np.where(found, train_lon[safe], np.nan)
-    return vote(sim, lat, lon, cells[safe], cfg), rows
-
-
-def knn_geoscore(train_emb, train_lat, train_lon, query_emb, query_lat, query_lon, vote_cfg=None) -> float:
+def validation_score(train_emb, train_lat, train_lon, val_emb, val_lat, val_lon, grid: str = "full"):
+    """(GeoScore, VoteConfig): the voting tuned on val with neighbours from `train_emb` searched exactly,
+    as embed.build tunes the engine built from the checkpoint (retrieve.tuning.tune over its grid, GRID
+    or SMALL_GRID); with too few images to tune, the default settings, as that engine then answers."""
     from geovote.metrics import mean_geoscore
+    from retrieve.predict import vote
+    from retrieve.tuning import GRID, SMALL_GRID, Gallery, TooFewToTune, tune
 
-    pred, _ = knn_vote(train_emb, train_lat, train_lon, query_emb, vote_cfg)
-    return mean_geoscore(pred.lat_deg, pred.lon_deg, query_lat, query_lon)
+    gallery = Gallery(train_emb, train_lat, train_lon)
+    try:
+        best, scores, _ = tune(gallery, val_emb, val_lat, val_lon,
+                               grid=GRID if grid == "full" else SMALL_GRID, log=_quiet)
+        return scores["voting"]["geoscore"], best
+    except TooFewToTune:
+        p = gallery.params
+        res = gallery.search(val_emb, p.k)
+        pred = vote(res.similarity, res.lat_deg, res.lon_deg, gallery.cells(p)[np.maximum(res.rows, 0)], p)
+        ok = np.isfinite(pred.lat_deg)
+        return mean_geoscore(pred.lat_deg[ok], pred.lon_deg[ok], val_lat[ok], val_lon[ok]), p
 
 
 def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int = 0, world: int = 1,
-             out: Path | None = None, log=print) -> float:
-    """Validation GeoScore, the same on every rank: each rank embeds its share of the gallery sample
-    and of val, rank 0 scores them all and tells the others. Unreadable images are skipped and listed
-    in <out>/failures.csv."""
+             out: Path | None = None, log=print) -> tuple[float, dict]:
+    """(validation GeoScore, the voting settings tuned for it), the same on every rank: each rank embeds
+    its share of the gallery sample and of val, rank 0 tunes and scores on them all (validation_score)
+    and tells the others. Unreadable images are skipped and listed in <out>/failures.csv."""
     from geovote import distributed
 
     train_rows, val_rows = validation_rows(cfg, data)
@@ -484,8 +483,12 @@ def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int 
         if len(tr) == 0 or len(va) == 0:
             score = f"no readable {'val' if len(va) == 0 else 'train'} image to validate with"
         else:
-            score = knn_geoscore(tr, data.train.lat_deg[tr_rows], data.train.lon_deg[tr_rows], va,
-                                 data.val.lat_deg[va_rows], data.val.lon_deg[va_rows])
+            score, params = validation_score(tr, data.train.lat_deg[tr_rows], data.train.lon_deg[tr_rows],
+                                             va, data.val.lat_deg[va_rows], data.val.lon_deg[va_rows],
+                                             cfg.val_grid)
+            chosen = asdict(params)
+            score = (score, {k: chosen[k] for k in ("k", "temperature", "cells", "levels", "bandwidth_km",
+                                                    "hedge_below")})
     score = distributed.broadcast(score)
     if isinstance(score, str):
         from geovote.data import DataError
@@ -575,7 +578,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     while state["epoch"] < cfg.epochs and not (cfg.max_steps and state["step"] >= cfg.max_steps):
         record = train_epoch(cfg, model, forward, loader, sampler, opt, sched, targets, state, device,
                              rank, world)
-        score = validate(cfg, model, data, device, rank, world, out, log)
+        score, record["val_vote"] = validate(cfg, model, data, device, rank, world, out, log)
         record["val_geoscore"] = score
         state["history"].append(record)
         log(f"epoch {state['epoch']}/{cfg.epochs} (step {state['step']}): loss {record['loss']:.3f}, "

@@ -38,6 +38,11 @@ GRID = {  # 700 settings, exhaustive; wide enough that the sample's val optimum 
 }
 
 
+# 36 of GRID's settings: a tuning in about a second on 2,000 images (finetune's validation, val_grid small)
+SMALL_GRID = {"k": (10, 20, 50), "temperature": (0.03, 0.1),
+              "cells": (("h3", (1, 3)), ("quadtree", (1, 3))), "bandwidth_km": (75.0, 200.0, 400.0)}
+
+
 class TooFewToTune(Exception):
     """Too few tuning images with neighbours for the grid's choice to mean anything."""
 
@@ -52,6 +57,42 @@ MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
+
+
+class Gallery:
+    """Vectors held in memory, searched exactly (index.exact), with what tune() asks of an engine
+    (search, cells, params): the same neighbours, ties and all, as an engine over a Flat index of them.
+    finetune's validation tunes on one, so it scores the engine its checkpoint will become."""
+
+    def __init__(self, emb: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray):
+        from retrieve.predict import VoteConfig
+
+        self.emb, self.lat_deg, self.lon_deg = emb, np.asarray(lat_deg), np.asarray(lon_deg)
+        self.params = VoteConfig()
+        self._cells: dict = {}
+
+    def search(self, queries: np.ndarray, k: int):
+        from index.exact import exact_topk
+        from index.search import SearchResult
+
+        q = np.asarray(queries, np.float32)
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if np.any(norms == 0):
+            raise ValueError("a query embedding is all zeros")
+        sim, rows = exact_topk(self.emb, q / norms, k)  # normalised as the index normalises every query
+        found = rows >= 0  # fewer gallery vectors than k: the rest are missing, as the engine has them
+        safe = np.maximum(rows, 0)
+        return SearchResult(np.where(found, sim, -np.inf).astype(np.float32), np.where(found, rows, -1),
+                            np.where(found, safe.astype(str), "").astype(object),
+                            np.where(found, self.lat_deg[safe], np.nan),
+                            np.where(found, self.lon_deg[safe], np.nan))
+
+    def cells(self, params) -> np.ndarray:
+        from retrieve.predict import cell_table
+
+        if params.cell_spec not in self._cells:
+            self._cells[params.cell_spec] = cell_table(self.lat_deg, self.lon_deg, params)
+        return self._cells[params.cell_spec]
 
 
 def split_sequences(data: Path, ids) -> np.ndarray | None:

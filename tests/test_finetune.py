@@ -25,7 +25,7 @@ TINY = json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size
 
 def _cfg(sample_root, out, **kw):
     base = dict(data=str(sample_root), arch=TINY, epochs=1, batch_size=128, workers=0, warmup_steps=2,
-                out=str(out), quadtree_max_points=200, lr=3e-3)
+                out=str(out), quadtree_max_points=200, lr=3e-3, val_grid="small")
     return TrainConfig(**{**base, **kw})
 
 
@@ -53,31 +53,40 @@ def test_each_objective_changes_the_tower_and_writes_a_loadable_checkpoint(sampl
     assert any(moved)
 
 
-def test_validation_geoscore_is_the_engines_score_on_val(sample_root, tmp_path):
-    """finetune's per-epoch validation scores val as the engine built from its checkpoint does: on the
-    engine's own fp16 embeddings, the same neighbours (one exact search, index.exact, ties and all) and
-    the same answers; and the same embeddings as finetune's own (to fp16 rounding)."""
+def test_validation_geoscore_is_the_engines_tuned_score_on_val(sample_root, tmp_path):
+    """finetune's per-epoch validation scores val as the engine built from its checkpoint does: embed.build
+    tunes that engine on val (retrieve.json), and validation_score on the engine's own fp16 embeddings
+    finds the same neighbours (one exact search, ties and all), the same settings and the same GeoScore
+    to the bit; finetune's own embeddings are those to fp16 rounding, and its recorded score and settings
+    are validation_score's on them."""
+    from dataclasses import asdict
+
     from embed.build import main as embed_main
     from embed.features import FeatureExtractor, ImageFiles
-    from finetune.trainer import knn_geoscore, knn_vote
+    from finetune.trainer import validation_score
     from geovote.data import read_split
     from geovote.shards import read_embeddings
-    from retrieve.engine import Engine
     from retrieve.embedded import embed_for_eval
+    from retrieve.engine import Engine
+    from retrieve.tuning import Gallery
 
-    state = train(_cfg(sample_root, tmp_path / "run"), log=lambda *_: None)
+    state = train(_cfg(sample_root, tmp_path / "run", val_grid="full"), log=lambda *_: None)
     engine_dir = tmp_path / "engine"
     assert embed_main(["--data", str(sample_root), "--model", str(tmp_path / "run" / "best"), "--out",
-                       str(engine_dir), "--workers", "0", "--set", "tune=false"]) == 0
+                       str(engine_dir), "--workers", "0"]) == 0
     engine = Engine(engine_dir / "index")
+    tuned = json.loads((engine_dir / "index" / "retrieve.json").read_text())
     _, lat, lon, val16 = embed_for_eval(engine, sample_root, "val", workers=0, log=lambda *_: None)
-    pred, res = engine.locate(val16)
     train16 = read_embeddings(engine_dir / "embeddings" / "train")
-    mine, rows = knn_vote(train16.embedding, train16.lat_deg, train16.lon_deg, val16)
-    np.testing.assert_array_equal(rows, res.rows)
-    np.testing.assert_array_equal(mine.lat_deg, pred.lat_deg)
-    np.testing.assert_array_equal(mine.lon_deg, pred.lon_deg)
-    np.testing.assert_array_equal(mine.confidence, pred.confidence)
+    gallery = Gallery(train16.embedding, train16.lat_deg, train16.lon_deg)
+    k = tuned["params"]["k"]
+    np.testing.assert_array_equal(gallery.search(val16, 50).rows, engine.search(val16, 50).rows)
+    score16, params16 = validation_score(train16.embedding, train16.lat_deg, train16.lon_deg, val16, lat, lon)
+    assert score16 == tuned["validation"]["voting"]["geoscore"]
+    grid_keys = ("k", "temperature", "cells", "levels", "bandwidth_km", "hedge_below")
+    assert {key: asdict(params16)[key] for key in grid_keys} == {
+        key: tuple(v) if isinstance(v, list) else v for key, v in tuned["params"].items() if key in grid_keys}
+    assert k == params16.k
 
     fx = FeatureExtractor(load_backbone(str(tmp_path / "run" / "best")), device="cpu")
     fp32 = {}
@@ -87,9 +96,9 @@ def test_validation_geoscore_is_the_engines_score_on_val(sample_root, tmp_path):
                                                                              fx.backbone.image_size))])
     np.testing.assert_allclose(fp32["train"], train16.embedding, atol=2e-3)
     np.testing.assert_allclose(fp32["val"], val16, atol=2e-3)
-    recorded = state["history"][0]["val_geoscore"]
-    assert recorded == pytest.approx(knn_geoscore(fp32["train"], train16.lat_deg, train16.lon_deg, fp32["val"],
-                                                  lat, lon), rel=1e-9)
+    score32, params32 = validation_score(fp32["train"], train16.lat_deg, train16.lon_deg, fp32["val"], lat, lon)
+    assert state["history"][0]["val_geoscore"] == pytest.approx(score32, rel=1e-9)
+    assert state["history"][0]["val_vote"] == {key: asdict(params32)[key] for key in grid_keys}
 
 
 def test_command_and_bad_config(sample_root, tmp_path, capsys):
@@ -116,10 +125,11 @@ def test_torchrun_two_processes_validate_together_and_stop_together(sample_root,
     """2 gloo ranks: validation embedded in shares and scored once; rank 0's clock stops both after
     epoch 1 of 3 (each rank on its own clock could disagree and hang); only rank 0 reports a score;
     the validation equals a single process's on the same weights."""
-    from finetune.trainer import knn_geoscore
+    from finetune.trainer import validation_score
 
     sets = {"data": str(sample_root), "arch": TINY, "epochs": 3, "workers": 0, "out": str(tmp_path),
-            "quadtree_max_points": 200, "batch_size": 64, "max_minutes": 1e-9, "dist_timeout_min": 1.0}
+            "quadtree_max_points": 200, "batch_size": 64, "max_minutes": 1e-9, "dist_timeout_min": 1.0,
+            "val_grid": "small"}
     r = _torchrun(sets, 29563)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("best validation GeoScore") == 1 and "rank 1: done after epoch 1" in r.stdout
@@ -138,8 +148,8 @@ def test_torchrun_two_processes_validate_together_and_stop_together(sample_root,
         split = read_split(sample_root, name)
         emb[name] = (np.concatenate([e for _, e, _ in fx.dataset(ImageFiles(split.image_paths(), fx.transform(),
                                                                             bb.image_size))]), split)
-    score = knn_geoscore(emb["train"][0], emb["train"][1].lat_deg, emb["train"][1].lon_deg, emb["val"][0],
-                         emb["val"][1].lat_deg, emb["val"][1].lon_deg)
+    score, _ = validation_score(emb["train"][0], emb["train"][1].lat_deg, emb["train"][1].lon_deg,
+                                emb["val"][0], emb["val"][1].lat_deg, emb["val"][1].lon_deg, "small")
     assert history[0]["val_geoscore"] == pytest.approx(score, rel=1e-4)
 
 
@@ -147,7 +157,7 @@ def test_torchrun_without_the_hybrid_head_and_with_a_step_limit(sample_root, tmp
     """DDP with a head that gets no gradient (hybrid off) must not crash; max_steps stops both ranks."""
     sets = {"data": str(sample_root), "arch": TINY, "epochs": 5, "workers": 0, "out": str(tmp_path),
             "quadtree_max_points": 200, "batch_size": 64, "hybrid_weight": 0.0, "retrieval_weight": 1.0,
-            "max_steps": 3}
+            "max_steps": 3, "val_grid": "small"}
     r = _torchrun(sets, 29564)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1: done after epoch 0 (step 3)" in r.stdout  # the cut epoch is not counted
@@ -214,7 +224,7 @@ def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_weights(sample_r
     def cmd(out):
         sets = {"data": str(sample_root), "arch": TINY, "epochs": 3, "workers": 0, "out": str(out),
                 "quadtree_max_points": 200, "batch_size": 64, "warmup_steps": 2, "views": 2,
-                "rotate_deg": 30.0, "zoom": 0.1}
+                "rotate_deg": 30.0, "zoom": 0.1, "val_grid": "small"}
         return [sys.executable, "-m", "finetune.train", *[x for k, v in sets.items()
                                                           for x in ("--set", f"{k}={json.dumps(v)}")]]
 
