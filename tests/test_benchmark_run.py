@@ -16,6 +16,7 @@ def engine_dir(tiny_engine):
     return tiny_engine
 
 
+@pytest.mark.slow
 def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, tmp_path, capsys):
     from benchmark.score import score_file
 
@@ -97,6 +98,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():
     assert bootstrap_ci(np.array([np.nan, 1.0, 1.0]), 10, 0) == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_at_toy_size(tmp_path):
     """benchmark/gpu_check.py, run by benchmark/gpu_check.sh on GPU machines, must not rot between them:
     every check runs at toy size here, on the CPU, and reports its figures."""

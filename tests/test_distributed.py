@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # rank 1 starts 2 s late (slow imports on a loaded machine), more than the 0.6 s collective timeout; then,
@@ -28,6 +30,7 @@ except Exception:
 """
 
 
+@pytest.mark.slow
 def test_late_rank_joins_and_collectives_keep_their_timeout():
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29563",
            "GEOVOTE_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -146,6 +146,7 @@ def _embed_cmd(data, model, out, extra=()):
             "--workers", "0", "--batch-size", "50", "--set", "shard_rows=200", "--set", "index=false", *extra]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_losing_or_repeating_rows(sample_root, tiny_model, tmp_path):
     out = tmp_path / "killed"
     shards = out / "embeddings" / "train"
@@ -174,6 +175,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rows(sample_root, tiny
                                np.concatenate([s.embedding for s in b]).astype(np.float32), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_split_the_shards(sample_root, tiny_model, tmp_path):
     """2 gloo ranks share the shards; rank 0 then indexes and tunes alone, for longer than the process
     group's timeout (here 0.6 s): rank 1 has left instead of waiting, so nothing times out."""

@@ -53,6 +53,7 @@ def test_each_objective_changes_the_tower_and_writes_a_loadable_checkpoint(sampl
     assert any(moved)
 
 
+@pytest.mark.slow
 def test_validation_geoscore_is_the_engines_tuned_score_on_val(sample_root, tmp_path):
     """finetune's per-epoch validation scores val as the engine built from its checkpoint does: embed.build
     tunes that engine on val (retrieve.json), and validation_score on the engine's own fp16 embeddings
@@ -121,6 +122,7 @@ def _torchrun(sets: dict, port: int):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_validate_together_and_stop_together(sample_root, tmp_path):
     """2 gloo ranks: validation embedded in shares and scored once; rank 0's clock stops both after
     epoch 1 of 3 (each rank on its own clock could disagree and hang); only rank 0 reports a score;
@@ -153,6 +155,7 @@ def test_torchrun_two_processes_validate_together_and_stop_together(sample_root,
     assert history[0]["val_geoscore"] == pytest.approx(score, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_without_the_hybrid_head_and_with_a_step_limit(sample_root, tmp_path):
     """DDP with a head that gets no gradient (hybrid off) must not crash; max_steps stops both ranks."""
     sets = {"data": str(sample_root), "arch": TINY, "epochs": 5, "workers": 0, "out": str(tmp_path),

@@ -428,6 +428,7 @@ def test_a_client_that_disconnects_mid_upload_is_one_log_line(tiny_engine):
     assert out.count(b"a client disconnected before its upload arrived") == 1, out.decode()[-2000:]
 
 
+@pytest.mark.slow
 def test_concurrent_large_png_uploads_decode_within_a_budget(tiny_engine):
     """16 uploads at once of a 131 KB PNG that decodes to 40 MP: decoded two at a time and shrunk at
     once, the server's peak memory grows by far less than 16 decoded images (today's main: ~4 GB)."""

@@ -56,6 +56,7 @@ def test_benchmark_run_without_val(noval_root, noval_engine, tmp_path, capsys):
     assert printed.count("head: validation GeoScore") == 3 and "train images held out" in printed
 
 
+@pytest.mark.slow
 def test_heads_never_train_on_the_held_out_rows(noval_root, noval_engine):
     """The stream the heads train on yields every kept row exactly once an epoch, and no excluded one."""
     from benchmark.evaluate import load_validation
