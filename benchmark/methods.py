@@ -14,6 +14,8 @@ Methods:
     classification  the paper's head over QuadTree cells, trained here on the frozen train embeddings
     regression      the paper's regression head (a point on the sphere, great-circle loss)
     hybrid          the paper's best head: hierarchical cells + per-cell offset
+    osv5m-baseline  the paper's released model's own hybrid head (osv5m/baseline, embed.osv5m), on the
+                    engine's embeddings of its tower: only for an engine built with that model
     mean-location   the training set's mean location on the sphere
     top-cell        the most populated QuadTree cell's mean location
     oracle          the training location nearest the truth: the ceiling of any retrieval method here
@@ -325,6 +327,17 @@ def regression(inp: Inputs) -> Prediction:
 @method("hybrid")
 def hybrid(inp: Inputs) -> Prediction:
     return train_head("hybrid", inp)(inp.test_emb)
+
+
+@method("osv5m-baseline")
+def osv5m_baseline(inp: Inputs) -> Prediction:
+    """The released network's head answers from the engine's test embeddings (its standardised class
+    tokens), so the tower runs once, while embedding."""
+    net = getattr(inp.engine.backbone, "model", None)
+    if not hasattr(net, "head_latlon"):
+        raise MethodUnavailable("the engine's model is not the OSV-5M paper's network: build one with "
+                                "`embed.build --model osv5m-baseline` (or its hub repo or folder)")
+    return batched(net.head_latlon, inp.test_emb)
 
 
 # ------------------------------------------------------------------------------------------ constants

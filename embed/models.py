@@ -5,9 +5,12 @@
     vit-l-14-datacomp       ViT-L-14, datacomp_xl_s13b_b90k: the OSV-5M paper's backbone
     ARCH:TAG                any open_clip pretrained pair, e.g. ViT-B-16:laion2b_s34b_b88k
     ARCH:/path/file         a local weights file (.bin, .pt, .pth, .safetensors) for open_clip's ARCH
-    hf-hub:ORG/REPO         an open_clip model on the hub (config + weights), from the cache or the hub
-    FOLDER                  a checkpoint folder written by finetune (manifest.json + visual.pt), or a
-                            folder with open_clip_config.json and weights (a hub snapshot)
+    osv5m-baseline          the OSV-5M paper's released model (hub osv5m/baseline; embed.osv5m)
+    hf-hub:ORG/REPO         an open_clip model on the hub (config + weights), or one in osv5m/baseline's
+                            layout, from the cache or the hub
+    FOLDER                  a checkpoint folder written by finetune (manifest.json + visual.pt), a folder
+                            with open_clip_config.json and weights (a hub snapshot), or a snapshot of
+                            osv5m/baseline (config.json + pytorch_model.bin)
     random:ARCH             an open_clip architecture (or `default`) with random weights, seeded
     pixels:N                raw pixels: the image at 4N px, area-averaged to N x N x 3 (a baseline)
     pixels:N@D              those pixels through a fixed random projection to D dims (rehearsals)
@@ -213,6 +216,30 @@ def _wrap_open_clip(name: str, visual, pre: dict, source: dict) -> Backbone:
                       pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"))
 
 
+def load_osv5m(spec: str) -> Backbone:
+    """The OSV-5M paper's network (embed.osv5m): its alias, its hub repo or a folder of its snapshot.
+    Its output, what an engine indexes, is the standardised class token; `model.head_latlon` is the
+    paper's head on those embeddings."""
+    from embed import osv5m
+
+    try:
+        repo = osv5m.hub_repo(spec)
+        folder = osv5m.snapshot_folder(repo) if repo else Path(spec).expanduser().resolve()
+        net, built = osv5m.build_network(folder)
+    except WeightsMissing as e:
+        raise BackboneError(str(e)) from None
+    except (osv5m.SnapshotError, OSError, RuntimeError) as e:  # a damaged or foreign file
+        raise BackboneError(f"{spec}: {str(e).splitlines()[0][:400]}") from None
+    # the alias and the hub name their own weights; a folder is named by its weights' content
+    name = spec if repo else f"{folder.name}@{_file_sha256(folder / osv5m.WEIGHTS_FILE)[:12]}"
+    shape = built["shape"]
+    source = {"osv5m": str(folder), "hub": repo or "", "tower_activation": built["tower_activation"],
+              "activation_from": built["activation_from"], "cells": shape["cells"],
+              "embedding": "the class token standardised (LayerNorm without affine)"}
+    return Backbone(name=name, model=net, image_size=shape["image_size"], mean=built["mean"],
+                    std=built["std"], dim=shape["width"], source=source)
+
+
 def load_hub_or_folder(spec: str) -> Backbone:
     """hf-hub:ORG/REPO, or a folder with open_clip_config.json and weights."""
     from embed import pretrained
@@ -344,7 +371,7 @@ def canonical_name(name: str) -> str:
     """`name` with any path in it made absolute (a folder, or ARCH:/path): the form an index records, so
     that queries find the model from any working directory. Registry names come first, as in
     load_backbone: a folder called `default` in the working directory is not the bundled model."""
-    if name == "default" or name in ALIASES or name.startswith(("random:", "pixels:", "hf-hub:")):
+    if name in NAMED or name in ALIASES or name.startswith(("random:", "pixels:", "hf-hub:")):
         return name
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser().resolve())
@@ -355,7 +382,9 @@ def canonical_name(name: str) -> str:
     return name
 
 
-MODEL_FORMS = ("default", *ALIASES, "ARCH:TAG", "ARCH:/path/weights", "hf-hub:ORG/REPO", "a folder",
+NAMED = ("default", "osv5m-baseline")  # registry names that are not open_clip aliases
+MODEL_FORMS = ("default", *ALIASES, "osv5m-baseline", "ARCH:TAG", "ARCH:/path/weights", "hf-hub:ORG/REPO",
+               "a folder",
                "random:ARCH", "pixels:N", "pixels:N@D")
 
 
@@ -363,10 +392,14 @@ def describe_models() -> str:
     """The registry, for `--model list`: each alias with what it resolves to, then the other forms."""
     lines = ["default              the bundled model: " + str(DEFAULT_MODEL_DIR)]
     lines += [f"{name:<20} {r.describe()}" for name, r in ALIASES.items()]
-    lines += ["ARCH:TAG             any open_clip pretrained pair (open_clip.list_pretrained()), by its tag",
+    lines += ["osv5m-baseline       the OSV-5M paper's released model (hub osv5m/baseline): a DataComp "
+              "ViT-L/14 fine-tuned on OSV-5M, with its hybrid head",
+              "ARCH:TAG             any open_clip pretrained pair (open_clip.list_pretrained()), by its tag",
               "ARCH:/path/weights   a local open_clip weights file (.bin, .pt, .pth, .safetensors)",
-              "hf-hub:ORG/REPO      an open_clip model on the hub (open_clip_config.json + weights)",
-              "FOLDER               a finetune checkpoint, or a folder of open_clip_config.json + weights",
+              "hf-hub:ORG/REPO      an open_clip model on the hub (open_clip_config.json + weights), or one "
+              "in osv5m/baseline's layout",
+              "FOLDER               a finetune checkpoint, a folder of open_clip_config.json + weights, or a "
+              "snapshot of osv5m/baseline (config.json + pytorch_model.bin)",
               "random:ARCH          an open_clip architecture (or `default`) with seeded random weights",
               "pixels:N             raw pixels, N x N x 3 (a baseline)",
               "pixels:N@D           raw pixels projected to D dims (a fixed random projection; rehearsals)"]
@@ -383,6 +416,8 @@ def load_backbone(name: str = "default") -> Backbone:
         return load_checkpoint(DEFAULT_MODEL_DIR)
     if name in ALIASES:
         return load_pretrained(ALIASES[name])
+    if name == "osv5m-baseline":
+        return load_osv5m(name)
     if name.startswith("random:"):
         return random_backbone(name.split(":", 1)[1])
     if name.startswith("pixels:"):
@@ -395,14 +430,19 @@ def load_backbone(name: str = "default") -> Backbone:
             raise BackboneError(f"pixels:N@D needs N and D of at least 1, got {name!r}")
         return pixels_backbone(side_px, width)
     if name.startswith("hf-hub:"):
-        return load_hub_or_folder(name)
+        from embed import osv5m
+
+        return load_osv5m(name) if osv5m.hub_repo(name) else load_hub_or_folder(name)
     path = Path(name).expanduser()
     if path.is_dir():
+        from embed import osv5m
         from embed.pretrained import is_open_clip_folder
 
-        if (path / "manifest.json").is_file() or not is_open_clip_folder(path):
-            return load_checkpoint(path)
-        return load_hub_or_folder(str(path))
+        if is_open_clip_folder(path) and not (path / "manifest.json").is_file():
+            return load_hub_or_folder(str(path))
+        if osv5m.is_osv5m_folder(path):
+            return load_osv5m(str(path))
+        return load_checkpoint(path)
     if path.is_file():
         raise BackboneError(f"{name} is a file: for a weights file, name its open_clip architecture too, "
                             f"e.g. --model ViT-B-32-quickgelu:{name}")

@@ -205,6 +205,23 @@ class QuadTree:
         cells = np.asarray(cells, np.int64)
         return self.lat_mean[cells], self.lon_mean[cells]
 
+    # --- OSV-5M's cell table ---------------------------------------------------------------------
+    def leaf_table(self) -> dict[str, np.ndarray]:
+        """The leaves as OSV-5M lists its cells in `quadtree_<depth>_<max_points>.csv` (its
+        scripts/preprocessing/preprocess.py, which the paper's hybrid head reads): `cluster_id` (the
+        class), the split box (`min_lat`, `min_lon`, `max_lat`, `max_lon`) and the mean of the points."""
+        b = self.box[self.leaves]
+        return {"cluster_id": np.arange(self.n_leaves), "min_lat": b[:, 0], "min_lon": b[:, 1],
+                "max_lat": b[:, 2], "max_lon": b[:, 3], "mean_lat": self.lat_mean[self.leaves],
+                "mean_lon": self.lon_mean[self.leaves]}
+
+    def write_csv(self, path: str | Path) -> None:
+        """leaf_table as OSV-5M's CSV (read back by read_quadtree_csv, and by upstream's code)."""
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(pa.table(self.leaf_table()), str(path))
+
     # --- storage --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         meta = {"kind": "quadtree", "max_points": self.max_points, "max_depth": self.max_depth}
@@ -257,3 +274,25 @@ class H3Cells:
         ll = np.array([h3.cell_to_latlng(h3.int_to_str(int(c))) for c in
                        np.asarray(cells, np.int64).reshape(-1).view(np.uint64)]).reshape(-1, 2)
         return ll[:, 0], ll[:, 1]
+
+
+QUADTREE_CSV_COLUMNS = ("cluster_id", "min_lat", "min_lon", "max_lat", "max_lon", "mean_lat", "mean_lon")
+
+
+def read_quadtree_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """OSV-5M's cell table (`quadtree_10_1000.csv`, or QuadTree.write_csv's), float64 columns in class
+    order; ValueError naming what is missing or out of order."""
+    import pyarrow.csv as pacsv
+
+    try:
+        t = pacsv.read_csv(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+        raise ValueError(f"{path}: not a CSV table ({e})") from None
+    missing = [c for c in QUADTREE_CSV_COLUMNS if c not in t.column_names]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} "
+                         f"(expected {', '.join(QUADTREE_CSV_COLUMNS)})")
+    out = {c: t.column(c).to_numpy().astype(np.float64) for c in QUADTREE_CSV_COLUMNS}
+    if not np.array_equal(out["cluster_id"], np.arange(t.num_rows)):
+        raise ValueError(f"{path}: cluster_id is not 0, 1, 2, ... in order")
+    return out

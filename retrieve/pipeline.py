@@ -192,9 +192,9 @@ def _check_out(layout: EngineLayout) -> None:
 def engine_name(model: str, backbone_name: str) -> str:
     """The engine folder's name: the model's name, or for a folder or a file (whose name says little:
     every fine-tune is `.../best`) the backbone's name, which carries the weights' hash."""
-    from embed.models import ALIASES
+    from embed.models import ALIASES, NAMED
 
-    if model == "default" or model in ALIASES or model.startswith(("random:", "pixels:", "hf-hub:")):
+    if model in NAMED or model in ALIASES or model.startswith(("random:", "pixels:", "hf-hub:")):
         return model
     if ":" in model and not Path(model.split(":", 1)[1]).exists() and not Path(model).exists():
         return model  # ARCH:TAG
