@@ -32,7 +32,10 @@ class FeatureExtractor:
         self.backbone = backbone
         self.device = pick_device(device)
         self.cuda = self.device.startswith("cuda")
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.cuda)
+        # "auto": bf16 on CUDA, unless the backbone asks for fp32 (the OSV-5M paper's network, whose
+        # head's cell choice must be the float32 forward's)
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.cuda
+                                            and getattr(backbone, "precision", "auto") != "fp32")
         if self.bf16 and not self.cuda:
             raise ValueError("bf16 is for CUDA here; on CPU use fp32")
         self.batch_size = batch_size

@@ -100,6 +100,7 @@ class Backbone:
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
     source: dict = field(default_factory=dict)  # how it was made: arch, tag, checkpoint manifest
+    precision: str = "auto"  # "fp32": never under bf16 autocast (embed.features)
 
     def transform(self):
         """PIL image -> normalised tensor, open_clip's evaluation preprocessing. The common case (shortest
@@ -228,7 +229,7 @@ def load_osv5m(spec: str) -> Backbone:
         net, built = osv5m.build_network(folder)
     except WeightsMissing as e:
         raise BackboneError(str(e)) from None
-    except (osv5m.SnapshotError, OSError, RuntimeError) as e:  # a damaged or foreign file
+    except (ValueError, OSError, RuntimeError) as e:  # a damaged or foreign file (SnapshotError included)
         raise BackboneError(f"{spec}: {str(e).splitlines()[0][:400]}") from None
     # the alias and the hub name their own weights; a folder is named by its weights' content
     name = spec if repo else f"{folder.name}@{_file_sha256(folder / osv5m.WEIGHTS_FILE)[:12]}"
@@ -237,7 +238,7 @@ def load_osv5m(spec: str) -> Backbone:
               "activation_from": built["activation_from"], "cells": shape["cells"],
               "embedding": "the class token standardised (LayerNorm without affine)"}
     return Backbone(name=name, model=net, image_size=shape["image_size"], mean=built["mean"],
-                    std=built["std"], dim=shape["width"], source=source)
+                    std=built["std"], dim=shape["width"], source=source, precision="fp32")
 
 
 def load_hub_or_folder(spec: str) -> Backbone:

@@ -22,7 +22,10 @@ is LayerNorm without its affine (zero mean, unit variance over the width). Both 
 with a LayerNorm, which sees nothing of the token but this, so the features retrieval compares are the
 ones the fine-tuning on OSV-5M shaped, without either MLP's own per-dimension rescaling; and since a
 LayerNorm ignores scale, the head's answer is a function of the stored, L2-normalised embedding alone:
-`OSV5MNetwork.head_latlon` runs the head on an engine's embeddings without running the tower again.
+`OSV5MNetwork.head_latlon` runs the head on an engine's embeddings without running the tower again. The
+shards store them in fp16 (a relative rounding of at most 5e-4): the answers move by metres, except
+where two cells' logits are that close, when the cell can change (1 image in 400 on random weights,
+tests/test_osv5m.py). The network always runs in float32 (Backbone.precision), never bf16 autocast.
 """
 from __future__ import annotations
 
@@ -136,21 +139,23 @@ class OSV5MNetwork(nn.Module):
 
     @torch.no_grad()
     def head_radians(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, 2) float64 (lat, lon) in radians, as upstream's Geolocalizer returns: `features` are any
-        positive multiple of the standardised class token (the MLPs' LayerNorms ignore the scale)."""
-        z = features.float()
+        """(B, 2) float64 (lat, lon) in radians on the CPU, as upstream's Geolocalizer returns:
+        `features` are any positive multiple of the standardised class token (the MLPs' LayerNorms
+        ignore the scale), on any device (the network's is used)."""
+        z = features.to(self.cell_center.device, torch.float32)
         logits, reg = self.mid.classif(z), self.mid.reg(z)
-        return self.decode(logits, reg)
+        return self.decode(logits, reg).cpu()
 
     def decode(self, logits: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
         """HybridHeadCentroid in eval mode: logits (B, C), reg (B, 2C) -> (B, 2) radians, float64."""
         c = logits.argmax(dim=-1)
-        r = reg.view(reg.shape[0], -1, 2)[torch.arange(len(c)), c]
+        r = reg.view(reg.shape[0], -1, 2)[torch.arange(len(c), device=c.device), c]
         if self.use_tanh:
             r = self.scale_tanh * torch.tanh(r)
         size = torch.where(r > 0, self.cell_size_up[c], self.cell_size_down[c])
         gps = self.cell_center[c] + r * size  # float32 r with float64 cells: float64, as upstream
-        return gps.clamp(-1, 1) * torch.tensor([math.pi / 2, math.pi], dtype=torch.float64)
+        # upstream's UnormGPS: a float32 constant (torch.Tensor) times the float64 point
+        return gps.clamp(-1, 1) * torch.tensor([math.pi / 2, math.pi], dtype=torch.float32, device=gps.device)
 
     def head_latlon(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The head's answers (lat, lon in degrees) for L2-normalised embeddings of this network."""
@@ -166,6 +171,10 @@ def read_state(path: Path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise SnapshotError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    # transformers 5 saves CLIPVisionModel without its `vision_model.` level: both spellings are read
+    state = {("backbone.clip.vision_model." + k.split("backbone.clip.", 1)[1]
+              if "backbone.clip." in k and "backbone.clip.vision_model." not in k else k): v
+             for k, v in state.items()}
     prefixed = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     bare = {k: v for k, v in state.items() if not k.startswith("model.")}
     if prefixed and bare:
@@ -245,7 +254,10 @@ def _cells(state: dict, folder: Path, config: dict, n: int) -> dict:
             raise SnapshotError(f"{folder}: the weights carry no cell tensors ({', '.join(names)}) and there "
                                 f"is no {name} beside them: copy upstream's utils/{name} (github.com/gastruc/"
                                 "osv5m) into the folder")
-        t = read_quadtree_csv(folder / name)
+        try:
+            t = read_quadtree_csv(folder / name)
+        except ValueError as e:
+            raise SnapshotError(str(e)) from None
         center = np.stack([t["mean_lat"] / 90.0, t["mean_lon"] / 180.0], 1)
         hi = np.stack([t["max_lat"] / 90.0, t["max_lon"] / 180.0], 1)
         lo = np.stack([t["min_lat"] / 90.0, t["min_lon"] / 180.0], 1)
@@ -296,11 +308,16 @@ def build_network(folder: Path) -> tuple[OSV5MNetwork, dict]:
     norm = str((mid.get("norm") or {}).get("_target_", "torch.nn.GroupNorm"))
     if act not in ACTIVATIONS or mid_act not in ACTIVATIONS or norm != "torch.nn.GroupNorm":
         raise SnapshotError(f"unsupported activation or norm (tower {act}, head {mid_act}, norm {norm})")
-    if int(head.get("final_dim", shape["cells"])) != shape["cells"]:
-        raise SnapshotError(f"config.json's head has {head.get('final_dim')} cells, the weights "
-                            f"{shape['cells']}")
-    net = OSV5MNetwork(shape, ACTIVATIONS[act], ACTIVATIONS[mid_act], float(head.get("scale_tanh", 1.0)),
-                       bool(head.get("use_tanh", False)))
+    try:
+        cells, use_tanh = int(head.get("final_dim", shape["cells"])), head["use_tanh"]
+        scale_tanh = float(head["scale_tanh"]) if use_tanh else 1.0
+    except KeyError as e:  # upstream has no default for either
+        raise SnapshotError(f"config.json's HybridHeadCentroid sets no {e}") from None
+    except (TypeError, ValueError) as e:  # an unresolved ${...} interpolation, say
+        raise SnapshotError(f"config.json's HybridHeadCentroid: {e}") from None
+    if cells != shape["cells"]:
+        raise SnapshotError(f"config.json's head has {cells} cells, the weights {shape['cells']}")
+    net = OSV5MNetwork(shape, ACTIVATIONS[act], ACTIVATIONS[mid_act], scale_tanh, bool(use_tanh))
     ours = tower_keys(shape["layers"])
     weights = {}
     for name, theirs in ours.items():

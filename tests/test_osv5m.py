@@ -108,6 +108,12 @@ def released_state(table: dict, seed: int = 0) -> dict:
             elif name.endswith("proj.weight") or "patch_embedding" in name:
                 p.normal_(0, 2.0 / math.sqrt(p[0].numel()))
     mid = RefMLPCentroid(WIDTH, list(HIDDEN), 3 * len(table["cluster_id"]), nn.GroupNorm, nn.GELU)
+    with torch.no_grad():  # no tensor left at its init value: a swapped norm or bias would show
+        for name, p in [*clip.named_parameters(), *mid.named_parameters()]:
+            if p.dim() == 1 and name.endswith("weight"):  # LayerNorm and GroupNorm scales
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
     state = {_clip_keys(clip)[k]: v for k, v in clip.state_dict().items()}
     state["backbone.clip.vision_model.embeddings.position_ids"] = torch.arange((SIZE // PATCH) ** 2 + 1)[None]
     state.update({f"mid.{k}": v for k, v in mid.state_dict().items()})
@@ -344,7 +350,9 @@ def test_an_engine_of_the_network_answers_queries_and_benchmark_scores_its_head(
     quick = np.degrees(reference_answers(state, table, images, "quick_gelu"))
     lat, lon = np.array(pred["latitude"]), np.array(pred["longitude"])
     to_ref, to_quick = haversine_km(lat, lon, ref[:, 0], ref[:, 1]), haversine_km(lat, lon, *quick.T)
-    assert np.median(to_ref) < 0.5 and np.median(to_quick) > 20 and np.mean(to_ref < to_quick) > 0.9
+    # fp16 shards move answers by metres; a cell can flip where two logits are that close (rarely)
+    assert np.median(to_ref) < 0.5 and np.mean(to_ref < 1.0) >= 0.98
+    assert np.median(to_quick) > 20 and np.mean(to_ref < to_quick) > 0.9
     results = json.loads((run / "results.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["geovote", "osv5m-baseline"]
     capsys.readouterr()
