@@ -18,6 +18,8 @@ Methods:
                     engine's embeddings of its tower: only for an engine built with that model
     mean-location   the training set's mean location on the sphere
     top-cell        the most populated QuadTree cell's mean location
+    best-candidate  the candidate of the engine's table nearest the truth: the ceiling of its decision
+    best-of-k       the nearest of the engine's k neighbours to the truth: the ceiling of a choice among them
     oracle          the training location nearest the truth: the ceiling of any retrieval method here
 """
 from __future__ import annotations
@@ -132,9 +134,7 @@ def geovote(inp: Inputs) -> Prediction:
         inp.extras["geovote"] = {"within_km": np.concatenate([p.within_km for p in parts]),
                                  "radius_km": np.concatenate([p.radius_km for p in parts]),
                                  "confidence": np.concatenate([p.confidence for p in parts])}
-        if parts[0].far_probability is not None:  # calibrated with far places: how often it took them for one
-            inp.extras["geovote"] |= {"far_probability": np.concatenate([p.far_probability for p in parts]),
-                                      "far_pick": np.concatenate([p.far_answered for p in parts])}
+        inp.extras["geovote"]["kind"] = np.concatenate([p.answer_kind for p in parts])
     return lat, lon
 
 
@@ -355,6 +355,37 @@ def top_cell(inp: Inputs) -> Prediction:
 
 
 # --------------------------------------------------------------------------------------------- ceiling
+@method("best-candidate")
+def best_candidate(inp: Inputs) -> Prediction:
+    """Looks at the truth: the ceiling of geovote's decision (how much a better choice could gain)."""
+    from geovote.geo import haversine_km
+
+    def answer(rows):
+        table, _ = inp.engine.candidates(inp.test_emb[rows])
+        d = haversine_km(table.lat_deg, table.lon_deg, inp.test_lat[rows, None], inp.test_lon[rows, None])
+        best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)[:, None]
+        pick = lambda a: np.take_along_axis(a, best, 1)[:, 0]  # noqa: E731
+        return pick(table.lat_deg), pick(table.lon_deg)
+
+    return batched(answer, np.arange(len(inp.test_emb)))
+
+
+@method("best-of-k")
+def best_of_k(inp: Inputs) -> Prediction:
+    """Looks at the truth: the nearest of the k neighbours the engine votes with (k tuned)."""
+    from geovote.geo import haversine_km
+
+    k = inp.engine.params.k
+
+    def answer(rows):
+        res = inp.engine.search(inp.test_emb[rows], k)
+        d = haversine_km(res.lat_deg, res.lon_deg, inp.test_lat[rows, None], inp.test_lon[rows, None])
+        best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)[:, None]
+        return np.take_along_axis(res.lat_deg, best, 1)[:, 0], np.take_along_axis(res.lon_deg, best, 1)[:, 0]
+
+    return batched(answer, np.arange(len(inp.test_emb)))
+
+
 @method("oracle")
 def oracle(inp: Inputs) -> Prediction:
     from scipy.spatial import cKDTree

@@ -57,12 +57,14 @@ def calibration_report(extras: dict, plat, plon, tlat, tlon) -> dict:
     d = d[ok]
     cov, acc, auc = accuracy_vs_coverage(conf, d <= 200)
     half = int(np.ceil(len(acc) / 2)) - 1
-    far = {}
-    if "far_probability" in extras:  # a calibration fitted with far places
-        far = {"mean_far_probability": float(extras["far_probability"][ok].mean()),
-               "far_pick_share": float(extras["far_pick"][ok].mean())}
+    from retrieve.candidates import KINDS
+
+    kinds = {}
+    if "kind" in extras:  # which candidates answered
+        kind = extras["kind"][ok]
+        kinds = {"answer_kinds": {name: float((kind == i).mean()) for i, name in enumerate(KINDS)}}
     return {
-        **far,
+        **kinds,
         "ece": {str(km): calibration_error(within[:, j], d <= km) for j, km in enumerate(LEVELS_KM)},
         "mean_probability": {str(km): float(within[:, j].mean()) for j, km in enumerate(LEVELS_KM)},
         "observed": {str(km): float((d <= km).mean()) for km in LEVELS_KM},
@@ -121,6 +123,7 @@ def write_outputs(out: Path, results: list[dict], preds: dict, ids, tlat, tlon, 
     import pyarrow.parquet as pq
 
     from retrieve.calibrate import LEVELS_KM
+    from retrieve.candidates import KINDS
 
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     for name, (plat, plon) in preds.items():
@@ -129,7 +132,8 @@ def write_outputs(out: Path, results: list[dict], preds: dict, ids, tlat, tlon, 
         if more:
             cols |= {"confidence": more["confidence"], "radius_km": more["radius_km"],
                      **{f"within_{km}km": more["within_km"][:, j] for j, km in enumerate(LEVELS_KM)},
-                     **{k: more[k] for k in ("far_probability", "far_pick") if k in more}}
+                     **({"kind": pa.array([KINDS[k] if k >= 0 else None for k in more["kind"]], pa.string())}
+                        if "kind" in more else {})}
         pq.write_table(pa.table(cols), out / "predictions" / f"{name}.parquet")
     (out / "results.json").write_text(json.dumps({**meta, "methods": results}, indent=2) + "\n")
     cols = ["name", *SCORE_KEYS, "geoscore_ci95", "acc_country_ci95"]
@@ -167,8 +171,9 @@ def markdown_table(results: list[dict], meta: dict) -> str:
                   f"200 km "
                   f"{100 * cal['acc_200km_most_confident_half']:.1f}% of the time (area under accuracy "
                   f"against coverage {cal['auc_acc_200km_vs_coverage']:.3f})"
-                  + (f"; P(far) averages {cal['mean_far_probability']:.2f} and the far pick answers "
-                     f"{100 * cal['far_pick_share']:.1f}%" if "far_pick_share" in cal else "")]
+                  + ("; answers by kind: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%"
+                                                      for k, v in cal["answer_kinds"].items())
+                     if "answer_kinds" in cal else "")]
     return "\n".join(lines)
 
 

@@ -487,8 +487,7 @@ def validate(cfg: TrainConfig, model: Model, data: Data, device: str, rank: int 
                                              va, data.val.lat_deg[va_rows], data.val.lon_deg[va_rows],
                                              cfg.val_grid)
             chosen = asdict(params)
-            score = (score, {k: chosen[k] for k in ("k", "temperature", "cells", "levels", "bandwidth_km",
-                                                    "hedge_below")})
+            score = (score, {k: chosen[k] for k in ("k", "temperature", "cells", "levels", "bandwidth_km")})
     score = distributed.broadcast(score)
     if isinstance(score, str):
         from geovote.data import DataError

@@ -2,14 +2,14 @@
 
     answers_for_images(engine, pil_images, names)   -> [answer dict]   (the --json keys + `neighbours`)
 
-An answer's `confidence` is P(the true place is within 200 km), `within_km` the same for 1, 25, 200, 750
-and 2500 km, `radius_km` the radius holding it with 90% probability, all calibrated on the tuning split
-(retrieve.calibrate); every candidate's `score` is its own P(within 200 km), the answer first and highest,
-except where the far pick answers (`far_pick`: the photo looks like a place far from every training
-image, `far_probability` above the threshold retrieve.tune chose; the answer is then the neighbour of
-highest expected GeoScore, and an alternative can be more likely within 200 km). `far_probability` is
-null for an engine calibrated without far places. An engine without calibration.json answers
-`calibrated: false`, the raw vote share as confidence and score, and no within_km or radius_km.
+The answer is the candidate of highest expected GeoScore (retrieve.calibrate.decide); its `confidence` is
+P(the true place is within 200 km), `within_km` the same for 1, 25, 200, 750 and 2500 km, `radius_km`
+the radius holding it with 90% probability, `expected_geoscore` what it scores on average, all from its
+own distance distribution fitted on the tuning split; `kind` says what it is (the vote's `peak`, a
+`runner_up` peak, the `far_pick`, a `neighbour`: a gallery image's place); the other candidates follow
+in the same order, each `score` its own P(within 200 km). An engine without calibration.json answers
+`calibrated: false`, the vote's peak, the raw vote share as confidence and score, no within_km or
+radius_km.
     answers(engine, paths)                           -> (path, answer | None, error | None), in order
     predict_split(engine, data, split, out)          -> predictions parquet or CSV (by out's suffix:
                                                         id, latitude, longitude, confidence), for
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieve.calibrate import LEVELS_KM
+from retrieve.candidates import KINDS
 
 BATCH = 64  # images decoded and embedded together
 SPLIT_BATCH = 4096  # split queries searched and voted together
@@ -57,8 +58,9 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
             "within_km": dict(zip(levels, (round(float(p), 4) for p in pred.within_km[i]))) if calibrated
             else None,
             "radius_km": round(float(pred.radius_km[i]), 1) if calibrated else None,
-            "far_probability": round(float(pred.far_probability[i]), 4) if pred.far_probability is not None
-            else None,
+            "expected_geoscore": round(float(pred.expected_geoscore[i]), 1) if calibrated else None,
+            "kind": (KINDS[int(pred.answer_kind[i])]
+                     if pred.answer_kind is not None and pred.answer_kind[i] >= 0 else "peak"),
             "far_pick": bool(pred.far_answered[i]) if pred.far_answered is not None else False,
             "country": str(place["country"][i]),
             "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
@@ -95,15 +97,15 @@ def answers(engine, paths: list[Path], tta: bool = False, region=None):
 
 def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, log=None) -> Path:
     """Embed a split (resumable, into the engine folder) and write its predictions: id, latitude,
-    longitude, confidence, for a calibrated engine radius_km and within_<d>km, and for one calibrated
-    with far places far_probability and far_pick; parquet, CSV or GeoJSON by `out`'s suffix."""
+    longitude, confidence, and for a calibrated engine radius_km, within_<d>km, expected_geoscore and
+    kind; parquet, CSV or GeoJSON by `out`'s suffix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from geovote.shards import iter_shards
     from retrieve.embedded import ensure_embedded
 
-    ids, lat, lon, conf, radius, within, far, far_pick = [], [], [], [], [], [], [], []
+    ids, lat, lon, conf, radius, within, expected, kind = [], [], [], [], [], [], [], []
     for shard in iter_shards(ensure_embedded(engine, data, split, workers, log)):
         for start in range(0, len(shard), SPLIT_BATCH):
             pred, _ = engine.locate(shard.embedding[start:start + SPLIT_BATCH].astype(np.float32),
@@ -115,17 +117,17 @@ def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, 
             if pred.within_km is not None:
                 radius.append(pred.radius_km)
                 within.append(pred.within_km)
-            if pred.far_probability is not None:
-                far.append(pred.far_probability)
-                far_pick.append(pred.far_answered)
+                expected.append(pred.expected_geoscore)
+                kind.append(pred.answer_kind)
     cols = {"id": pa.array(ids, pa.string()), "latitude": np.concatenate(lat),
             "longitude": np.concatenate(lon), "confidence": np.concatenate(conf)}
     if within:
         w = np.concatenate(within)
+        kinds = np.concatenate(kind)
         cols |= {"radius_km": np.concatenate(radius),
-                 **{f"within_{km}km": w[:, j] for j, km in enumerate(LEVELS_KM)}}
-    if far:
-        cols |= {"far_probability": np.concatenate(far), "far_pick": np.concatenate(far_pick)}
+                 **{f"within_{km}km": w[:, j] for j, km in enumerate(LEVELS_KM)},
+                 "expected_geoscore": np.concatenate(expected),
+                 "kind": pa.array([KINDS[k] if k >= 0 else None for k in kinds], pa.string())}
     table = pa.table(cols)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

@@ -1,36 +1,44 @@
-"""Calibrated answers: from what the vote saw (retrieve.predict.FEATURES) to the probability that the true
-place lies within 1, 25, 200, 750 and 2500 km of an answer, and the radius that holds it with 90%.
+"""The one decision: each candidate's distance distribution, and the answer of highest expected GeoScore.
 
-One logistic regression per distance (scikit-learn's, fitted by retrieve.tuning on the tuning split: val,
-or train images held out of their own search), over standardised features. When the tuning also has views
-of far places (val_far: places far from every training place), the probability is a mixture of experts:
-    P(within d) = (1 - P(far)) P_near(within d) + P(far) P_far(within d)
-with a third logistic regression, P(far), telling the two kinds of photo apart (fitted with them in the
-proportion the tuning has them), and each expert fitted on its own kind only. One regression over both
-kinds cannot do this: the vote's shares say much about a covered place's answer and little about a far
-one's, and a linear model must give a feature one weight for both.
-Stored as plain JSON beside retrieve.json (`calibration.json`): applying it is dot products and sigmoids in
-numpy, so a query never imports scikit-learn, and nothing is unpickled. Probabilities are made
-non-decreasing in the distance.
+    model = fit(features, dist_km, fitted_on)        # retrieve.tuning, on the tuning images' candidates
+    within = model.within(table.features)            # (Q, C, levels) P(truth within 1/25/200/750/2500 km)
+    pred = decide(model, table)                      # the candidate of highest expected GeoScore answers
 
-The radius: P(within d) is interpolated linearly in log(1 + d) between the levels, with P(0) = 0 and
-P(half the Earth's circumference) = 1; the radius is where it reaches 90%.
+The distribution. For each distance of LEVELS_KM, P(truth within d of the candidate | its features,
+retrieve.candidates.FEATURES, read by name), one boosted-tree classifier each (scikit-learn's
+HistGradientBoostingClassifier: shallow trees, log loss), made non-decreasing in d. Trees, because which
+evidence counts depends on the rest: the nearest image's similarity says much where it is high and
+little on a far place, the vote's share the other way round, interactions a logistic regression (what
+geovote used before) cannot hold. Fitted where the engine is tuned (val, and val_far where the dataset
+has one, else train images held out of their own search at several radii, so it exists on every
+dataset) on every candidate of every tuning image. Stored as plain arrays in calibration.json; applied by
+walking the trees in numpy, so a query never imports scikit-learn, and nothing is unpickled.
+
+The decision. A candidate's expected GeoScore, E[5000 exp(-D / 1492.7 km)] under its CDF interpolated
+linearly in log(1 + d) between the levels (0 at 0 km, 1 at half the Earth's circumference, as
+radius_km reads it), is a fixed linear function of its five probabilities (EXPECTED_WEIGHTS). The
+candidate where it is highest answers; within_km, radius_km and confidence (P(within 200 km)) are its
+own; the other candidates follow in that order, each with its own probabilities.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from geovote.geo import EARTH_RADIUS_KM
+from geovote.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 
 LEVELS_KM = (1, 25, 200, 750, 2500)
 RADIUS_PROBABILITY = 0.9
 FARTHEST_KM = math.pi * EARTH_RADIUS_KM  # nothing on Earth is further from an answer
 CONFIDENCE_KM = 200  # `confidence` is P(within 200 km)
+MODEL_VERSION = 2
+TREES = {"max_iter": 150, "max_depth": 3, "learning_rate": 0.1, "min_samples_leaf": 40,
+         "l2_regularization": 1.0}
 
 
 class CalibrationError(ValueError):
@@ -41,50 +49,87 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
+def _knots(levels_km) -> np.ndarray:
+    return np.log1p(np.array([0.0, *levels_km, FARTHEST_KM]))
+
+
+def expected_weights(levels_km=LEVELS_KM) -> tuple[np.ndarray, float]:
+    """(a, b): expected GeoScore = a . P(within levels) + b, under the CDF of the module's doc. Each
+    segment between knots contributes (F(end) - F(start)) x the mean GeoScore over it (uniform in
+    log(1 + d))."""
+    u = _knots(levels_km)
+    mean_g = np.empty(len(u) - 1)
+    for i in range(len(u) - 1):
+        t = np.linspace(u[i], u[i + 1], 2001)
+        g = GEOSCORE_MAX * np.exp(-np.expm1(t) / GEOSCORE_SCALE_KM)
+        mean_g[i] = np.trapezoid(g, t) / (u[i + 1] - u[i])
+    # sum_i (P_{i+1} - P_i) mean_g[i] with P_0 = 0 and P_last = 1: the inner P's get mean_g[i-1] - mean_g[i]
+    return mean_g[:-1] - mean_g[1:], float(mean_g[-1])
+
+
 @dataclass
 class Calibration:
+    """The distance model: per level, boosted trees as arrays (feature < 0: a leaf)."""
+
     features: list[str]
-    mean: list[float]
-    scale: list[float]
-    coef: list[list[float]]  # (levels, features)
-    intercept: list[float]
+    levels_km: list[int]
+    baseline: list[float]  # (levels,) raw score before the trees
+    feature: list  # (levels, trees, nodes) int
+    threshold: list  # (levels, trees, nodes): x <= threshold goes left
+    missing_left: list  # (levels, trees, nodes) bool: where NaN goes
+    left: list
+    right: list
+    value: list  # (levels, trees, nodes): a leaf's contribution to the raw score
+    depth: int
     fitted_on: str
     images: int
-    levels_km: list[int] = None  # type: ignore[assignment]
-    # the far expert and the detector (None: fitted without far places, `coef` answers alone)
-    far_coef: list[list[float]] | None = None  # (levels, features)
-    far_intercept: list[float] | None = None
-    far_odds_coef: list[float] | None = None  # (features,): P(far)
-    far_odds_intercept: float | None = None
+    version: int = MODEL_VERSION
 
     def __post_init__(self):
-        self.levels_km = list(self.levels_km or LEVELS_KM)
+        self._arrays = [tuple(np.asarray(getattr(self, name)[i], dtype) for name, dtype in
+                              (("feature", np.int64), ("threshold", np.float64), ("missing_left", bool),
+                               ("left", np.int64), ("right", np.int64), ("value", np.float64)))
+                        for i in range(len(self.levels_km))]
 
-    def _standardised(self, features: np.ndarray) -> np.ndarray:
-        return (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """(R, F) features -> (R, levels) the trees' raw scores (log-odds)."""
+        x = np.asarray(x, np.float64)
+        rows = np.arange(len(x))[:, None]
+        out = np.empty((len(x), len(self.levels_km)))
+        for level, (feat, thr, miss, left, right, value) in enumerate(self._arrays):
+            if feat.size == 0:
+                out[:, level] = self.baseline[level]
+                continue
+            trees = np.arange(feat.shape[0])[None, :]
+            node = np.zeros((len(x), feat.shape[0]), np.int64)
+            for _ in range(self.depth + 1):
+                f = feat[trees, node]
+                leaf = f < 0
+                v = x[rows, np.maximum(f, 0)]
+                go_left = np.where(np.isnan(v), miss[trees, node], v <= thr[trees, node])
+                node = np.where(leaf, node, np.where(go_left, left[trees, node], right[trees, node]))
+            out[:, level] = self.baseline[level] + value[trees, node].sum(1)
+        return out
 
     def within(self, features: np.ndarray) -> np.ndarray:
-        """(..., F) features -> (..., levels) probabilities, non-decreasing along the levels."""
-        x = self._standardised(features)
-        p = _sigmoid(x @ np.asarray(self.coef).T + np.asarray(self.intercept))
-        if self.far_coef is not None:
-            far = self.far_probability(features)[..., None]
-            p_far = _sigmoid(x @ np.asarray(self.far_coef).T + np.asarray(self.far_intercept))
-            p = (1.0 - far) * p + far * p_far
-        return np.maximum.accumulate(p, axis=-1)
+        """(..., F) features -> (..., levels) P(within each level), non-decreasing along the levels;
+        NaN for absent rows (all features NaN)."""
+        f = np.asarray(features, np.float64)
+        flat = f.reshape(-1, f.shape[-1])
+        absent = np.all(np.isnan(flat), axis=1)
+        p = np.full((len(flat), len(self.levels_km)), np.nan)
+        if (~absent).any():
+            p[~absent] = np.maximum.accumulate(_sigmoid(self.raw(flat[~absent])), axis=1)
+        return p.reshape(*f.shape[:-1], len(self.levels_km))
 
-    def far_probability(self, features: np.ndarray) -> np.ndarray | None:
-        """(...) P(far) of each candidate: that its photo is of a place far from every training place;
-        None without a far expert."""
-        if self.far_odds_coef is None:
-            return None
-        x = self._standardised(features)
-        return _sigmoid(x @ np.asarray(self.far_odds_coef) + self.far_odds_intercept)
+    def expected_geoscore(self, within: np.ndarray) -> np.ndarray:
+        a, b = expected_weights(self.levels_km)
+        return np.asarray(within) @ a + b
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.write_text(json.dumps({k: v for k, v in asdict(self).items()}) + "\n")
         tmp.replace(path)
         return path
 
@@ -92,8 +137,14 @@ class Calibration:
     def load(cls, path: str | Path, features: tuple[str, ...]) -> "Calibration":
         path = Path(path)
         try:
-            cal = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
+            data = json.loads(path.read_text())
+            if data.get("version") != MODEL_VERSION:
+                raise CalibrationError(f"{path} is an older calibration (not the candidate table's); rerun "
+                                       "`python -m retrieve.tune`")
+            cal = cls(**data)
+        except CalibrationError:
+            raise
+        except (OSError, ValueError, TypeError, IndexError) as e:
             raise CalibrationError(f"{path}: unreadable ({e}); rerun `python -m retrieve.tune`") from None
         if list(cal.features) != list(features):
             raise CalibrationError(f"{path} was fitted on other features ({', '.join(cal.features)}); rerun "
@@ -101,63 +152,49 @@ class Calibration:
         return cal
 
 
-def training_rows(pred, true_lat, true_lon) -> tuple[np.ndarray, np.ndarray]:
-    """(features, distance to the truth in km) of every candidate of a Prediction: the answers, their
-    alternatives and the far picks where computed, so that each one's probability is calibrated
-    (`is_alternative` and `is_far_pick` tell them apart)."""
-    from geovote.geo import haversine_km
-
-    true_lat, true_lon = np.asarray(true_lat), np.asarray(true_lon)
-    has = np.isfinite(pred.alt_lat_deg)
-    x = [pred.features, pred.alt_features[has]]
-    d = [haversine_km(pred.lat_deg, pred.lon_deg, true_lat, true_lon),
-         haversine_km(pred.alt_lat_deg, pred.alt_lon_deg, true_lat[:, None], true_lon[:, None])[has]]
-    if pred.far_lat_deg is not None:
-        x.append(pred.far_features)
-        d.append(haversine_km(pred.far_lat_deg, pred.far_lon_deg, true_lat, true_lon))
-    return np.concatenate(x), np.concatenate(d)
-
-
-def _logistic(xs: np.ndarray, y: np.ndarray) -> tuple[list[float], float]:
-    """(coef, intercept) of P(y | xs); with one class, a constant pulled off 0 and 1 by one pseudo-count
-    each."""
-    from sklearn.linear_model import LogisticRegression
-
-    if y.all() or not y.any():
-        p = (y.sum() + 0.5) / (len(y) + 1.0)
-        return [0.0] * xs.shape[1], float(np.log(p / (1 - p)))
-    model = LogisticRegression(C=1.0, max_iter=2000).fit(xs, y)
-    return model.coef_[0].tolist(), float(model.intercept_[0])
-
-
-def _levels(xs: np.ndarray, d: np.ndarray) -> tuple[list[list[float]], list[float]]:
-    """One logistic regression per level of LEVELS_KM, P(d <= level | xs)."""
-    fitted = [_logistic(xs, d <= level) for level in LEVELS_KM]
-    return [c for c, _ in fitted], [b for _, b in fitted]
+def _trees(model, depth: int) -> tuple[float, list]:
+    """(baseline, [feature, threshold, missing_left, left, right, value] each (trees, nodes)) of a
+    fitted HistGradientBoostingClassifier, padded to the widest tree."""
+    trees = [p[0].nodes for p in model._predictors]
+    width = max(len(t) for t in trees)
+    out = []
+    for name, fill in (("feature_idx", -1), ("num_threshold", 0.0), ("missing_go_to_left", 0), ("left", 0),
+                       ("right", 0), ("value", 0.0)):
+        a = np.full((len(trees), width), fill, dtype=np.float64)
+        for i, t in enumerate(trees):
+            col = t[name].astype(np.float64)
+            if name == "feature_idx":
+                col = np.where(t["is_leaf"], -1, col)
+            a[i, :len(t)] = col
+        out.append(a.tolist())
+    return float(np.ravel(model._baseline_prediction)[0]), out
 
 
 def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitted_on: str,
-        is_far: np.ndarray | None = None) -> Calibration:
-    """P(dist_km <= level | features) for each level of LEVELS_KM. `is_far`: which rows are views of far
-    places (the tuning split's far counterpart); with any, the mixture of experts of the module's doc."""
+        images: int = 0) -> Calibration:
+    """P(dist_km <= level | features) for each level of LEVELS_KM: boosted trees (TREES) per level."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
     x = np.asarray(features, np.float64)
     d = np.asarray(dist_km, np.float64)
-    far = np.zeros(len(d), bool) if is_far is None else np.asarray(is_far, bool)
-    ok = np.all(np.isfinite(x), axis=1) & np.isfinite(d)
-    x, d, far = x[ok], d[ok], far[ok]
-    mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    xs = (x - mean) / scale
-    if not far.any():
-        coef, intercept = _levels(xs, d)
-        return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on,
-                           int(len(d)))
-    coef, intercept = _levels(xs[~far], d[~far])
-    far_coef, far_intercept = _levels(xs[far], d[far])
-    odds_coef, odds_intercept = _logistic(xs, far)
-    return Calibration(list(names), mean.tolist(), scale.tolist(), coef, intercept, fitted_on, int(len(d)),
-                       far_coef=far_coef, far_intercept=far_intercept, far_odds_coef=odds_coef,
-                       far_odds_intercept=odds_intercept)
+    ok = ~np.all(np.isnan(x), axis=1) & np.isfinite(d)
+    x, d = x[ok], d[ok]
+    baseline, arrays = [], {k: [] for k in ("feature", "threshold", "missing_left", "left", "right", "value")}
+    for level in LEVELS_KM:
+        y = d <= level
+        if y.all() or not y.any():  # one class: a constant pulled off 0 and 1 by a pseudo-count each
+            p = (y.sum() + 0.5) / (len(y) + 1.0)
+            baseline.append(float(np.log(p / (1 - p))))
+            for key in arrays:
+                arrays[key].append([])
+            continue
+        model = HistGradientBoostingClassifier(**TREES, early_stopping=False, random_state=0).fit(x, y)
+        b, parts = _trees(model, TREES["max_depth"])
+        baseline.append(b)
+        for key, part in zip(arrays, parts):
+            arrays[key].append(part)
+    return Calibration(list(names), list(LEVELS_KM), baseline, depth=TREES["max_depth"], fitted_on=fitted_on,
+                       images=int(images), **arrays)
 
 
 def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADIUS_PROBABILITY) -> np.ndarray:
@@ -166,9 +203,11 @@ def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADI
     shape = p.shape[:-1]
     p = p.reshape(-1, p.shape[-1])
     grid_p = np.concatenate([np.zeros((len(p), 1)), p, np.ones((len(p), 1))], axis=1)
-    grid_x = np.log1p(np.array([0.0, *levels_km, FARTHEST_KM]))
-    out = np.empty(len(p))
+    grid_x = _knots(levels_km)
+    out = np.full(len(p), np.nan)
     for i, row in enumerate(grid_p):  # np.interp needs increasing x: the probabilities are non-decreasing
+        if not np.all(np.isfinite(row)):
+            continue
         j = int(np.argmax(row >= probability))
         lo, hi = row[j - 1], row[j]
         t = 1.0 if hi <= lo else (probability - lo) / (hi - lo)
@@ -176,52 +215,68 @@ def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADI
     return out.reshape(shape)
 
 
-def apply(cal: Calibration, pred, far_above: float = 1.0):
-    """The Prediction with calibrated probabilities: within_km, radius_km, confidence = P(within 200 km),
-    and the same measure for every alternative (alt_score). The answer is the most probable candidate:
-    the vote's peak, unless a runner-up peak is more likely within 200 km, when the two change
-    places. Alternatives best first.
-    Far places: where the calibration has a far expert and puts P(far) of that answer above `far_above`,
-    the far pick (retrieve.predict.VoteConfig.far_above) answers instead, ahead of every candidate: the
-    choice of the expected GeoScore, not of P(within 200 km), so an alternative can then be more likely
-    within 200 km than the answer (each keeps its own probability); a candidate on the same point is
-    dropped. `far_probability` is the P(far) that decides: that of the most probable candidate (None
-    without a far expert); `far_answered` where the far pick answers."""
+def decide(cal: Calibration | None, table, n_alternatives: int = 3):
+    """The Prediction of the candidate table (retrieve.candidates): each candidate's probabilities,
+    the one of highest expected GeoScore answering (the vote's peak first among equals), the next
+    `n_alternatives` distinct places after it, in that order. `cal` None (an engine not tuned yet):
+    the candidates in the table's order (the peak, then its runner-ups; a region keeps those inside),
+    each scored by its raw vote share within 2 bandwidths."""
     from geovote.geo import haversine_km
+    from retrieve.candidates import KINDS
+    from retrieve.predict import Prediction
 
+    present = table.present
+    q, n = present.shape
+    if cal is not None:
+        within = cal.within(table.features)  # (Q, C, L)
+        score = np.where(present, cal.expected_geoscore(np.nan_to_num(within)), -np.inf)
+    else:
+        within = None
+        score = np.where(present, -np.arange(n, dtype=np.float64)[None, :], -np.inf)
+    order = np.argsort(-score, axis=1, kind="stable")
+
+    def take(a):
+        return np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1)
+
+    lat, lon, kind, score = (take(a) for a in (table.lat_deg, table.lon_deg, table.kind, score))
+    raw_share = take(table.column("share_2h"))
+    none = ~np.isfinite(score[:, 0])
+    # alternatives: the next candidates that are not the same place as one listed before them
+    alt = np.full((q, n_alternatives), -1, np.int64)
+    listed = [np.zeros(q, np.int64)]
+    for a in range(n_alternatives):
+        free = np.isfinite(score)
+        for j in listed:
+            d = haversine_km(lat, lon, np.take_along_axis(lat, j[:, None], 1),
+                             np.take_along_axis(lon, j[:, None], 1))
+            free &= ~(d < MERGE_ALTERNATIVES_KM)
+        free[:, 0] = False
+        nxt = np.where(free.any(1), np.argmax(free, axis=1), -1)
+        alt[:, a] = nxt
+        listed.append(np.maximum(nxt, 0))
+    has, idx = alt >= 0, np.maximum(alt, 0)
+
+    def pick(a):
+        got = np.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], 1)
+        return np.where(has if a.ndim == 2 else has[..., None], got, np.nan)
+
+    kinds = dict(far_answered=kind[:, 0] == KINDS.index("far_pick"),
+                 answer_kind=np.where(none, -1, kind[:, 0]))
+    answer_lat, answer_lon = np.where(none, np.nan, lat[:, 0]), np.where(none, np.nan, lon[:, 0])
+    if cal is None:
+        return Prediction(answer_lat, answer_lon, np.where(none, 0.0, raw_share[:, 0]), pick(lat), pick(lon),
+                          np.nan_to_num(pick(raw_share)), **kinds)
+    within = take(within)
     c = cal.levels_km.index(CONFIDENCE_KM)
-    none = ~np.isfinite(pred.lat_deg)
-    # candidates side by side: 0 the vote's peak, 1.. its runner-ups
-    lat = np.concatenate([pred.lat_deg[:, None], pred.alt_lat_deg], 1)
-    lon = np.concatenate([pred.lon_deg[:, None], pred.alt_lon_deg], 1)
-    feats = np.concatenate([pred.features[:, None], pred.alt_features], 1)
-    within = cal.within(feats)
-    score = np.where(np.isfinite(lat), within[..., c], -1.0)
-    order = np.argsort(-score, axis=1, kind="stable")  # the peak first among equals
-    take = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[:, :, None], 1)  # noqa: E731
-    lat, lon, feats, within, score = take(lat), take(lon), take(feats), take(within), take(score)
-    p_far = cal.far_probability(feats[:, 0])
-    go = np.zeros(len(lat), bool)
-    if p_far is not None and far_above < 1.0 and pred.far_lat_deg is not None:
-        go = (p_far > far_above) & np.isfinite(pred.far_lat_deg)
-        far_within = cal.within(pred.far_features)
+    w0 = np.where(none[:, None], 0.0, np.nan_to_num(within[:, 0]))
+    alt_within = pick(within)
+    return Prediction(
+        answer_lat, answer_lon, confidence=w0[:, c], alt_lat_deg=pick(lat), alt_lon_deg=pick(lon),
+        alt_score=np.nan_to_num(alt_within[..., c]), within_km=w0,
+        radius_km=np.where(none, np.nan, radius_km(w0, cal.levels_km)), alt_within_km=alt_within,
+        expected_geoscore=np.where(none, np.nan, score[:, 0]), **kinds)
 
-        def ahead(first, rest):  # one more column: the far pick first where it answers, else a missing last
-            where = go.reshape(-1, *[1] * (rest.ndim - 1))
-            return np.where(where, np.concatenate([first[:, None], rest], 1),
-                            np.concatenate([rest, np.full_like(first[:, None], np.nan)], 1))
 
-        lat, lon = ahead(pred.far_lat_deg, lat), ahead(pred.far_lon_deg, lon)
-        feats, within = ahead(pred.far_features, feats), ahead(far_within, within)
-        # a candidate on the far pick itself (an answer moved onto a neighbour) is not listed twice
-        same = go[:, None] & (haversine_km(lat[:, :1], lon[:, :1], lat, lon) < 0.001)
-        same[:, 0] = False
-        lat, lon = np.where(same, np.nan, lat), np.where(same, np.nan, lon)
-        score = np.where(np.isfinite(lat), within[..., c], -1.0)
-    within[none, 0] = 0.0
-    return replace(pred, lat_deg=lat[:, 0], lon_deg=lon[:, 0], confidence=within[:, 0, c],
-                   within_km=within[:, 0], features=feats[:, 0],
-                   radius_km=np.where(none, np.nan, radius_km(within[:, 0], cal.levels_km)),
-                   alt_lat_deg=lat[:, 1:], alt_lon_deg=lon[:, 1:], alt_score=np.maximum(score[:, 1:], 0.0),
-                   alt_features=feats[:, 1:], alt_within_km=within[:, 1:], far_probability=p_far,
-                   far_answered=go)
+MERGE_ALTERNATIVES_KM = 1.0  # alternatives closer than this to an earlier listed candidate are the same place
+
+__all__ = ["Calibration", "CalibrationError", "LEVELS_KM", "decide", "expected_weights", "fit", "radius_km"]

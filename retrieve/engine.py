@@ -3,12 +3,13 @@
 The index folder carries everything a query needs besides the model (paths: geovote.layout):
     index.json            its embedding manifest names the model (`config.model`) and its weights (`backbone`)
     retrieve.json         voting parameters chosen on validation by `retrieve.tune` (defaults if absent)
-    calibration.json      the answers' probabilities, fitted with them (retrieve.calibrate; without it,
-                          `confidence` is the raw vote share and there is no within_km or radius_km)
+    calibration.json      each candidate's distance distribution, fitted with them (retrieve.calibrate):
+                          the answer is the candidate of highest expected GeoScore; without it, the
+                          vote's peak answers, `confidence` is its raw vote share, no within_km or radius_km
     cells-<spec>-<digest>.npy   each training row's cell at every voting level, computed once and cached
     countries-<digest>.npy      each training row's country (reverse_geocoder, as OSV-5M), for regions
     spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row, for the
-                                calibration (feature log_gallery_spacing_km); cached
+                                candidates' features and the far pick's weights; cached
 The caches carry the digest of the index build they came from (index.search.index_digest), and an engine
 that outlives its index (a server during an update) takes up the new one (Engine.refresh) and never
 writes its old tables into the new folder.
@@ -40,7 +41,13 @@ def load_params(path: str | Path) -> VoteConfig:
         raise ConfigError(f"{path}: unreadable ({e}); rerun `python -m retrieve.tune`") from None
     if not isinstance(stored, dict) or "params" not in stored:
         raise ConfigError(f"{path}: no `params` table; rerun `python -m retrieve.tune`")
-    return config_from_dict(VoteConfig, stored["params"], f"{path} params")
+    params = stored["params"]
+    if isinstance(params, dict):  # a tuning from before the candidate table: its rules are gone, not an error
+        params = {k: v for k, v in params.items() if k not in OBSOLETE_PARAMS}
+    return config_from_dict(VoteConfig, params, f"{path} params")
+
+
+OBSOLETE_PARAMS = {"hedge_below", "far_above"}  # rules the candidate table's one decision replaced
 
 
 def save_params(index_dir: str | Path, params: VoteConfig, record: dict) -> Path:
@@ -124,7 +131,7 @@ class Engine:
         calibration = None
         if self._calibrated and self.layout.calibration.exists():
             from retrieve.calibrate import Calibration, CalibrationError
-            from retrieve.predict import FEATURES
+            from retrieve.candidates import FEATURES
 
             try:
                 calibration = Calibration.load(self.layout.calibration, FEATURES)
@@ -334,74 +341,49 @@ class Engine:
 
     def locate(self, emb: np.ndarray, params: VoteConfig | None = None, alternatives: bool = True,
                calibrated: bool = True, region=None):
-        """(Prediction, SearchResult) for a batch of query embeddings, with calibrated probabilities when
-        the engine has a calibration. `alternatives=False` skips the runner-up peaks (more than half of
-        the vote's time at k = 100): for answers nobody reads them in; a calibrated answer still weighs
-        them (the most probable candidate answers), so they are computed whenever calibrated.
-        `region` (retrieve.region.Region): only training images inside vote, and every answer lies
-        inside (a peak that left it moves to the nearest neighbour, which is inside). The index, voting
-        parameters and calibration are taken together at the start, so a refresh meanwhile never mixes
-        two builds in one answer."""
+        """(Prediction, SearchResult) for a batch of query embeddings. Calibrated (the engine has a
+        calibration): the candidate table (retrieve.candidates) and the one decision of
+        retrieve.calibrate (the candidate of highest expected GeoScore, with its probabilities);
+        else the vote's peak. `alternatives=False` skips the runner-up peaks where nothing needs them
+        (an uncalibrated answer nobody reads them in). `region` (retrieve.region.Region): only training
+        images inside vote, and only candidates inside are kept (the neighbours all are). The index,
+        voting parameters and calibration are taken together at the start, so a refresh meanwhile
+        never mixes two builds in one answer."""
+        from retrieve.calibrate import decide
+
         with self._lock:
             index, stored, calibration = self.index, self.params, self.calibration
         params = params or stored
         calibrate = calibrated and calibration is not None
-        if not alternatives and not calibrate and not params.hedge_below:  # both weigh the runner-ups
+        if not alternatives and not calibrate:
             params = replace(params, n_alternatives=0)
+        pred, res, table = self._candidates(emb, params, index, calibrate or bool(region), region)
+        if table is None:
+            return pred, res
+        return decide(calibration if calibrate else None, table, params.n_alternatives), res
+
+    def candidates(self, emb: np.ndarray, region=None):
+        """(Candidates, SearchResult): the table a calibrated engine's answer is chosen from
+        (retrieve.candidates), for benchmark's best-candidate ceiling and for inspection."""
+        with self._lock:
+            index, params = self.index, self.params
+        _, res, table = self._candidates(emb, params, index, True, region)
+        return table, res
+
+    def _candidates(self, emb, params, index, table: bool, region):
+        """(the vote's Prediction, SearchResult, the candidate table or None)."""
+        from retrieve.candidates import candidate_table, restrict
+
         res = self.search(emb, params.k, subset=self.region_rows(region, index) if region else None,
                           index=index)
         rows = np.maximum(res.rows, 0)
         cells = np.asarray(self.cells(params, index))[rows]
-        spacing = np.asarray(self.spacing(index))[rows] if calibrate else None
-        # the far pick only where a calibration can let it answer
-        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing,
-                    far_pick=calibrate and params.far_above < 1.0)
-        if region:
-            pred = _inside(pred, res, region, params)
-        if calibrate:
-            from retrieve.calibrate import apply
-
-            pred = apply(calibration, pred, params.far_above)
-        return pred, res
-
-
-def _inside(pred: Prediction, res, region, params: VoteConfig) -> Prediction:
-    """Every candidate point outside `region` moved to the nearest of its query's neighbours (all inside),
-    its point features (retrieve.predict.FEATURES) recomputed there; an alternative that lands on the
-    answer is dropped."""
-    from geovote.geo import haversine_km, latlon_to_unit
-    from retrieve.predict import FEATURES, point_features, softmax_weights
-
-    k = min(params.k, res.similarity.shape[1])
-    nlat, nlon = res.lat_deg[:, :k], res.lon_deg[:, :k]
-    valid = np.isfinite(res.similarity[:, :k]) & np.isfinite(nlat)
-    w = softmax_weights(res.similarity[:, :k], params.temperature)
-    xyz = latlon_to_unit(np.where(valid, nlat, 0.0), np.where(valid, nlon, 0.0))
-    first = FEATURES.index("share_within_2h")  # the point features: 4 columns from here
-
-    def fix(lat, lon, feats):
-        lat, lon, feats = lat.copy(), lon.copy(), feats.copy()
-        out = np.isfinite(lat) & ~region.contains(lat, lon)
-        if out.any():
-            q = np.flatnonzero(out)
-            d = haversine_km(lat[q, None], lon[q, None], nlat[q], nlon[q])
-            best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)
-            lat[q], lon[q] = nlat[q, best], nlon[q, best]
-            point = latlon_to_unit(lat[q], lon[q])
-            feats[q, first:first + 4] = point_features(point, xyz[q], w[q], valid[q], params.bandwidth_km)
-        return lat, lon, feats
-
-    lat, lon, feats = fix(pred.lat_deg, pred.lon_deg, pred.features)
-    alt_lat, alt_lon = pred.alt_lat_deg.copy(), pred.alt_lon_deg.copy()
-    alt_feats, alt_score = pred.alt_features.copy(), pred.alt_score.copy()
-    for a in range(alt_lat.shape[1]):
-        alt_lat[:, a], alt_lon[:, a], alt_feats[:, a] = fix(alt_lat[:, a], alt_lon[:, a], alt_feats[:, a])
-        alt_score[:, a] = np.where(np.isfinite(alt_lat[:, a]), alt_feats[:, a, first], 0.0)
-        same = haversine_km(alt_lat[:, a], alt_lon[:, a], lat, lon) < 0.001
-        alt_lat[same, a], alt_lon[same, a], alt_score[same, a] = np.nan, np.nan, 0.0
-    confidence = np.where(np.isfinite(lat), feats[:, first], 0.0)
-    return replace(pred, lat_deg=lat, lon_deg=lon, confidence=confidence, features=feats, alt_lat_deg=alt_lat,
-                   alt_lon_deg=alt_lon, alt_features=alt_feats, alt_score=alt_score)
+        spacing = np.asarray(self.spacing(index))[rows] if table else None
+        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing, far_pick=table)
+        if not table:
+            return pred, res, None
+        cands = candidate_table(res.similarity, res.lat_deg, res.lon_deg, pred, params, spacing)
+        return pred, res, restrict(cands, region) if region else cands
 
 
 __all__ = ["Engine", "IndexChanged", "Prediction", "VoteConfig", "load_params", "save_params"]

@@ -3,7 +3,7 @@ via import) and CSV.
 
     feature_collection(answers)   -> a FeatureCollection: one Point per photo at [longitude, latitude],
                                      properties: image, place names, confidence, within_km, radius_km,
-                                     far_probability, far_pick, candidates
+                                     expected_geoscore, kind, far_pick, candidates
     csv_text(answers)             -> one row per photo (within_km flattened to within_<d>km columns, the
                                      evidence as a JSON list in one cell; text cells made safe for
                                      spreadsheets by geovote.csvsafe)
@@ -24,7 +24,8 @@ PLACE_KEYS = ("country", "region", "sub_region", "city")
 
 def feature(answer: dict) -> dict:
     props = {k: answer[k] for k in ("image", *PLACE_KEYS, "confidence", "calibrated", "within_km",
-                                    "radius_km", "far_probability", "far_pick", "candidates", "evidence")
+                                    "radius_km", "expected_geoscore", "kind", "far_pick", "candidates",
+                                    "evidence")
              if k in answer}
     return {"type": "Feature",
             "geometry": {"type": "Point", "coordinates": [answer["longitude"], answer["latitude"]]},
@@ -40,7 +41,7 @@ def geojson_text(answers: list[dict]) -> str:
 
 
 CSV_COLUMNS = ("image", "latitude", "longitude", *PLACE_KEYS, "confidence", "radius_km",
-               *(f"within_{km}km" for km in LEVELS_KM), "far_probability", "far_pick", "evidence")
+               *(f"within_{km}km" for km in LEVELS_KM), "expected_geoscore", "kind", "far_pick", "evidence")
 
 
 def csv_text(answers: list[dict]) -> str:

@@ -11,10 +11,11 @@ stores them per training row, so voting never recomputes a cell).
                across the cell's border counts), then a few mean-shift steps: the answer sits on a density
                peak, not on a mean that can fall in the sea between two cities.
     score    : of the answer and of every alternative alike, the share of the weight within 2h of it
-               (`confidence`, `alt_score`); the engine replaces it by a calibrated probability.
+               (`confidence`, `alt_score`): an uncalibrated engine's answer.
     alternatives: the same peak inside each runner-up cell of the first level, best score first.
-    features : what retrieve.calibrate turns into probabilities, for the answer and every alternative
-               (FEATURES).
+    far pick : the neighbour of highest expected GeoScore under density-corrected weights (far_weights).
+The peak, its runner-ups and the far pick are candidates of the table (retrieve.candidates) a calibrated
+engine chooses its answer from (retrieve.calibrate.decide).
 
 Also the simple variants: 1-NN and the weighted spherical mean of the k neighbours.
 """
@@ -41,18 +42,12 @@ class VoteConfig:
     mean_shift_steps: int = 3
     n_alternatives: int = 3
     n_starts: int = 8  # the refinement starts from the best of the 8 heaviest neighbours in the cell
-    # hard photos: where the answer's weight share within 2h is below this, answer instead the candidate
-    # (the peak, the runner-up peaks, the neighbours) of highest expected GeoScore under the weighted
-    # neighbours: the minimum-risk answer. 0: never (retrieve.tune turns it on where it helps)
-    hedge_below: float = 0.0
-    # far places: where the calibration (retrieve.calibrate, fitted with far places) puts P(far) above
-    # this, answer the far pick: the neighbour of highest expected GeoScore under the weights
-    # softmax(sim / far_temperature) x spacing_km ** far_density_power. The vote's weights estimate
-    # where the photo is under the gallery's own prior (where training images are), right for a covered
-    # place; for a place no training image covers, that prior sends the answer to the densest region of
+    # the far pick (a candidate): the neighbour of highest expected GeoScore under the weights
+    # softmax(sim / far_temperature) x spacing_km ** far_density_power. The vote's weights estimate where
+    # the photo is under the gallery's own prior (where training images are), right for a covered place;
+    # for a place no training image covers, that prior sends the answer to the densest region of
     # look-alikes. Dividing by the gallery's density (~ 1 / spacing^2 on a surface) undoes it.
-    # 1: never (retrieve.tune sets all three on far places, where the tuning has them)
-    far_above: float = 1.0
+    # retrieve.tune chooses both on far places (val_far, or train held out of a wide neighbourhood).
     far_temperature: float = 0.03
     far_density_power: float = 2.0
 
@@ -64,11 +59,9 @@ class VoteConfig:
             raise ValueError(f"levels must be distinct, increasing and >= 0, got {self.levels}")
         if self.k < 1 or self.temperature <= 0 or self.bandwidth_km <= 0 or self.n_starts < 1:
             raise ValueError("k and n_starts must be >= 1, temperature and bandwidth_km > 0")
-        if not 0.0 <= self.hedge_below <= 1.0:
-            raise ValueError(f"hedge_below must be within [0, 1], got {self.hedge_below}")
-        if not 0.0 <= self.far_above <= 1.0 or self.far_temperature <= 0 or self.far_density_power < 0:
-            raise ValueError("need 0 <= far_above <= 1, far_temperature > 0, far_density_power >= 0; got "
-                             f"{self.far_above}, {self.far_temperature}, {self.far_density_power}")
+        if self.far_temperature <= 0 or self.far_density_power < 0:
+            raise ValueError("need far_temperature > 0 and far_density_power >= 0; got "
+                             f"{self.far_temperature}, {self.far_density_power}")
         if self.mean_shift_steps < 0 or self.n_alternatives < 0:
             raise ValueError("mean_shift_steps and n_alternatives must be >= 0")
 
@@ -93,37 +86,27 @@ def cell_table(lat_deg: np.ndarray, lon_deg: np.ndarray, cfg: VoteConfig) -> np.
     return table[:, [min(level, table.shape[1] - 1) for level in cfg.levels]]
 
 
-# what the calibration sees of a candidate (retrieve.calibrate): the first seven describe the query's
-# neighbours, the next four the candidate point among them, the last two what kind of candidate it is (a
-# runner-up peak, the far pick; neither: the vote's peak).
-# log_gallery_spacing_km: how sparse the gallery is where the neighbours lie (the weighted mean of each
-# one's log spacing, geovote.geo.spacing_km); a photo of a place far from every training place finds
-# its neighbours in sparse parts of the gallery, a photo of a covered place in dense ones
 SPACING_NEIGHBOURS = 8  # the m of the gallery spacing: the distance to the m-th nearest other image
-FEATURES = ("top_similarity", "mean_similarity", "similarity_gap", "first_level_share", "final_cell_share",
-            "cell_entropy", "log_gallery_spacing_km", "share_within_2h", "share_within_200km",
-            "log_mean_distance_km", "log_nearest_distance_km", "is_alternative", "is_far_pick")
 
 
 @dataclass
 class Prediction:
     lat_deg: np.ndarray  # (Q,)
     lon_deg: np.ndarray
-    confidence: np.ndarray  # (Q,) in [0, 1]: the weight share within 2h (calibrated by the engine)
-    alt_lat_deg: np.ndarray  # (Q, A) runner-up peaks (NaN where fewer)
+    confidence: np.ndarray  # (Q,) in [0, 1]: the weight share within 2h, or calibrated P(within 200 km)
+    alt_lat_deg: np.ndarray  # (Q, A) alternatives (NaN where fewer)
     alt_lon_deg: np.ndarray
-    alt_score: np.ndarray  # (Q, A) the same measure as `confidence`, of each runner-up peak (0 where none)
-    features: np.ndarray | None = None  # (Q, len(FEATURES)) of the answer
-    alt_features: np.ndarray | None = None  # (Q, A, len(FEATURES)) of each alternative
+    alt_score: np.ndarray  # (Q, A) the same measure as `confidence`, of each alternative (0 where none)
     within_km: np.ndarray | None = None  # (Q, len(calibrate.LEVELS_KM)): P(truth within d km), calibrated
     radius_km: np.ndarray | None = None  # (Q,) radius holding the truth with 90% probability, calibrated
     alt_within_km: np.ndarray | None = None  # (Q, A, levels)
-    # the far pick (VoteConfig.far_above < 1): the neighbour the answer becomes for a far place
-    far_lat_deg: np.ndarray | None = None  # (Q,)
+    expected_geoscore: np.ndarray | None = None  # (Q,) of the answer under its own distribution
+    answer_kind: np.ndarray | None = None  # (Q,) index into retrieve.candidates.KINDS
+    far_answered: np.ndarray | None = None  # (Q,) bool: the far pick answers
+    # what the vote hands the candidate table
+    query_features: np.ndarray | None = None  # (Q, len(candidates.QUERY_FEATURES))
+    far_lat_deg: np.ndarray | None = None  # (Q,) the far pick
     far_lon_deg: np.ndarray | None = None
-    far_features: np.ndarray | None = None  # (Q, len(FEATURES))
-    far_probability: np.ndarray | None = None  # (Q,) P(far) of the most probable candidate: what decides
-    far_answered: np.ndarray | None = None  # (Q,) bool: the far pick answers (retrieve.calibrate.apply)
 
 
 def softmax_weights(sim: np.ndarray, temperature: float) -> np.ndarray:
@@ -194,23 +177,12 @@ def _peak(xyz: np.ndarray, w: np.ndarray, candidate: np.ndarray, bandwidth_km: f
     return point
 
 
-def point_features(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, valid: np.ndarray,
-                    bandwidth_km: float) -> np.ndarray:
-    """(Q, 4) the FEATURES of one point per query among its weighted neighbours."""
-    chord = np.sqrt(np.sum((xyz - point[:, None]) ** 2, axis=2))
-    d_km = km_for_chord(np.nan_to_num(chord))
-    mean_d = np.sum(np.where(valid, w * d_km, 0.0), axis=1)
-    nearest = np.min(np.where(valid, d_km, 2e4), axis=1)
-    return np.stack([np.sum(w * (d_km <= 2.0 * bandwidth_km), 1), np.sum(w * (d_km <= 200.0), 1),
-                     np.log1p(mean_d), np.log1p(nearest)], axis=1)
-
-
 def min_risk_point(xyz: np.ndarray, w: np.ndarray, valid: np.ndarray, answer: np.ndarray | None,
                    alt_latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """((Q, 3) point, (Q,) its index) of the candidates (0 the answer, 1..A the runner-up peaks (Q, A, 2)
-    degrees, NaN where none, then the neighbours), the one whose expected GeoScore,
-    sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest; the answer wins ties. `answer` None: the
-    neighbours only (index 0 the first neighbour), `alt_latlon` then (Q, 0, 2)."""
+    """((Q, 3) point, (Q,) its index) of the points (0 `answer`, 1..A `alt_latlon` (Q, A, 2) degrees,
+    NaN where none, then the neighbours), the one whose expected GeoScore under the weights w,
+    sum_j w_j 5000 exp(-d_j / 1492.7 km), is highest; the first wins ties. `answer` None: the
+    neighbours only (index 0 the first neighbour), `alt_latlon` then (Q, 0, 2). The far pick."""
     from geovote.metrics import GEOSCORE_SCALE_KM
 
     finite = np.isfinite(alt_latlon).all(2)
@@ -244,15 +216,13 @@ def far_weights(sim: np.ndarray, spacing_km: np.ndarray | None, params: VoteConf
 
 
 def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.ndarray,
-         params: VoteConfig, spacing_km: np.ndarray | None = None,
-         far_pick: bool | None = None) -> Prediction:
+         params: VoteConfig, spacing_km: np.ndarray | None = None, far_pick: bool = False) -> Prediction:
     """sim, lat_deg, lon_deg: (Q, K) neighbours, best first (invalid: -inf/NaN); cells: (Q, K, L) each
     neighbour's cell at every voting level, coarse to fine (rows of `cell_table`); spacing_km: (Q, K)
     each neighbour's gallery spacing (geovote.geo.spacing_km), for the feature log_gallery_spacing_km
-    (NaN without it: an answer that is not calibrated needs none); far_pick: compute the far pick
-    (default: where params.far_above < 1; tuning fits the calibration on it). Uses params.k,
-    temperature, bandwidth_km, mean_shift_steps, n_alternatives and n_starts; the cells and levels
-    settings are those `cells` was made with."""
+    and the far pick's weights; far_pick: compute the far pick (a candidate of the table). Uses
+    params.k, temperature, bandwidth_km, mean_shift_steps, n_alternatives and n_starts; the cells and
+    levels settings are those `cells` was made with."""
     k = min(params.k, sim.shape[1])
     sim, lat, lon = sim[:, :k], np.asarray(lat_deg[:, :k], float), np.asarray(lon_deg[:, :k], float)
     cells = np.asarray(cells)[:, :k]
@@ -273,10 +243,9 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
         allowed &= cells[:, :, level] == winner[:, None]
     point = _peak(xyz, w, allowed, params.bandwidth_km, params.mean_shift_steps, params.n_starts)
     lat_out, lon_out = unit_to_latlon(point)
-    near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
-    confidence = np.sum(w * near, axis=1)
+    confidence = _share_within(point, xyz, w, 2.0 * params.bandwidth_km)
 
-    # the query's own features, shared by its answer and alternatives
+    # the query's own features (retrieve.candidates.QUERY_FEATURES), shared by all its candidates
     n_valid = valid.sum(1)
     ranked = np.sort(np.where(valid, sim, -np.inf), 1)[:, ::-1]  # best first
     top = np.where(n_valid > 0, ranked[:, 0], 0.0)
@@ -318,44 +287,23 @@ def vote(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, cells: np.nd
             p = _peak(xyz, w, members, params.bandwidth_km, params.mean_shift_steps, params.n_starts)
             la, lo = unit_to_latlon(p)
             alt_lat[has, a], alt_lon[has, a] = la[has], lo[has]
-            alt_score[has, a] = score[np.arange(q), best][has]
+            alt_score[has, a] = _share_within(p, xyz, w, 2.0 * params.bandwidth_km)[has]
             taken |= members
-    if params.hedge_below > 0:
-        hedge = (confidence < params.hedge_below) & valid.any(1)
-        if hedge.any():
-            point[hedge], chosen = min_risk_point(xyz[hedge], w[hedge], valid[hedge], point[hedge],
-                                                  np.stack([alt_lat[hedge], alt_lon[hedge]], 2))
-            was_alt = (chosen >= 1) & (chosen <= n_alt)  # a runner-up became the answer: not listed twice
-            rows = np.flatnonzero(hedge)[was_alt]
-            alt_lat[rows, chosen[was_alt] - 1] = np.nan
-            alt_lon[rows, chosen[was_alt] - 1] = np.nan
-            alt_score[rows, chosen[was_alt] - 1] = 0.0
-            lat_out, lon_out = unit_to_latlon(point)
-            near = np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(2.0 * params.bandwidth_km) ** 2
-            confidence = np.sum(w * near, axis=1)
     none = ~valid.any(1)
     lat_out[none], lon_out[none], confidence[none] = np.nan, np.nan, 0.0
-    kind = np.zeros((q, 2))  # is_alternative, is_far_pick
-    at_point = point_features(point, xyz, w, valid, params.bandwidth_km)
-    features = np.concatenate([query_features, at_point, kind], 1)
-    alt_features = np.zeros((q, n_alt, len(FEATURES)))
-    for a in range(n_alt):
-        has = np.isfinite(alt_lat[:, a])
-        if has.any():
-            p = latlon_to_unit(np.where(has, alt_lat[:, a], 0.0), np.where(has, alt_lon[:, a], 0.0))
-            alt_features[:, a] = np.concatenate(
-                [query_features, point_features(p, xyz, w, valid, params.bandwidth_km), kind + [1, 0]], 1)
-            alt_score[:, a] = np.where(has, alt_features[:, a, FEATURES.index("share_within_2h")], 0.0)
     # alternatives best first by the answer's own measure
     order = np.argsort(-alt_score, axis=1, kind="stable")
     alt_lat, alt_lon, alt_score = (np.take_along_axis(a, order, 1) for a in (alt_lat, alt_lon, alt_score))
-    alt_features = np.take_along_axis(alt_features, order[:, :, None], 1)
-    pred = Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score, features, alt_features)
-    if params.far_above < 1.0 if far_pick is None else far_pick:  # whether it answers: the calibration's call
+    pred = Prediction(lat_out, lon_out, confidence, alt_lat, alt_lon, alt_score,
+                      query_features=query_features)
+    if far_pick:
         wf = far_weights(sim, spacing_km, params)
         far, _ = min_risk_point(xyz, wf, valid, None, np.full((q, 0, 2), np.nan))
         pred.far_lat_deg, pred.far_lon_deg = unit_to_latlon(far)
         pred.far_lat_deg[none], pred.far_lon_deg[none] = np.nan, np.nan
-        pred.far_features = np.concatenate(
-            [query_features, point_features(far, xyz, w, valid, params.bandwidth_km), kind + [0, 1]], 1)
     return pred
+
+
+def _share_within(point: np.ndarray, xyz: np.ndarray, w: np.ndarray, radius_km: float) -> np.ndarray:
+    """(Q,) the weight of the neighbours within radius_km of each query's point."""
+    return np.sum(w * (np.sum((xyz - point[:, None]) ** 2, axis=2) <= chord_for_km(radius_km) ** 2), axis=1)

@@ -6,19 +6,17 @@
 
 --index defaults to the bundled sample's index, built by `python -m embed.build`. An unreadable image gets
 a one-line error naming it; the others are still answered, and the exit code is 1 if any failed.
---json keys: image, latitude, longitude, confidence, calibrated, within_km, radius_km, far_probability,
-far_pick, country, region, sub_region, city, candidates (a list of {latitude, longitude, score}, the answer
-first and highest unless far_pick).
-`confidence` is the probability that the true place is within 200 km of the answer; `within_km` gives it
-for 1, 25, 200, 750 and 2500 km ({"1": p, ...}), `radius_km` the radius holding the true place with 90%
-probability, and each candidate's `score` its own probability within 200 km: all calibrated on the
-tuning split by `retrieve.tune`. `far_probability`: how likely the photo is of a place far from every
-training image (null when the tuning had no far places, such as the bundled sample's val_far);
-`far_pick`: true when that probability passed the threshold tuning chose, and the answer is then the
-neighbour of highest expected GeoScore under weights corrected for the gallery's density, rather than
-the vote's most probable peak (an alternative can then be more likely within 200 km). An engine tuned
-before calibration existed answers `calibrated: false`, the raw vote share as confidence, and null
-within_km and radius_km.
+--json keys: image, latitude, longitude, confidence, calibrated, within_km, radius_km, expected_geoscore,
+kind, far_pick, country, region, sub_region, city, candidates (a list of {latitude, longitude, score}, the
+answer first).
+The answer is the candidate (the vote's peaks, the far pick, the nearest gallery places) of highest
+expected GeoScore under its own distance distribution, fitted on the tuning split by `retrieve.tune`:
+`confidence` is the probability that the true place is within 200 km of it; `within_km` gives it for 1,
+25, 200, 750 and 2500 km ({"1": p, ...}), `radius_km` the radius holding the true place with 90%
+probability, `expected_geoscore` its expected GeoScore, `kind` which candidate it is (peak, runner_up,
+far_pick, neighbour; `far_pick` true for the last but one), and each candidate's `score` its own
+probability within 200 km. An engine not tuned answers `calibrated: false`, the vote's peak, the raw
+vote share as confidence, and null within_km and radius_km.
 """
 from __future__ import annotations
 
@@ -67,8 +65,8 @@ def human(answer: dict, top: int) -> str:
     lines = [f"{answer['image']}: {lat:.5f}, {lon:.5f}  near {place}  ({how_sure})",
              f"  map: {osm_link(lat, lon)}"]
     if answer.get("far_pick"):
-        lines.append(f"  looks far from every training image ({answer['far_probability']:.0%}): answered by "
-                     "the neighbour that fits best once the gallery's density is discounted")
+        lines.append("  looks far from every training image: answered by the neighbour that fits best once "
+                     "the gallery's density is discounted")
     alts = answer["candidates"][1:top]
     if alts:
         from geovote.geo import haversine_km

@@ -10,18 +10,23 @@ random train rows query the index, and every neighbour that is the query itself,
 (OSV-5M keeps train and test 1 km apart) or shares its capture `sequence` (when the CSV has one) is
 removed before voting.
 
-The answers' calibration (retrieve.calibrate) is fitted on the same images, and also on the split's far
-counterpart when the dataset has one (`val_far` for `val`: views of places far from every training
-place, as the bundled sample has): without far places to learn from, a calibration has only ever seen
-photos of covered places, and its probabilities stay high where the engine is lost.
+Then the one decision (retrieve.calibrate): every tuning image's candidate table (retrieve.candidates)
+with each candidate's distance to the truth, and the distance model fitted on them. Far places are part
+of it on every dataset: the split's far counterpart where the dataset has one (`val_far` for `val`:
+views of places far from every training place, as the bundled sample has), else train images held out
+of a whole neighbourhood (FAR_REMOVED_KM around them): without far places to learn from, a model has
+only ever seen photos of covered places, and its probabilities stay high where the engine is lost. The
+far pick's weights are chosen on those far images; among the grid's best settings (SHORTLIST), the one
+whose final answers score best (the model cross-fitted on halves of the images) is kept.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,16 +52,19 @@ class TooFewToTune(Exception):
     """Too few tuning images with neighbours for the grid's choice to mean anything."""
 
 
-HEDGE_BELOW = (0.2, 0.4, 0.6)  # tried with the best setting: the minimum-risk answer below this share
-# with far places to tune on: the far pick's weights (chosen on the far places alone), then the P(far)
-# above which it answers (on the tuning images and the far ones together)
+# the far pick's weights, chosen on the far images alone
 FAR_TEMPERATURE = (0.01, 0.03, 0.1)
 FAR_DENSITY_POWER = (0.0, 1.0, 2.0, 3.0, 4.0)
-FAR_ABOVE = (0.3, 0.5, 0.7, 0.9)
 MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
+# far images where the dataset has no far split: train images held out of everything within one of these
+# radii of them (cycled over the queries), searched this many neighbours deeper
+FAR_QUERIES = 1000
+FAR_REMOVED_KM = (100.0, 300.0, 1000.0)
+FAR_EXTRA = 400
+SHORTLIST = 2  # the grid's best settings whose final answers are compared (cross-fitted)
 
 
 class Gallery:
@@ -114,9 +122,10 @@ def split_sequences(data: Path, ids) -> np.ndarray | None:
     return np.asarray(pc.fill_null(pc.cast(seq, pa.string()), "").to_numpy(zero_copy_only=False), dtype=str)
 
 
-def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
+def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0, removed_km=CARVE_EXCLUDE_KM):
     """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
-    neighbourhood (itself, < 1 km, same sequence) from a SearchResult."""
+    neighbourhood (itself, anything closer than `removed_km` (one radius, or one per query cycled), the
+    same sequence) from a SearchResult."""
     from geovote.shards import read_embeddings, shard_sizes
 
     folder = engine.layout.embeddings("train")
@@ -124,6 +133,7 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
     rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
     q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
+    radius = np.resize(np.asarray(removed_km, np.float64), len(q_ids))[:, None]
     # one join for the neighbours (by index row) and the queries (by id: they are shard rows)
     index_ids = np.char.decode(np.asarray(engine.index.ids), "utf-8")
     seq = split_sequences(data, np.concatenate([index_ids, q_ids]))
@@ -132,7 +142,7 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0):
 
     def exclude(res):
         own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
-                                                           q_lon[:, None]) < CARVE_EXCLUDE_KM)
+                                                           q_lon[:, None]) < radius)
         if seq is not None:
             own |= (seq[np.maximum(res.rows, 0)] == q_seq) & (q_seq != "") & (res.rows >= 0)
         order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in rank order
@@ -171,9 +181,9 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
         true_lat, true_lon, emb = true_lat[found], true_lon[found], emb[found]
     trials = []
     t0 = time.perf_counter()
-    # the decisions tuned after the grid start off: not inherited from an earlier tuning's retrieve.json
+    # the far pick's weights start from the defaults: not inherited from an earlier tuning's retrieve.json
     default = VoteConfig()
-    start = replace(engine.params, hedge_below=0.0, far_above=1.0, far_temperature=default.far_temperature,
+    start = replace(engine.params, far_temperature=default.far_temperature,
                     far_density_power=default.far_density_power)
     for cells, levels in grid["cells"]:
         base = replace(start, cells=cells, levels=tuple(levels))
@@ -184,15 +194,6 @@ def tune(engine, emb, true_lat, true_lon, grid=GRID, log=print, exclude=None) ->
             pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, replace(p, n_alternatives=0))
             trials.append((p, score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)))
     best, best_score = max(trials, key=lambda t: t[1]["geoscore"])
-    # the minimum-risk answer for hard photos, kept only where it raises the tuning GeoScore
-    table = np.asarray(engine.cells(best))[np.maximum(res.rows, 0)]
-    for hedge in HEDGE_BELOW:
-        p = replace(best, hedge_below=hedge)
-        pred = vote(res.similarity, res.lat_deg, res.lon_deg, table, p)
-        s = score(pred.lat_deg, pred.lon_deg, true_lat, true_lon)
-        trials.append((p, s))
-        if s["geoscore"] > best_score["geoscore"]:
-            best, best_score = p, s
     baselines = {"1-nn": score(*one_nn(res.similarity, res.lat_deg, res.lon_deg), true_lat, true_lon)}
     for k in grid["k"]:
         for temp in grid["temperature"]:
@@ -214,44 +215,151 @@ def tune_and_save(engine, data: Path, split: str = "val", workers: int = -1, log
         return _tune_and_save(engine, data, split, workers, log)
 
 
-def _tune_and_save(engine, data: Path, split: str, workers: int, log):
-    from geovote.data import split_csv
-    from retrieve.engine import save_params
+@dataclass
+class TuningSet:
+    """Images the engine is tuned on, with what their searches leave out (None: nothing)."""
 
-    exclude = None
+    name: str
+    emb: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    exclude: Callable | None = None
+    extra: int = 0  # neighbours searched beyond k, for the exclusions to leave k
+
+    def search(self, engine, k: int):
+        if self.exclude is None:
+            return engine.search(self.emb, k)
+        return self.exclude(engine.search(self.emb, k + self.extra))
+
+
+def tuning_sets(engine, data: Path, split: str, workers: int, log) -> tuple[TuningSet, TuningSet]:
+    """(the tuning images, the far images): `split` (or train held out of its own search), and its far
+    counterpart (or train held out of a whole neighbourhood, FAR_REMOVED_KM)."""
+    from geovote.data import split_csv
+
     has_split = _has_split(data, split)
     if not has_split and split != "val":
         split_csv(data, split)  # the error that names it
     if has_split:
         _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
+        main = TuningSet(split, emb, lat, lon)
     else:
         _, emb, lat, lon, exclude = carve_from_train(engine, data)
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
-        split = "train (held out of its own search)"
-    best, scores, trials = tune(engine, emb, lat, lon, log=log, exclude=exclude)
+        main = TuningSet("train (held out of its own search)", emb, lat, lon, exclude, CARVE_EXTRA)
     far = f"{split}_far"
-    far_grid = None
-    if has_split and _has_split(data, far):  # the far pick's weights first: its candidates are calibrated too
-        _, far_lat, far_lon, far_emb = embed_for_eval(engine, data, far, workers, log)
-        best, far_grid = tune_far_weights(engine, best, far_emb, far_lat, far_lon, log)
-    # one search and vote of each split serve the fit, the far pick's threshold and the scores
-    fitted, fitted_on = [(_vote_on(engine, best, emb, exclude), lat, lon)], split
-    if far_grid is not None:
-        fitted.append((_vote_on(engine, best, far_emb, None), far_lat, far_lon))
-        fitted_on = f"{split} + {far}"
-        log(f"calibration: fitted on {split} and {far} ({len(far_emb):,} views of far places)")
-    cal = fit_calibration(fitted, fitted_on)
-    if far_grid is not None:
-        best, far_grid["above"] = tune_far_above(best, cal, fitted, log)
-        far_voted, far_lat, far_lon = fitted[1]
-        scores[f"calibrated {far}"] = calibrated_scores(far_voted, cal, far_lat, far_lon, best.far_above)
-    voted = fitted[0][0]
-    scores["calibrated"] = calibrated_scores(voted, cal, lat, lon, best.far_above)
+    if has_split and _has_split(data, far):
+        _, lat, lon, emb = embed_for_eval(engine, data, far, workers, log)
+        return main, TuningSet(far, emb, lat, lon)
+    _, emb, lat, lon, exclude = carve_from_train(engine, data, FAR_QUERIES, seed=1, removed_km=FAR_REMOVED_KM)
+    radii = "/".join(f"{r:g}" for r in FAR_REMOVED_KM)
+    log(f"far places: {len(emb):,} train images held out of everything within {radii} km of them")
+    return main, TuningSet(f"train held out within {radii} km", emb, lat, lon, exclude, FAR_EXTRA)
+
+
+def candidate_rows(engine, params, ts: TuningSet):
+    """(Candidates, true lat, lon) of a tuning set's images with neighbours, under `params`."""
+    from retrieve.candidates import candidate_table
+    from retrieve.predict import vote
+
+    res = ts.search(engine, params.k)
+    ok = np.isfinite(res.similarity[:, 0])
+    rows = np.maximum(res.rows, 0)[:, :params.k]
+    spacing = np.asarray(engine.spacing())[rows]
+    sim, lat, lon = res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k]
+    pred = vote(sim, lat, lon, np.asarray(engine.cells(params))[rows], params, spacing, far_pick=True)
+    table = candidate_table(sim, lat, lon, pred, params, spacing)
+    return table.take(np.broadcast_to(ok[:, None], table.present.shape)), ts.lat, ts.lon
+
+
+def _rows(tables) -> tuple[np.ndarray, np.ndarray]:
+    """(features, distance to the truth km) of every present candidate of [(Candidates, lat, lon)]."""
+    xs, ds = [], []
+    for table, lat, lon in tables:
+        p = table.present
+        d = haversine_km(table.lat_deg, table.lon_deg, np.asarray(lat)[:, None], np.asarray(lon)[:, None])
+        xs.append(table.features[p])
+        ds.append(d[p])
+    return np.concatenate(xs), np.concatenate(ds)
+
+
+def fit_model(tables, fitted_on: str):
+    from retrieve.calibrate import fit
+    from retrieve.candidates import FEATURES
+
+    x, d = _rows(tables)
+    return fit(x, d, FEATURES, fitted_on, images=sum(len(t.lat_deg) for t, _, _ in tables))
+
+
+def _split_table(table, keep: np.ndarray):
+    from retrieve.candidates import Candidates
+
+    return Candidates(table.lat_deg[keep], table.lon_deg[keep], table.kind[keep], table.features[keep])
+
+
+def crossfit_scores(tables, names, folds: int = 2, seed: int = 0) -> dict:
+    """The final answers' metrics on each tuning set, every image answered by a model fitted on the
+    other folds only (so the score is not the fit's own)."""
+    from retrieve.calibrate import decide
+
+    rng = np.random.default_rng(seed)
+    fold = [rng.integers(0, folds, len(t.lat_deg)) for t, _, _ in tables]
+    lat_out = [np.full(len(t.lat_deg), np.nan) for t, _, _ in tables]
+    lon_out = [np.full(len(t.lat_deg), np.nan) for t, _, _ in tables]
+    for f in range(folds):
+        train = [(_split_table(t, fo != f), la[fo != f], lo[fo != f])
+                 for (t, la, lo), fo in zip(tables, fold)]
+        model = fit_model(train, "cross-fit")
+        for i, ((t, _, _), fo) in enumerate(zip(tables, fold)):
+            pred = decide(model, _split_table(t, fo == f), 0)
+            lat_out[i][fo == f], lon_out[i][fo == f] = pred.lat_deg, pred.lon_deg
+    out = {}
+    for name, (_, la, lo), plat, plon in zip(names, tables, lat_out, lon_out):
+        ok = np.isfinite(plat)
+        out[name] = score(plat[ok], plon[ok], np.asarray(la)[ok], np.asarray(lo)[ok])
+    return out
+
+
+def _tune_and_save(engine, data: Path, split: str, workers: int, log):
+    from retrieve.engine import save_params
+
+    t0 = time.perf_counter()
+    main, far = tuning_sets(engine, data, split, workers, log)
+    best, scores, trials = tune(engine, main.emb, main.lat, main.lon, log=log, exclude=main.exclude)
+    grid_best = best  # what `voting` scores, and finetune's validation reproduces
+    best, far_grid = tune_far_weights(engine, best, far, log)
+    # the grid's best few settings, each judged by its final answers (the far weights kept)
+    ranked = sorted(trials, key=lambda t: -t[1]["geoscore"])
+    shortlist = [best] + [replace(p, far_temperature=best.far_temperature,
+                                  far_density_power=best.far_density_power)
+                          for p, _ in ranked[1:SHORTLIST]]
+    judged = []
+    for params in shortlist:
+        tables = [candidate_rows(engine, params, ts) for ts in (main, far)]
+        answered = crossfit_scores(tables, (main.name, far.name))
+        both = answered[main.name]["geoscore"] * len(main.lat) + answered[far.name]["geoscore"] * len(far.lat)
+        judged.append((both / (len(main.lat) + len(far.lat)), params, tables, answered))
+        log(f"k={params.k}, T={params.temperature}, {params.cells} {params.levels}, {params.bandwidth_km:g} "
+            f"km: answers {answered[main.name]['geoscore']:.0f} on {main.name}, "
+            f"{answered[far.name]['geoscore']:.0f} on {far.name} (cross-fitted)")
+    _, best, tables, answered = max(judged, key=lambda j: j[0])
+    far_weights_of_best = {"far_temperature": best.far_temperature,
+                           "far_density_power": best.far_density_power}
+    # the chosen setting's plain vote (`voting` is the grid's best)
+    scores["chosen voting"] = next(s for p, s in trials if replace(p, **far_weights_of_best) == best)
+    fitted_on = f"{main.name} + {far.name}"
+    cal = fit_model(tables, fitted_on)
+    scores |= {f"answer on {name}": got for name, got in answered.items()}
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
-    path = save_params(engine.index_dir, best, {"validation": {"split": split, "data": str(data),
-                                                               "images": len(emb), **scores},
+    validation = {"split": main.name, "far": far.name, "data": str(data), "images": len(main.emb),
+                  "far_images": len(far.emb), **scores}
+    path = save_params(engine.index_dir, best, {"validation": validation,
                                                 "grid": json.loads(json.dumps(GRID)), "trials": len(trials),
-                                                **({"far_pick": far_grid} if far_grid else {})})
+                                                "grid_best": json.loads(json.dumps(asdict(grid_best))),
+                                                "far_pick": far_grid,
+                                                "seconds": round(time.perf_counter() - t0, 1)})
+    log(f"answers (cross-fitted): {answered[main.name]['geoscore']:.0f} on {main.name}, "
+        f"{answered[far.name]['geoscore']:.0f} on {far.name}; the distance model fitted on {fitted_on}")
     return best, scores, path
 
 
@@ -265,100 +373,31 @@ def _has_split(data: Path, split: str) -> bool:
         return False
 
 
-def _vote_on(engine, params, emb, exclude):
-    from retrieve.predict import vote
-
-    if exclude is None:
-        res = engine.search(emb, params.k)
-    else:  # the neighbours tune() saw: the same search, the same exclusions
-        res = exclude(engine.search(emb, max(params.k, *GRID["k"]) + CARVE_EXTRA))
-    rows = np.maximum(res.rows, 0)[:, :params.k]
-    return vote(res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k],
-                np.asarray(engine.cells(params))[rows], params, np.asarray(engine.spacing())[rows],
-                far_pick=True)
-
-
-def fit_calibration(voted: list, fitted_on: str):
-    """The answers' calibration (retrieve.calibrate), fitted on the tuning images' votes (the chosen
-    settings' Predictions, each with its images' true lat and lon: [(Prediction, lat, lon), ...]); a
-    second one, when given, is of the far places."""
-    from retrieve.calibrate import fit, training_rows
-    from retrieve.predict import FEATURES
-
-    parts = [training_rows(pred, lat, lon) for pred, lat, lon in voted]
-    is_far = np.concatenate([np.full(len(d), i > 0) for i, (_, d) in enumerate(parts)])
-    return fit(np.concatenate([x for x, _ in parts]), np.concatenate([d for _, d in parts]), FEATURES,
-               fitted_on, is_far)
-
-
-def tune_far_weights(engine, best, emb, lat, lon, log) -> tuple[object, dict]:
+def tune_far_weights(engine, best, far: TuningSet, log) -> tuple[object, dict]:
     """(params, record): best with the far pick's weights (VoteConfig.far_temperature and
-    far_density_power) that give its highest GeoScore on the far places `emb` (val_far), and each
-    setting's GeoScore (keyed "T=..., power=...")."""
+    far_density_power) that give its highest GeoScore on the far images, and each setting's GeoScore
+    (keyed "T=..., power=...")."""
     from retrieve.predict import far_weights, min_risk_point
 
-    res = engine.search(emb, best.k)
-    rows = np.maximum(res.rows, 0)
+    res = far.search(engine, best.k)
+    k = best.k
+    rows = np.maximum(res.rows, 0)[:, :k]
     spacing = np.asarray(engine.spacing())[rows]
-    valid = np.isfinite(res.similarity) & np.isfinite(res.lat_deg)
-    xyz = latlon_to_unit(np.where(valid, res.lat_deg, 0.0), np.where(valid, res.lon_deg, 0.0))
+    sim, nlat, nlon = res.similarity[:, :k], res.lat_deg[:, :k], res.lon_deg[:, :k]
+    valid = np.isfinite(sim) & np.isfinite(nlat)
+    xyz = latlon_to_unit(np.where(valid, nlat, 0.0), np.where(valid, nlon, 0.0))
     ok = valid.any(1)
-    sim = np.where(valid, res.similarity, -np.inf)
-    no_alternatives = np.full((len(emb), 0, 2), np.nan)
+    sim = np.where(valid, sim, -np.inf)
+    no_alternatives = np.full((len(sim), 0, 2), np.nan)
     record, chosen, top = {}, best, -1.0
     for temp, power in itertools.product(FAR_TEMPERATURE, FAR_DENSITY_POWER):
         p = replace(best, far_temperature=temp, far_density_power=power)
         point, _ = min_risk_point(xyz, far_weights(sim, spacing, p), valid, None, no_alternatives)
         plat, plon = unit_to_latlon(point)
-        got = score(plat[ok], plon[ok], lat[ok], lon[ok])["geoscore"]
+        got = score(plat[ok], plon[ok], far.lat[ok], far.lon[ok])["geoscore"]
         record[f"T={temp}, power={power}"] = got
         if got > top:
             chosen, top = p, got
     log(f"far pick: weights softmax(sim / {chosen.far_temperature}) x spacing^{chosen.far_density_power:g}, "
-        f"GeoScore {top:.1f} on the far places (best of {len(record)} settings)")
+        f"GeoScore {top:.1f} on {far.name} (best of {len(record)} settings)")
     return chosen, {"weights": record}
-
-
-def tune_far_above(best, cal, voted: list, log) -> tuple[object, dict]:
-    """(params, record): best with the threshold of the far pick (VoteConfig.far_above) that gives the
-    highest calibrated GeoScore over the tuning images and the far ones together, as they come
-    (`voted`: [(Prediction with its far picks, lat, lon), ...]: the threshold only decides which answers,
-    so one vote serves every threshold); best unchanged (far_above 1: never) where none raises it."""
-    from retrieve.calibrate import apply
-
-    true_lat = np.concatenate([la for _, la, _ in voted])
-    true_lon = np.concatenate([lo for _, _, lo in voted])
-
-    def geoscores(params) -> list:
-        """[both together, then each group of `voted`]"""
-        preds = [apply(cal, v, params.far_above) for v, _, _ in voted]
-        lat, lon = np.concatenate([p.lat_deg for p in preds]), np.concatenate([p.lon_deg for p in preds])
-        ok = np.isfinite(lat)  # as tune() does: an image whose search found nothing has no answer
-        out = [score(lat[ok], lon[ok], true_lat[ok], true_lon[ok])["geoscore"]]
-        for p, (_, la, lo) in zip(preds, voted):
-            ok = np.isfinite(p.lat_deg)
-            out.append(score(p.lat_deg[ok], p.lon_deg[ok], la[ok], lo[ok])["geoscore"])
-        return out
-
-    # each threshold's GeoScore over both, and over each (the trade-off, for a user who expects fewer or
-    # more far photos than the tuning has)
-    record = {"without": geoscores(best)}
-    chosen, top = best, record["without"][0]
-    for above in FAR_ABOVE:
-        p = replace(best, far_above=above)
-        record[f"above {above}"] = got = geoscores(p)
-        if got[0] > top:
-            chosen, top = p, got[0]
-    log(f"far pick: {'never' if chosen.far_above >= 1 else f'where P(far) > {chosen.far_above}'}; GeoScore "
-        f"over both {top:.1f} (without: {record['without'][0]:.1f})")
-    return chosen, record
-
-
-def calibrated_scores(voted, cal, lat, lon, far_above: float = 1.0) -> dict:
-    """The tuning images' metrics with the calibrated decision (the most probable candidate answers, or
-    the far pick where it answers)."""
-    from retrieve.calibrate import apply
-
-    pred = apply(cal, voted, far_above)
-    ok = np.isfinite(pred.lat_deg)  # as tune() does: a held-out query may have lost every neighbour
-    return score(pred.lat_deg[ok], pred.lon_deg[ok], lat[ok], lon[ok])

@@ -32,7 +32,7 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     results = json.loads((out / "results.json").read_text())
     # the documented order, pinned: results.json, the CSV, the table and the plots keep it
     order = ["geovote", "geovote-within", "1-nn", "knn-mean", "classification", "regression", "hybrid",
-             "osv5m-baseline", "mean-location", "top-cell", "oracle"]
+             "osv5m-baseline", "mean-location", "top-cell", "best-candidate", "best-of-k", "oracle"]
     assert list(METHODS) == order
     # the paper's released network runs only on an engine built with it: left out here, and said why
     assert [m["name"] for m in results["methods"]] == [m for m in order if m != "osv5m-baseline"]
@@ -45,7 +45,23 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     # told the true country, the engine answers inside it: more countries right, and closer
     assert by["geovote-within"]["acc_country"] > by["geovote"]["acc_country"]
     assert by["geovote-within"]["geoscore"] > by["geovote"]["geoscore"]
-    # the oracle is the ceiling of retrieval: no retrieval method is closer on average
+    # the ceilings, image by image: the engine answers one of its candidates, the nearest neighbour is one
+    # of the k, and every neighbour is a training image
+    import pyarrow.parquet as pq
+
+    from geovote.data import read_split
+    from geovote.geo import haversine_km
+
+    truth_all = read_split(sample_root, "test", check_images=False)
+    at = {i: j for j, i in enumerate(truth_all.ids.astype(str))}
+    d = {}
+    for m in ("geovote", "1-nn", "best-candidate", "best-of-k", "oracle"):
+        p = pq.read_table(out / "predictions" / f"{m}.parquet").to_pydict()
+        r = [at[i] for i in p["id"]]
+        d[m] = haversine_km(np.array(p["latitude"]), np.array(p["longitude"]), truth_all.lat_deg[r],
+                            truth_all.lon_deg[r])
+    assert np.all(d["best-candidate"] <= d["geovote"] + 1e-6) and np.all(d["best-of-k"] <= d["1-nn"] + 1e-6)
+    assert np.all(d["oracle"] <= d["best-of-k"] + 1e-6)
     for name in ("geovote", "1-nn", "knn-mean"):
         assert by["oracle"]["mean_km"] <= by[name]["mean_km"]
         assert by["oracle"]["geoscore"] >= by[name]["geoscore"]
@@ -53,11 +69,6 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
               "accuracy_vs_coverage.png"):
         assert (out / f).stat().st_size > 0
     # the engine is calibrated: its report, recomputed here from its predictions file and the truth
-    import pyarrow.parquet as pq
-
-    from geovote.data import read_split
-    from geovote.geo import haversine_km
-
     t = {k: np.asarray(v) for k, v in pq.read_table(out / "predictions" / "geovote.parquet").to_pydict().items()}
     truth = read_split(sample_root, "test", check_images=False)
     pos = {i: j for j, i in enumerate(truth.ids.astype(str))}
@@ -74,11 +85,10 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     assert np.array_equal(conf, t["within_200km"])
     top = np.argsort(-conf, kind="stable")[:100]
     assert cal["acc_200km_most_confident_half"] == pytest.approx(np.mean(d[top] <= 200))
-    # calibrated with the sample's val_far: how far the photos looked, and how often the far pick answered
-    assert cal["mean_far_probability"] == pytest.approx(t["far_probability"].mean())
-    assert cal["far_pick_share"] == pytest.approx(t["far_pick"].mean())
-    far_above = json.loads((engine_dir / "index" / "retrieve.json").read_text())["params"]["far_above"]
-    assert np.array_equal(t["far_pick"], t["far_probability"] > far_above)
+    # which candidates answered, as the predictions file says
+    kinds = list(t["kind"])
+    assert cal["answer_kinds"] == pytest.approx({k: kinds.count(k) / len(kinds)
+                                                 for k in ("peak", "runner_up", "far_pick", "neighbour")})
     # the predictions files are what benchmark.score reads, and give the same scores
     again = score_file(out / "predictions" / "hybrid.parquet", sample_root / "test.csv")
     assert again["geoscore"] == pytest.approx(by["hybrid"]["geoscore"])

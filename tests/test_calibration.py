@@ -1,10 +1,11 @@
-"""Calibrated answers: the metrics against hand computations, the calibration against known probabilities,
-the radius against its definition."""
+"""The one decision: the metrics against hand computations, the distance model against known probabilities
+and against scikit-learn's own predictions, the expected GeoScore against a numerical integral, the radius
+against its definition, the choice among candidates by hand."""
 import numpy as np
 import pytest
 
 from geovote.metrics import accuracy_vs_coverage, calibration_error, reliability
-from retrieve.calibrate import LEVELS_KM, Calibration, apply, fit, radius_km
+from retrieve.calibrate import LEVELS_KM, TREES, Calibration, CalibrationError, decide, expected_weights, fit, radius_km
 
 
 def test_calibration_error_by_hand():
@@ -27,7 +28,7 @@ def test_accuracy_vs_coverage_by_hand():
 
 def test_fit_recovers_known_probabilities():
     """Distances drawn so that P(d <= level) is a known logistic function of one feature: the fitted
-    calibration gives those probabilities back, and is calibrated (small ECE) on fresh draws."""
+    model gives those probabilities back (to the steps of its trees), calibrated on fresh draws."""
     rng = np.random.default_rng(0)
 
     def draw(n):
@@ -42,24 +43,53 @@ def test_fit_recovers_known_probabilities():
     xt, dt = draw(20000)
     p = cal.within(xt)
     c = LEVELS_KM.index(200)
-    # 20,000 draws estimate the slope to about 1%: within 0.035 everywhere, within 0.02 for 99%
     err = np.abs(p[:, c] - 1 / (1 + np.exp(-2 * xt[:, 0])))
-    assert err.max() < 0.035 and np.percentile(err, 99) < 0.02
+    assert err.mean() < 0.02 and np.percentile(err, 99) < 0.08
     for j, level in enumerate(LEVELS_KM):
         assert calibration_error(p[:, j], dt <= level) < 0.02, level
     assert np.all(np.diff(p, axis=1) >= 0)  # never less likely within a larger distance
 
 
-def test_one_class_level_is_a_constant_and_the_round_trip_is_exact(tmp_path):
-    x = np.random.default_rng(1).normal(0, 1, (50, 3))
-    d = np.full(50, 100.0)  # every truth within 200 km, none within 25
-    cal = fit(x, d, ("a", "b", "c"), "t")
-    p = cal.within(x)
-    assert np.all(p[:, 0] < 0.02) and np.all(p[:, 2] > 0.98)
-    back = Calibration.load(cal.save(tmp_path / "c.json"), ("a", "b", "c"))
-    np.testing.assert_array_equal(back.within(x), p)
-    with pytest.raises(ValueError, match="other features"):
+def test_the_numpy_trees_are_scikit_learns_model(tmp_path):
+    """The stored arrays, walked in numpy, give scikit-learn's own probabilities (missing values
+    included), through a JSON round trip; a level with one class is a constant."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (3000, 3))
+    x[rng.uniform(size=x.shape) < 0.05] = np.nan  # missing values take the trees' own side
+    d = np.exp(rng.normal(5 - x[:, 0] - np.nan_to_num(x[:, 1]) * x[:, 2] ** 2, 1.5))
+    d[np.isnan(d)] = 50.0
+    cal = Calibration.load(fit(x, d, ("a", "b", "c"), "t").save(tmp_path / "c.json"), ("a", "b", "c"))
+    for j, level in enumerate(LEVELS_KM):
+        y = d <= level
+        if y.all() or not y.any():
+            continue
+        model = HistGradientBoostingClassifier(**TREES, early_stopping=False, random_state=0).fit(x, y)
+        ours = 1 / (1 + np.exp(-cal.raw(x)[:, j]))
+        np.testing.assert_allclose(ours, model.predict_proba(x)[:, 1], rtol=0, atol=1e-12)
+    everywhere = fit(x[:50], np.full(50, 100.0), ("a", "b", "c"), "t").within(x[:50])  # within 200, not 25
+    assert np.all(everywhere[:, 0] < 0.02) and np.all(everywhere[:, 2] > 0.98)
+    with pytest.raises(CalibrationError, match="other features"):
         Calibration.load(tmp_path / "c.json", ("a", "b"))
+    old = tmp_path / "old.json"
+    old.write_text('{"features": ["a"], "mean": [0], "scale": [1], "coef": [[0]], "intercept": [0]}')
+    with pytest.raises(CalibrationError, match="older calibration"):
+        Calibration.load(old, ("a",))
+
+
+def test_expected_geoscore_is_the_integral_over_the_interpolated_cdf():
+    """a . p + b against a direct numerical integral of 5000 exp(-d / 1492.7) dF, F interpolated
+    linearly in log(1 + d) between the levels (0 at 0 km, 1 at half the circumference)."""
+    a, b = expected_weights()
+    knots = np.log1p([0.0, *LEVELS_KM, np.pi * 6371.0])
+    for p in ([0.1, 0.5, 0.8, 0.95, 0.99], [0.0, 0.0, 0.0, 0.0, 0.0], [1.0] * 5, [0.01, 0.2, 0.3, 0.6, 0.9]):
+        u = np.linspace(0, knots[-1], 400001)
+        f = np.interp(u, knots, [0.0, *p, 1.0])
+        mid = np.expm1((u[1:] + u[:-1]) / 2)
+        want = np.sum(np.diff(f) * 5000 * np.exp(-mid / 1492.7))
+        assert np.dot(a, p) + b == pytest.approx(want, abs=0.05)
+    assert np.dot(a, [1.0] * 5) + b > 4990  # all within 1 km: nearly the full 5000
 
 
 def test_radius_is_where_the_probability_reaches_90_percent():
@@ -74,76 +104,42 @@ def test_radius_is_where_the_probability_reaches_90_percent():
     assert 2500 < r[2] < np.pi * 6371.0
 
 
-def test_mixture_of_experts_recovers_both_kinds_of_photo(tmp_path):
-    """Two kinds of photo, mostly told apart by feature 1: for near ones P(d <= 200) = sigmoid(2 x0), for
-    far ones it is 5% whatever x0. One logistic regression over both cannot give both (x0 has one
-    weight); the mixture is calibrated on fresh draws of the same population, recovers each kind's own
-    probability where the kinds do not overlap, and round-trips through JSON."""
-    rng = np.random.default_rng(0)
-
-    def draw(n, far):
-        x = np.c_[rng.normal(0, 1, n), rng.normal(4.0 if far else 0.0, 1, n)]
-        p = np.full(n, 0.05) if far else 1 / (1 + np.exp(-2 * x[:, 0]))
-        u = rng.uniform(0, 1, n)
-        d = 200 * np.exp(np.log(u / (1 - u)) - np.log(p / (1 - p)))  # within 200 km with probability p
-        return x, d, p
-
-    def population(n):  # two near photos for every far one
-        (xn, dn, pn), (xf, df, pf) = draw(2 * n // 3, False), draw(n // 3, True)
-        return np.r_[xn, xf], np.r_[dn, df], np.r_[pn, pf], np.r_[np.zeros(len(xn), bool), np.ones(len(xf), bool)]
-
-    x, d, _, is_far = population(30000)
-    mixed, single = fit(x, d, ("a", "b"), "t", is_far), fit(x, d, ("a", "b"), "t")
-    xt, dt, pt, far_t = population(30000)
-    p = mixed.within(xt)
-    for j, level in enumerate(LEVELS_KM):
-        assert calibration_error(p[:, j], dt <= level) < 0.02, level
-    c = LEVELS_KM.index(200)
-    for clear in (far_t & (xt[:, 1] > 3.0), ~far_t & (xt[:, 1] < 1.0)):  # away from the other kind
-        assert np.abs(p[clear, c] - pt[clear]).mean() < 0.02
-        assert np.abs(single.within(xt[clear])[:, c] - pt[clear]).mean() > 0.05  # why the mixture exists
-    back = Calibration.load(mixed.save(tmp_path / "m.json"), ("a", "b"))
-    np.testing.assert_array_equal(back.within(xt), p)
+def _stump(feature: int, threshold: float, low: float, high: float) -> Calibration:
+    """A model of one tree per level: feature <= threshold -> raw `low`, else `high` (the same at every
+    level, so P is equal across levels)."""
+    n = len(LEVELS_KM)
+    tree = lambda values: [[values]] * n  # noqa: E731
+    return Calibration(features=["f0", "f1"], levels_km=list(LEVELS_KM), baseline=[0.0] * n,
+                       feature=tree([feature, -1, -1]), threshold=tree([threshold, 0.0, 0.0]),
+                       missing_left=tree([1, 0, 0]), left=tree([1, 0, 0]), right=tree([2, 0, 0]),
+                       value=tree([0.0, low, high]), depth=1, fitted_on="hand", images=0)
 
 
-def test_the_far_pick_answers_where_p_far_passes_the_threshold():
-    """Features (a, b, is_alternative, is_far_pick); P(far) = sigmoid(5 a), the near expert's P(within) rises
-    with b, the far expert's falls with is_far_pick. Query 0 looks far (a = 1): its far pick answers, ahead of the
-    vote's peak and runner-up, with the probabilities of its own features. Query 1 looks near (a = -1):
-    the most probable candidate answers and there is no far pick among its candidates."""
-    from retrieve.predict import Prediction
+def test_the_candidate_of_highest_expected_geoscore_answers_with_its_own_probabilities():
+    """Query 0: the third candidate scores highest (feature 0 high), then the first; the second is the
+    first's very place and is not listed again. Query 1: no candidate (no neighbours): no answer.
+    Without a model the table's first candidate answers with its raw share."""
+    from retrieve.candidates import FEATURES, Candidates
 
-    n_levels = len(LEVELS_KM)
-    cal = Calibration(["a", "b", "is_alternative", "is_far_pick"], [0.0] * 4, [1.0] * 4,
-                      [[0.0, 2.0, 0.0, 0.0]] * n_levels, [0.0] * n_levels, "hand", 0,
-                      far_coef=[[0.0, 0.0, 0.0, -1.0]] * n_levels, far_intercept=[-2.0] * n_levels,
-                      far_odds_coef=[5.0, 0.0, 0.0, 0.0], far_odds_intercept=0.0)
-    feats = np.array([[1.0, 0.5, 0, 0], [-1.0, 0.2, 0, 0]])
-    alt_feats = np.array([[[1.0, 0.9, 1, 0]], [[-1.0, 0.8, 1, 0]]])  # each runner-up more probable
-    far_feats = np.array([[1.0, -1.0, 0, 1], [-1.0, -1.0, 0, 1]])
-    pred = Prediction(np.array([10.0, 20.0]), np.array([11.0, 21.0]), np.zeros(2), np.array([[12.0], [22.0]]),
-                      np.array([[13.0], [23.0]]), np.zeros((2, 1)), feats, alt_feats,
-                      far_lat_deg=np.array([14.0, 24.0]), far_lon_deg=np.array([15.0, 25.0]),
-                      far_features=far_feats)
-    out = apply(cal, pred, far_above=0.5)
-    # query 0: the far pick, then the runner-up (more probable within 200 km), then the peak
-    assert out.far_answered.tolist() == [True, False]
-    assert (out.lat_deg[0], out.lon_deg[0]) == (14.0, 15.0)
-    np.testing.assert_array_equal(out.within_km[0], cal.within(far_feats[0]))
-    assert out.alt_lat_deg[0].tolist() == [12.0, 10.0]
-    p_far = 1 / (1 + np.exp(-5.0))
-    near = 1 / (1 + np.exp(-2 * 0.9))
-    assert out.alt_score[0, 0] == pytest.approx((1 - p_far) * near + p_far / (1 + np.exp(2.0)))
-    assert out.far_probability[0] == pytest.approx(1 / (1 + np.exp(-5.0)))  # of the runner-up: a = 1 too
-    assert out.alt_score[0, 0] > out.confidence[0]  # the far pick is chosen for GeoScore, not P(200 km)
-    # query 1: the runner-up answers, the peak follows, the far pick is not a candidate
-    assert (out.lat_deg[1], out.alt_lat_deg[1, 0]) == (22.0, 20.0) and np.isnan(out.alt_lat_deg[1, 1])
-    # never answering (far_above 1): the candidates of the plain calibrated decision
-    plain = apply(cal, pred)
-    assert not plain.far_answered.any() and plain.lat_deg.tolist() == [12.0, 22.0]
-    # a peak on the far pick's very point (an answer moved onto that neighbour) is not listed twice
-    from dataclasses import replace
-
-    on = apply(cal, replace(pred, lat_deg=np.array([14.0, 20.0]), lon_deg=np.array([15.0, 21.0])), 0.5)
-    assert (on.lat_deg[0], on.lon_deg[0]) == (14.0, 15.0)
-    assert on.alt_lat_deg[0, 0] == 12.0 and np.isnan(on.alt_lat_deg[0, 1:]).all() and on.alt_score[0, 1] == 0
+    cal = _stump(0, 0.5, -1.0, 2.0)
+    nf = len(FEATURES)
+    feats = np.full((2, 3, nf), np.nan)
+    feats[0] = 0.0
+    feats[0, :, 0] = [0.2, 0.1, 0.9]  # column 0 of FEATURES (top_similarity) stands for the stump's feature
+    feats[0, :, FEATURES.index("share_2h")] = [0.6, 0.6, 0.3]
+    table = Candidates(np.array([[10.0, 10.0, 30.0], [np.nan] * 3]), np.array([[20.0, 20.0, 40.0], [np.nan] * 3]),
+                       np.array([[0, 3, 3], [-1, -1, -1]]), feats)
+    cal.features = list(FEATURES)
+    out = decide(cal, table, n_alternatives=2)
+    assert (out.lat_deg[0], out.lon_deg[0]) == (30.0, 40.0) and out.answer_kind[0] == 3
+    p_hi, p_lo = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(1.0))
+    np.testing.assert_allclose(out.within_km[0], p_hi)
+    assert out.confidence[0] == pytest.approx(p_hi)
+    a, b = expected_weights()
+    assert out.expected_geoscore[0] == pytest.approx(p_hi * a.sum() + b)
+    assert out.alt_lat_deg[0].tolist()[0] == 10.0 and np.isnan(out.alt_lat_deg[0, 1])  # 10/20 once
+    assert out.alt_score[0, 0] == pytest.approx(p_lo)
+    assert np.isnan(out.lat_deg[1]) and out.confidence[1] == 0 and np.isnan(out.radius_km[1])
+    raw = decide(None, table, n_alternatives=2)
+    assert (raw.lat_deg[0], raw.confidence[0]) == (10.0, 0.6) and raw.alt_lat_deg[0, 0] == 30.0
+    assert raw.within_km is None

@@ -80,14 +80,12 @@ def test_validation_geoscore_is_the_engines_tuned_score_on_val(sample_root, tmp_
     _, lat, lon, val16 = embed_for_eval(engine, sample_root, "val", workers=0, log=lambda *_: None)
     train16 = read_embeddings(engine_dir / "embeddings" / "train")
     gallery = Gallery(train16.embedding, train16.lat_deg, train16.lon_deg)
-    k = tuned["params"]["k"]
     np.testing.assert_array_equal(gallery.search(val16, 50).rows, engine.search(val16, 50).rows)
     score16, params16 = validation_score(train16.embedding, train16.lat_deg, train16.lon_deg, val16, lat, lon)
     assert score16 == tuned["validation"]["voting"]["geoscore"]
-    grid_keys = ("k", "temperature", "cells", "levels", "bandwidth_km", "hedge_below")
+    grid_keys = ("k", "temperature", "cells", "levels", "bandwidth_km")
     assert {key: asdict(params16)[key] for key in grid_keys} == {
-        key: tuple(v) if isinstance(v, list) else v for key, v in tuned["params"].items() if key in grid_keys}
-    assert k == params16.k
+        key: tuple(v) if isinstance(v, list) else v for key, v in tuned["grid_best"].items() if key in grid_keys}
 
     fx = FeatureExtractor(load_backbone(str(tmp_path / "run" / "best")), device="cpu")
     fp32 = {}

@@ -1,6 +1,5 @@
 """The voting predictor against a plain per-query loop, and on hand-made neighbourhoods."""
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -166,72 +165,80 @@ def test_softmax_weights_and_empty_queries():
     assert np.isnan(pred.lat_deg[0]) and pred.confidence[0] == 0
 
 
-def test_hedging_answers_the_candidate_of_highest_expected_geoscore():
-    """Three neighbours in Lisbon, one each in Berlin, Warsaw, Vienna and Budapest, nearly as similar: the
-    vote's cell is Lisbon's; with hedging on, the answer is the candidate maximising
-    sum_j w_j 5000 exp(-d_j / 1492.7), computed here by hand over the same candidates: in central Europe."""
-    from retrieve.predict import min_risk_point
+def test_the_candidate_table_by_hand():
+    """Three neighbours in Lisbon (two 0.3 km apart), one each in Berlin, Warsaw, Vienna and Budapest: the
+    table holds the vote's peak, its runner-ups, the far pick and the first N_NEIGHBOURS distinct
+    neighbours (the Lisbon pair merged), each feature computed here by hand from its definition."""
+    from geovote.metrics import GEOSCORE_SCALE_KM
+    from retrieve.candidates import FEATURES, KINDS, N_NEIGHBOURS, candidate_table
 
-    lat = np.array([[38.72, 38.73, 38.71, 52.52, 52.23, 48.21, 47.50]])
-    lon = np.array([[-9.14, -9.13, -9.15, 13.40, 21.01, 16.37, 19.04]])
-    sim = np.array([[0.80, 0.79, 0.81, 0.80, 0.78, 0.82, 0.79]])  # unequal: the weights' T matters
+    lat = np.array([[38.72, 38.7227, 38.71, 52.52, 52.23, 48.21, 47.50]])
+    lon = np.array([[-9.14, -9.14, -9.15, 13.40, 21.01, 16.37, 19.04]])
+    sim = np.array([[0.80, 0.79, 0.81, 0.80, 0.78, 0.82, 0.79]])
     cells = H3Cells((1, 3)).assign(lat[0], lon[0])[None]
-    base = VoteConfig(k=7, temperature=0.2, bandwidth_km=25, n_alternatives=2)
-    plain = vote(sim, lat, lon, cells, base)
-    w = softmax_weights(sim, base.temperature)[0]  # the vote's own weights
-    cand = [(plain.lat_deg[0], plain.lon_deg[0])] + list(zip(plain.alt_lat_deg[0], plain.alt_lon_deg[0])) + \
-        list(zip(lat[0], lon[0]))
-    expected = [sum(wj * 5000 * math.exp(-haversine_km(a, b, la, lo) / 1492.7) for wj, la, lo in zip(w, lat[0], lon[0]))
-                for a, b in cand]
-    want = cand[int(np.argmax(expected))]
-    hedged = vote(sim, lat, lon, cells, replace(base, hedge_below=1.0))  # every answer below 100%: hedge
-    assert haversine_km(hedged.lat_deg[0], hedged.lon_deg[0], *want) < 0.01
-    assert haversine_km(*want, plain.lat_deg[0], plain.lon_deg[0]) > 100  # hedging moved it here
-    # a confident answer is left alone
-    sure = vote(sim, lat, lon, cells, replace(base, hedge_below=1e-6))
-    assert (sure.lat_deg[0], sure.lon_deg[0]) == (plain.lat_deg[0], plain.lon_deg[0])
-    # the function itself: two equal neighbours 20 degrees apart score the same at either; the answer,
-    # at the second, wins the tie against the first
-    xyz = latlon_to_unit(np.array([[0.0, 0.0]]), np.array([[10.0, -10.0]]))
-    p, chosen = min_risk_point(xyz, np.array([[0.5, 0.5]]), np.ones((1, 2), bool), latlon_to_unit([0.0], [-10.0]),
-                               np.full((1, 1, 2), np.nan))
-    np.testing.assert_allclose(p, latlon_to_unit([0.0], [-10.0]))
-    assert chosen.tolist() == [0]
+    spacing = np.array([[3.0, 5.0, 8.0, 40.0, 60.0, 80.0, 100.0]])
+    p = VoteConfig(k=7, temperature=0.2, bandwidth_km=25, n_alternatives=2, far_temperature=0.05,
+                   far_density_power=2.0)
+    pred = vote(sim, lat, lon, cells, p, spacing, far_pick=True)
+    t = candidate_table(sim, lat, lon, pred, p, spacing)
+    n_alt = 2
+    assert t.lat_deg.shape == (1, 1 + n_alt + 1 + N_NEIGHBOURS)
+    kinds = [KINDS[k] for k in t.kind[0] if k >= 0]
+    assert kinds[0] == "peak" and kinds.count("far_pick") == 1 and kinds.count("neighbour") == N_NEIGHBOURS
+    # neighbours in search order, the second (0.3 km from the first) merged into it
+    nb = np.flatnonzero(t.kind[0] == KINDS.index("neighbour"))
+    assert [(t.lat_deg[0, j], t.lon_deg[0, j]) for j in nb] == [(38.72, -9.14), (38.71, -9.15), (52.52, 13.40)]
+    assert t.column("rank")[0, nb].tolist() == [0.0, 2.0, 3.0]
+    w = softmax_weights(sim, p.temperature)[0]
+    wf = softmax_weights(sim, p.far_temperature)[0] * spacing[0] ** 2  # the far pick's own weights
+    wf /= wf.sum()
+    for j in np.flatnonzero(t.present[0]):
+        d = haversine_km(t.lat_deg[0, j], t.lon_deg[0, j], lat[0], lon[0])
+        got = dict(zip(FEATURES, t.features[0, j]))
+        assert got["share_25km"] == pytest.approx(w[d <= 25].sum(), abs=1e-12)
+        assert got["share_200km"] == pytest.approx(w[d <= 200].sum(), abs=1e-12)
+        assert got["far_share_200km"] == pytest.approx(wf[d <= 200].sum(), abs=1e-12)
+        assert got["vote_expected_geoscore"] == pytest.approx(np.sum(w * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)))
+        assert got["far_expected_geoscore"] == pytest.approx(np.sum(wf * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)))
+        near = d <= 25
+        assert got["best_similarity_near"] == pytest.approx(sim[0, near].max() if near.any() else 0.82 - 1)
+        assert got["count_near"] == pytest.approx(near.sum() / 7)
+        assert got["log_nearest_distance_km"] == pytest.approx(np.log1p(d.min()), abs=1e-6)
+        assert got["log_spacing_at_km"] == pytest.approx(np.log1p(spacing[0, np.argmin(d)]))
+        assert got["top_similarity"] == 0.82 and got[f"is_{KINDS[t.kind[0, j]]}"] == 1
+        assert got["log_gallery_spacing_km"] == pytest.approx(np.sum(w * np.log1p(spacing[0])))
 
 
-def test_gallery_spacing_feature_is_the_weighted_mean_log_spacing():
-    from retrieve.predict import FEATURES
+def test_a_region_keeps_the_candidates_inside():
+    from retrieve.candidates import candidate_table, restrict
 
-    sim, lat, lon = _neighbourhoods(6, 12, seed=5, centers=[(48.85, 2.35), (35.7, 139.7)])
-    sim[2, 4:] = -np.inf  # a query with 4 neighbours found
-    lat[2, 4:] = lon[2, 4:] = np.nan
-    cells = H3Cells((1, 3)).assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(6, 12, 2)
-    spacing = np.random.default_rng(2).uniform(1, 500, (6, 12))
-    params = VoteConfig(k=10, temperature=0.1)
-    got = vote(sim, lat, lon, cells, params, spacing)
-    j = FEATURES.index("log_gallery_spacing_km")
-    for q in range(6):
-        ok = np.isfinite(sim[q, :10])
-        w = np.exp((sim[q, :10][ok] - sim[q, :10][ok].max()) / params.temperature)
-        want = np.sum(w / w.sum() * np.log1p(spacing[q, :10][ok]))
-        assert got.features[q, j] == pytest.approx(want, rel=1e-12)
-        assert np.all(got.alt_features[q, np.isfinite(got.alt_lat_deg[q]), j] == got.features[q, j])
-    assert np.isnan(vote(sim, lat, lon, cells, params).features[:, j]).all()  # not given: unknown
+    class Portugal:  # a box around Lisbon
+        def contains(self, lat, lon):
+            return (np.asarray(lat) > 36) & (np.asarray(lat) < 42) & (np.asarray(lon) > -10) & (np.asarray(lon) < -6)
+
+    lat = np.array([[52.52, 38.72, 52.23, 38.71]])
+    lon = np.array([[13.40, -9.14, 21.01, -9.15]])
+    sim = np.array([[0.9, 0.8, 0.85, 0.7]])
+    cells = H3Cells((1, 3)).assign(lat[0], lon[0])[None]
+    p = VoteConfig(k=4, temperature=0.2, bandwidth_km=25, n_alternatives=1)
+    table = candidate_table(sim, lat, lon, vote(sim, lat, lon, cells, p), p)
+    inside = restrict(table, Portugal())
+    kept = inside.present[0]
+    assert kept.any() and np.all(Portugal().contains(inside.lat_deg[0, kept], inside.lon_deg[0, kept]))
+    assert np.array_equal(inside.features[0, kept], table.features[0, kept], equal_nan=True)  # untouched
+    assert (~Portugal().contains(table.lat_deg[0, table.present[0]], table.lon_deg[0, table.present[0]])).any()
 
 
 def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_density_corrected_weights():
     from geovote.metrics import GEOSCORE_SCALE_KM
-    from retrieve.predict import FEATURES
 
     sim, lat, lon = _neighbourhoods(8, 15, seed=7, centers=[(48.85, 2.35), (35.7, 139.7), (-33.9, 151.2)])
     sim[4, 3:] = -np.inf  # a query with 3 neighbours found
     lat[4, 3:] = lon[4, 3:] = np.nan
     cells = H3Cells((1, 3)).assign(np.nan_to_num(lat).ravel(), np.nan_to_num(lon).ravel()).reshape(8, 15, 2)
-    p = VoteConfig(k=12, temperature=0.1, bandwidth_km=100.0, far_above=0.5, far_temperature=0.02,
-                   far_density_power=2.0)
+    p = VoteConfig(k=12, temperature=0.1, bandwidth_km=100.0, far_temperature=0.02, far_density_power=2.0)
     spacing = np.random.default_rng(1).uniform(0.5, 400, (8, 15))  # below 1 km counts as 1 km
-    got = vote(sim, lat, lon, cells, p, spacing)
-    share = FEATURES.index("share_within_200km")
+    got = vote(sim, lat, lon, cells, p, spacing, far_pick=True)
     for q in range(8):
         ok = np.flatnonzero(np.isfinite(sim[q, :12]))
         w = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.02) * np.maximum(spacing[q, ok], 1.0) ** 2
@@ -239,13 +246,7 @@ def test_far_pick_is_the_neighbour_of_highest_expected_geoscore_under_density_co
         d = haversine_km(lat[q, ok][:, None], lon[q, ok][:, None], lat[q, ok][None], lon[q, ok][None])
         best = ok[np.argmax((w[None] * 5000 * np.exp(-d / GEOSCORE_SCALE_KM)).sum(1))]
         assert haversine_km(got.far_lat_deg[q], got.far_lon_deg[q], lat[q, best], lon[q, best]) < 1e-6
-        # its features: the vote's weights (T = 0.1) around it, and marked as the far pick
-        v = np.exp((sim[q, ok] - sim[q, ok].max()) / 0.1)
-        near = haversine_km(lat[q, best], lon[q, best], lat[q, ok], lon[q, ok]) <= 200.0
-        assert got.far_features[q, share] == pytest.approx((v * near).sum() / v.sum(), rel=1e-9)
-    assert np.all(got.far_features[:, FEATURES.index("is_far_pick")] == 1)
-    assert np.all(got.features[:, FEATURES.index("is_far_pick")] == 0)
-    assert vote(sim, lat, lon, cells, replace(p, far_above=1.0)).far_lat_deg is None  # never answers: not computed
+    assert vote(sim, lat, lon, cells, p, spacing).far_lat_deg is None  # not asked for: not computed
 
 
 def test_min_risk_point_in_chunks_equals_one_row_at_a_time():
@@ -269,8 +270,8 @@ def test_min_risk_point_in_chunks_equals_one_row_at_a_time():
 
 
 def test_min_risk_point_ties_go_to_the_first_candidate():
-    """Two neighbours of equal weight score exactly equal: the first wins, as the answer does in hedging
-    (a dot-product form of the distances broke such ties one time in ten)."""
+    """Two neighbours of equal weight score exactly equal: the first wins (a dot-product form of the
+    distances broke such ties one time in ten)."""
     from retrieve.predict import min_risk_point
 
     lat = np.array([[6.9799986344676626, 69.6115878060429]])

@@ -33,7 +33,7 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
     assert [x["image"] for x in lines] == [str(p) for p in imgs]
     for x in lines:
         assert set(x) == {"image", "latitude", "longitude", "confidence", "calibrated", "within_km", "radius_km",
-                          "far_probability", "far_pick", "country", "region", "sub_region", "city",
+                          "expected_geoscore", "kind", "far_pick", "country", "region", "sub_region", "city",
                           "candidates"}
         assert -90 <= x["latitude"] <= 90 and 0 <= x["confidence"] <= 1 and len(x["country"]) == 2
         assert x["candidates"][0] == {"latitude": x["latitude"], "longitude": x["longitude"],
@@ -43,10 +43,12 @@ def test_query_json_answers_every_image_and_names_the_bad_one(sample_root, built
         assert x["calibrated"] and list(x["within_km"]) == ["1", "25", "200", "750", "2500"]
         p = list(x["within_km"].values())
         assert x["confidence"] == x["within_km"]["200"] and p == sorted(p) and 0 <= p[0] and p[-1] <= 1
-        # the answer is the most likely within 200 km, unless the far pick answered (tested in test_calibration)
-        far_above = json.loads((built / "index" / "retrieve.json").read_text())["params"]["far_above"]
-        assert x["far_pick"] == (x["far_probability"] > far_above)
-        assert x["far_pick"] or all(c["score"] <= x["confidence"] for c in x["candidates"][1:])
+        # its expected GeoScore is that of its own distribution (the choice: test_calibration, below)
+        from retrieve.calibrate import expected_weights
+
+        a, b = expected_weights()
+        assert x["expected_geoscore"] == pytest.approx(float(np.dot(a, p) + b), abs=0.5)  # both rounded
+        assert x["kind"] in ("peak", "runner_up", "far_pick", "neighbour") and x["far_pick"] == (x["kind"] == "far_pick")
         levels = [1, 25, 200, 750, 2500]
         above = [km for km, q in zip(levels, p) if q >= 0.9]
         below = [km for km, q in zip(levels, p) if q < 0.9]
@@ -86,11 +88,10 @@ def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp
                        "--out", str(out)]) == 0
     t = pq.read_table(out)
     assert t.column_names == ["id", "latitude", "longitude", "confidence", "radius_km", "within_1km", "within_25km",
-                              "within_200km", "within_750km", "within_2500km", "far_probability",
-                              "far_pick"] and t.num_rows == 200
+                              "within_200km", "within_750km", "within_2500km", "expected_geoscore",
+                              "kind"] and t.num_rows == 200
     np.testing.assert_array_equal(t.column("confidence").to_numpy(), t.column("within_200km").to_numpy())
-    far_above = json.loads((built / "index" / "retrieve.json").read_text())["params"]["far_above"]
-    np.testing.assert_array_equal(t.column("far_pick").to_numpy(), t.column("far_probability").to_numpy() > far_above)
+    assert set(t.column("kind").to_pylist()) <= {"peak", "runner_up", "far_pick", "neighbour"}
     # the same answers as the engine gives the image files themselves (their embeddings stored as the
     # shards store them, in fp16: the tiny model's ties would otherwise reorder some neighbours)
     from embed.images import open_rgb
@@ -135,37 +136,35 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     _, lat, lon, emb = embed_for_eval(engine, sample_root, "val")
     raw, _ = engine.locate(emb, calibrated=False)
     assert mean_geoscore(raw.lat_deg, raw.lon_deg, lat, lon) == pytest.approx(
-        saved["validation"]["voting"]["geoscore"], rel=1e-6)
-    # and calibrated (the most probable candidate answers), what tune recorded for that
-    pred, _ = engine.locate(emb)
-    # fitted on val and the far places of val_far (a mixture of experts: retrieve.calibrate)
+        saved["validation"]["chosen voting"]["geoscore"], rel=1e-6)
+    # the one decision: fitted on val and the far places of val_far; every answer is the candidate of the
+    # engine's table whose expected GeoScore, integrated here numerically from its probabilities, is highest
     assert engine.calibration is not None and engine.calibration.fitted_on == "val + val_far"
-    assert engine.calibration.far_coef is not None
-    assert mean_geoscore(pred.lat_deg, pred.lon_deg, lat, lon) == pytest.approx(
-        saved["validation"]["calibrated"]["geoscore"], rel=1e-6)
-    # the far pick's threshold: each one's GeoScore on val and val_far recomputed here through the engine
-    # (not read from tuning's record), and the chosen one the best of them together
+    pred, _ = engine.locate(emb)
+    table, _ = engine.candidates(emb)
+    within = engine.calibration.within(table.features)
+    knots = np.log1p([0.0, 1, 25, 200, 750, 2500, np.pi * 6371.0])
+    u = np.linspace(0, knots[-1], 20001)
+    g = 5000 * np.exp(-np.expm1((u[1:] + u[:-1]) / 2) / 1492.7)
+    expected = np.full(table.present.shape, -np.inf)
+    for q, c in zip(*np.nonzero(table.present)):
+        expected[q, c] = np.sum(np.diff(np.interp(u, knots, [0.0, *within[q, c], 1.0])) * g)
+    best = np.argmax(expected, axis=1)
+    close = np.sort(expected, axis=1)[:, -2] > expected[np.arange(len(best)), best] - 0.5  # near-ties: either
+    np.testing.assert_array_equal(pred.lat_deg[~close], table.lat_deg[~close, best[~close]])
+    assert close.mean() < 0.05
+    # the cross-fitted answers' scores on both tuning sets are recorded
+    assert {"answer on val", "answer on val_far"} <= set(saved["validation"])
     _, far_lat, far_lon, far_emb = embed_for_eval(engine, sample_root, "val_far")
-    grid, chosen = saved["far_pick"]["above"], saved["params"]["far_above"]
-    mine = {}
-    for key in grid:  # "without", "above 0.3", ...
-        p = replace(engine.params, far_above=1.0 if key == "without" else float(key.split()[1]))
-        near, _ = engine.locate(emb, params=p)
-        far_pred, _ = engine.locate(far_emb, params=p)
-        mine[key] = mean_geoscore(np.concatenate([near.lat_deg, far_pred.lat_deg]),
-                                  np.concatenate([near.lon_deg, far_pred.lon_deg]),
-                                  np.concatenate([lat, far_lat]), np.concatenate([lon, far_lon]))
-        assert grid[key][0] == pytest.approx(mine[key], rel=1e-6), key
-    best = "without"
-    for key in grid:  # in the record's order, the first of the highest (a tie keeps the earlier)
-        best = key if mine[key] > mine[best] else best
-    assert chosen == (1.0 if best == "without" else float(best.split()[1]))
-    # its weights: those of the highest GeoScore on val_far
+    # the far pick's weights: those of the highest GeoScore on val_far, recomputed through the engine
     weights, p = saved["far_pick"]["weights"], saved["params"]
     assert weights[f"T={p['far_temperature']}, power={p['far_density_power']}"] == max(weights.values())
-    far, _ = engine.locate(far_emb)
-    assert mean_geoscore(far.lat_deg, far.lon_deg, far_lat, far_lon) == pytest.approx(
-        saved["validation"]["calibrated val_far"]["geoscore"], rel=1e-6)
+    far, _ = engine.locate(far_emb, params=replace(engine.params, n_alternatives=0), calibrated=False)
+    table, _ = engine.candidates(far_emb)
+    kinds = table.kind
+    fp = np.flatnonzero(kinds[0] == 2)[0]  # the far pick's column
+    assert mean_geoscore(table.lat_deg[:, fp], table.lon_deg[:, fp], far_lat, far_lon) == pytest.approx(
+        max(weights.values()), rel=1e-6)
     assert tune_main(["--index", str(built / "index"), "--split", "test"]) == 2
     assert tune_main(["--index", str(built / "index"), "--split", "test_far"]) == 2
 
@@ -264,14 +263,15 @@ def test_geojson_and_csv_for_map_tools(sample_root, built, tmp_path, capsys):
         assert f["geometry"] == {"type": "Point", "coordinates": [a["longitude"], a["latitude"]]}
         assert f["properties"] == {k: a[k] for k in ("image", "country", "region", "sub_region", "city",
                                                       "confidence", "calibrated", "within_km", "radius_km",
-                                                      "far_probability", "far_pick", "candidates")}
+                                                      "expected_geoscore", "kind", "far_pick", "candidates")}
     assert query_main([*map(str, imgs), "--index", index, "--format", "csv"]) == 0
     rows = list(csvmod.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["image"] for r in rows] == [a["image"] for a in want]
     for r, a in zip(rows, want):
         assert float(r["latitude"]) == a["latitude"] and float(r["within_750km"]) == a["within_km"]["750"]
         assert float(r["radius_km"]) == a["radius_km"] and r["country"] == a["country"]
-        assert float(r["far_probability"]) == a["far_probability"] and r["far_pick"] == str(a["far_pick"])
+        assert float(r["expected_geoscore"]) == a["expected_geoscore"] and r["kind"] == a["kind"]
+        assert r["far_pick"] == str(a["far_pick"])
     with pytest.raises(SystemExit):
         query_main([str(imgs[0]), "--index", index, "--json", "--format", "csv"])
     # a whole split as map points

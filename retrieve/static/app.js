@@ -54,7 +54,7 @@ function show(a) {
         `90% within <b id="radius-km">${Math.round(a.radius_km).toLocaleString()} km</b> · ` +
         `<a href="${osm}" target="_blank" rel="noopener">OpenStreetMap</a></div>` +
         (a.far_pick
-          ? `<div id="far-pick">looks far from every training image (${(100 * a.far_probability).toFixed(0)}%): ` +
+          ? `<div id="far-pick">looks far from every training image: ` +
             `answered by the neighbour that fits best once the gallery's density is discounted</div>`
           : "")
       : `<div>vote share <b id="confidence">${(100 * a.confidence).toFixed(0)}%</b> (not calibrated) · ` +
