@@ -22,6 +22,7 @@ own; the other candidates follow in that order, each with its own probabilities.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -53,7 +54,19 @@ def _knots(levels_km) -> np.ndarray:
     return np.log1p(np.array([0.0, *levels_km, FARTHEST_KM]))
 
 
+@functools.lru_cache(maxsize=8)
+def _expected_weights(levels_km: tuple) -> tuple[np.ndarray, float]:
+    a, b = _integrate(levels_km)
+    a.setflags(write=False)
+    return a, b
+
+
 def expected_weights(levels_km=LEVELS_KM) -> tuple[np.ndarray, float]:
+    """(a, b): expected GeoScore = a . P(within levels) + b (computed once per set of levels)."""
+    return _expected_weights(tuple(levels_km))
+
+
+def _integrate(levels_km) -> tuple[np.ndarray, float]:
     """(a, b): expected GeoScore = a . P(within levels) + b, under the CDF of the module's doc. Each
     segment between knots contributes (F(end) - F(start)) x the mean GeoScore over it (uniform in
     log(1 + d))."""
