@@ -64,7 +64,7 @@ CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
 FAR_QUERIES = 1000
 FAR_REMOVED_KM = (100.0, 300.0, 1000.0)
 FAR_EXTRA = 400
-SHORTLIST = 2  # the grid's best settings whose final answers are compared (cross-fitted)
+SHORTLIST = 1  # the grid's best settings whose cross-fitted answers are compared (each ~10 s at 1M)
 
 
 class Gallery:
@@ -103,6 +103,10 @@ class Gallery:
         return self._cells[params.cell_spec]
 
 
+_SEQUENCES: dict = {}  # train.csv's id and sequence columns, by (path, mtime)
+_INDEX_IDS: dict = {}  # an index's ids as text, by its build digest
+
+
 def split_sequences(data: Path, ids) -> np.ndarray | None:
     """The capture `sequence` of each of the train images `ids` ("" where unknown), from the train CSV
     joined on id; None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
@@ -112,11 +116,16 @@ def split_sequences(data: Path, ids) -> np.ndarray | None:
     from geovote.data import DataError, csv_columns, read_split, split_csv
 
     try:
-        if "sequence" not in csv_columns(split_csv(data, "train")):
+        csv_path = split_csv(data, "train")
+        if "sequence" not in csv_columns(csv_path):
             return None
     except DataError:  # a gallery of photos has no train.csv
         return None
-    t = read_split(data, "train", columns=("sequence",), check_images=False)
+    key = (str(csv_path), csv_path.stat().st_mtime_ns)
+    if key not in _SEQUENCES:  # read once per process: both tuning sets ask (5.1M rows: seconds each)
+        _SEQUENCES.clear()
+        _SEQUENCES[key] = read_split(data, "train", columns=("sequence",), check_images=False)
+    t = _SEQUENCES[key]
     pos = pc.index_in(pa.array(np.asarray(ids), pa.string()), value_set=t.table.column("id").combine_chunks())
     seq = t.table.column("sequence").combine_chunks().take(pos)
     return np.asarray(pc.fill_null(pc.cast(seq, pa.string()), "").to_numpy(zero_copy_only=False), dtype=str)
@@ -126,19 +135,41 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0, 
     """(ids, emb, lat, lon, exclude): n train rows as queries, and the function that removes their own
     neighbourhood (itself, anything closer than `removed_km` (one radius, or one per query cycled), the
     same sequence) from a SearchResult."""
+    return carve_sets(engine, data, [(n, seed, removed_km)])[0]
+
+
+def carve_sets(engine, data: Path, specs: list) -> list:
+    """carve_from_train for several (n, seed, removed_km) at once: the shards are read in one pass for
+    all their rows (a pass over 1M rows of 768-d shards takes ~20 s here)."""
     from geovote.shards import read_embeddings, shard_sizes
 
     folder = engine.layout.embeddings("train")
     total = sum(shard_sizes(folder)[0])
-    rows = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    picked = read_embeddings(folder, rows)  # only the queries: never the whole train split in memory
-    q_ids, q_lat, q_lon = picked.ids.astype(str), picked.lat_deg, picked.lon_deg
-    radius = np.resize(np.asarray(removed_km, np.float64), len(q_ids))[:, None]
+    picks = [np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+             for n, seed, _ in specs]
+    union = np.unique(np.concatenate(picks))
+    every = read_embeddings(folder, union)  # only the queries: never the whole train split in memory
+    digest = engine.index.digest
+    if digest not in _INDEX_IDS:  # decoded once per index build
+        _INDEX_IDS.clear()
+        _INDEX_IDS[digest] = np.char.decode(np.asarray(engine.index.ids), "utf-8")
+    index_ids = _INDEX_IDS[digest]
     # one join for the neighbours (by index row) and the queries (by id: they are shard rows)
-    index_ids = np.char.decode(np.asarray(engine.index.ids), "utf-8")
-    seq = split_sequences(data, np.concatenate([index_ids, q_ids]))
-    if seq is not None:
-        seq, q_seq = seq[:len(index_ids)], seq[len(index_ids):, None]
+    all_ids = every.ids.astype(str)
+    seq = split_sequences(data, np.concatenate([index_ids, all_ids]))
+    out = []
+    for (_, _, removed_km), rows in zip(specs, picks):
+        at = np.searchsorted(union, rows)
+        q_ids, q_lat, q_lon, emb = all_ids[at], every.lat_deg[at], every.lon_deg[at], every.embedding[at]
+        q_seq = None if seq is None else seq[len(index_ids):][at][:, None]
+        index_seq = None if seq is None else seq[:len(index_ids)]
+        out.append((q_ids, emb, q_lat, q_lon, _excluder(q_ids, q_lat, q_lon, removed_km, index_seq, q_seq)))
+    return out
+
+
+def _excluder(q_ids, q_lat, q_lon, removed_km, seq, q_seq):
+    """The function that removes each query's own neighbourhood from a SearchResult (carve_from_train)."""
+    radius = np.resize(np.asarray(removed_km, np.float64), len(q_ids))[:, None]
 
     def exclude(res):
         own = (res.ids == q_ids[:, None]) | (haversine_km(res.lat_deg, res.lon_deg, q_lat[:, None],
@@ -152,7 +183,7 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0, 
                        rows=pick(res.rows, -1), ids=pick(res.ids, ""), lat_deg=pick(res.lat_deg, np.nan),
                        lon_deg=pick(res.lon_deg, np.nan))
 
-    return q_ids, picked.embedding, q_lat, q_lon, exclude
+    return exclude
 
 
 def score(lat, lon, true_lat, true_lon) -> dict:
@@ -240,18 +271,22 @@ def tuning_sets(engine, data: Path, split: str, workers: int, log) -> tuple[Tuni
     has_split = _has_split(data, split)
     if not has_split and split != "val":
         split_csv(data, split)  # the error that names it
+    far = f"{split}_far"
+    has_far = has_split and _has_split(data, far)
+    specs = ([] if has_split else [(CARVE_QUERIES, 0, CARVE_EXCLUDE_KM)]) + \
+        ([] if has_far else [(FAR_QUERIES, 1, FAR_REMOVED_KM)])
+    carved = carve_sets(engine, data, specs) if specs else []
     if has_split:
         _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
         main = TuningSet(split, emb, lat, lon)
     else:
-        _, emb, lat, lon, exclude = carve_from_train(engine, data)
+        _, emb, lat, lon, exclude = carved.pop(0)
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
         main = TuningSet("train (held out of its own search)", emb, lat, lon, exclude, CARVE_EXTRA)
-    far = f"{split}_far"
-    if has_split and _has_split(data, far):
+    if has_far:
         _, lat, lon, emb = embed_for_eval(engine, data, far, workers, log)
         return main, TuningSet(far, emb, lat, lon)
-    _, emb, lat, lon, exclude = carve_from_train(engine, data, FAR_QUERIES, seed=1, removed_km=FAR_REMOVED_KM)
+    _, emb, lat, lon, exclude = carved.pop(0)
     radii = "/".join(f"{r:g}" for r in FAR_REMOVED_KM)
     log(f"far places: {len(emb):,} train images held out of everything within {radii} km of them")
     return main, TuningSet(f"train held out within {radii} km", emb, lat, lon, exclude, FAR_EXTRA)
@@ -325,9 +360,11 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
 
     t0 = time.perf_counter()
     main, far = tuning_sets(engine, data, split, workers, log)
+    t_sets = time.perf_counter()
     best, scores, trials = tune(engine, main.emb, main.lat, main.lon, log=log, exclude=main.exclude)
     grid_best = best  # what `voting` scores, and finetune's validation reproduces
     best, far_grid = tune_far_weights(engine, best, far, log)
+    t_grid = time.perf_counter()
     # the grid's best few settings, each judged by its final answers (the far weights kept)
     ranked = sorted(trials, key=lambda t: -t[1]["geoscore"])
     shortlist = [best] + [replace(p, far_temperature=best.far_temperature,
@@ -360,6 +397,8 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
                                                 "seconds": round(time.perf_counter() - t0, 1)})
     log(f"answers (cross-fitted): {answered[main.name]['geoscore']:.0f} on {main.name}, "
         f"{answered[far.name]['geoscore']:.0f} on {far.name}; the distance model fitted on {fitted_on}")
+    log(f"tuning took {time.perf_counter() - t0:.1f} s: images {t_sets - t0:.1f} s, grid and far weights "
+        f"{t_grid - t_sets:.1f} s, candidate tables and distance models {time.perf_counter() - t_grid:.1f} s")
     return best, scores, path
 
 
