@@ -16,8 +16,9 @@ of it on every dataset: the split's far counterpart where the dataset has one (`
 views of places far from every training place, as the bundled sample has), else train images held out
 of a whole neighbourhood (FAR_REMOVED_KM around them): without far places to learn from, a model has
 only ever seen photos of covered places, and its probabilities stay high where the engine is lost. The
-far pick's weights are chosen on those far images; among the grid's best settings (SHORTLIST), the one
-whose final answers score best (the model cross-fitted on halves of the images) is kept.
+far pick's weights are chosen on those far images. The final answers' scores are cross-fitted (each
+half of the images answered by a model fitted on the other half); with SHORTLIST > 1 the grid's best
+settings are compared by them.
 """
 from __future__ import annotations
 
