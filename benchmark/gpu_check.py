@@ -195,12 +195,44 @@ def check_engine(root: Path, work: Path, s: dict) -> dict:
     return out
 
 
+def check_osv5m(root: Path, work: Path, s: dict) -> dict:
+    """The OSV-5M paper's network (embed.osv5m) with random weights in the released layout (full: its
+    released size): images/s on the device (float32, no autocast), and its head's answers there against
+    the CPU's on the same images."""
+    from benchmark.osv5m_full_size import RELEASED, SMALL, write_snapshot
+    from embed.features import FeatureExtractor
+    from embed.images import open_rgb
+    from embed.models import load_backbone
+    from geovote.data import read_split
+    from geovote.geo import haversine_km
+
+    shape = SMALL if s["images"] <= 96 else RELEASED
+    folder = write_snapshot(work / "osv5m-baseline", shape)
+    bb = load_backbone(str(folder))
+    imgs = [open_rgb(p, bb.image_size) for p in read_split(root, "test").image_paths()]
+    out = {"width": shape["width"], "layers": shape["layers"], "cells": shape["cells"]}
+    fx = FeatureExtractor(bb, batch_size=s["batch"])
+    fx.images(imgs[:8])  # warm-up
+    sync(fx.cuda)
+    t0 = time.perf_counter()
+    emb = fx.images(imgs)
+    sync(fx.cuda)
+    out[f"{fx.device}_images_per_s"] = round(len(imgs) / (time.perf_counter() - t0), 1)
+    out["bf16"] = fx.bf16
+    lat, lon = bb.model.head_latlon(emb)
+    cpu = FeatureExtractor(load_backbone(str(folder)), device="cpu", batch_size=s["batch"])
+    few = min(len(imgs), 64 if shape is SMALL else 16)  # a CPU does the released size at ~1 image/s
+    clat, clon = cpu.backbone.model.head_latlon(cpu.images(imgs[:few]))
+    out["answers_within_1_km_of_cpu"] = float(np.mean(haversine_km(lat[:few], lon[:few], clat, clon) < 1.0))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmark.gpu_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="toy sizes, any machine: proves the code paths")
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    ap.add_argument("--only", nargs="+", choices=("embed", "finetune", "search", "engine"))
+    ap.add_argument("--only", nargs="+", choices=("embed", "finetune", "search", "engine", "osv5m"))
     args = ap.parse_args(argv)
     import torch
 
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (CPU)",
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     checks = {"embed": check_embed, "finetune": check_finetune, "search": check_search,
-              "engine": check_engine}
+              "engine": check_engine, "osv5m": check_osv5m}
     with tempfile.TemporaryDirectory(prefix="geovote-gpu-check-") as tmp:
         work = Path(tmp)
         root = synthetic_dataset(work / "data", s["images"], s["jpeg"])

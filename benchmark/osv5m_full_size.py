@@ -21,14 +21,32 @@ from pathlib import Path
 
 import numpy as np
 
-WIDTH, LAYERS, MLP, PATCH, SIZE, CELLS = 1024, 24, 4096, 14, 224, 11399
-HIDDEN = (1024, 512)
+RELEASED = {"width": 1024, "layers": 24, "mlp": 4096, "patch": 14, "size": 224, "cells": 11399,
+            "hidden": (1024, 512)}
+SMALL = {"width": 64, "layers": 2, "mlp": 256, "patch": 14, "size": 56, "cells": 300, "hidden": (64, 32)}
+WIDTH, LAYERS, MLP, PATCH, SIZE, CELLS = (RELEASED[k] for k in ("width", "layers", "mlp", "patch", "size",
+                                                                "cells"))
+HIDDEN = RELEASED["hidden"]
 TOWER = "backbone.clip.vision_model."
 
 
-def released_state(seed: int = 0) -> dict:
+def write_snapshot(folder: Path, shape: dict = RELEASED, seed: int = 0) -> Path:
+    """A snapshot in the released layout with random weights of `shape` (RELEASED or SMALL)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config(shape)))
+    torch.save(released_state(seed, shape), folder / "pytorch_model.bin")
+    return folder
+
+
+def released_state(seed: int = 0, shape: dict = RELEASED) -> dict:
     """Random tensors under the released names (transformers' CLIPVisionModel layout for the tower)."""
     import torch
+
+    WIDTH, LAYERS, MLP, PATCH, SIZE, CELLS = (shape[k] for k in ("width", "layers", "mlp", "patch", "size",  # noqa: N806
+                                                                "cells"))
+    HIDDEN = shape["hidden"]  # noqa: N806
 
     g = torch.Generator().manual_seed(seed)
     t = lambda *shape, std=0.02: torch.randn(*shape, generator=g) * std  # noqa: E731
@@ -65,7 +83,8 @@ def released_state(seed: int = 0) -> dict:
     return {**{f"model.{k}": v for k, v in s.items()}, **s}  # the same tensors twice, as upstream's file
 
 
-def config() -> dict:
+def config(shape: dict = RELEASED) -> dict:
+    WIDTH, CELLS, HIDDEN = shape["width"], shape["cells"], shape["hidden"]  # noqa: N806
     return {"model": {
         "backbone": {"instance": {"_target_": "models.networks.backbones.CLIP",
                                   "path": "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"}, "output_dim": WIDTH},
@@ -112,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "baseline"
         folder.mkdir()
-        state = released_state()
-        (folder / "config.json").write_text(json.dumps(config()))
-        torch.save(state, folder / "pytorch_model.bin")
+        write_snapshot(folder)
+        state = torch.load(folder / "pytorch_model.bin", weights_only=True)
         size_gb = (folder / "pytorch_model.bin").stat().st_size / 1e9
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         t0 = time.perf_counter()

@@ -128,3 +128,6 @@ def test_the_gpu_check_runs_at_toy_size(tmp_path):
     assert summary["finetune"]["steps"] == 3
     assert summary["search"]["vectors"] == 60_000 and 0 <= summary["search"]["cpu_index_recall_at_10"] <= 1
     assert summary["engine"]["answers_within_1_km_of_cpu"] == 1.0  # here both engines run on the CPU
+    # the paper's network, small, in float32 on both sides: the same answers
+    assert summary["osv5m"]["width"] == 64 and summary["osv5m"]["bf16"] is False
+    assert summary["osv5m"]["answers_within_1_km_of_cpu"] == 1.0
