@@ -355,17 +355,21 @@ def top_cell(inp: Inputs) -> Prediction:
 
 
 # --------------------------------------------------------------------------------------------- ceiling
+def _nearest_to_truth(lat: np.ndarray, lon: np.ndarray, true_lat, true_lon) -> Prediction:
+    """Of each row's points (Q, P; NaN where none), the one nearest the truth: the ceilings below."""
+    from geovote.geo import haversine_km
+
+    d = haversine_km(lat, lon, np.asarray(true_lat)[:, None], np.asarray(true_lon)[:, None])
+    best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)[:, None]
+    return np.take_along_axis(lat, best, 1)[:, 0], np.take_along_axis(lon, best, 1)[:, 0]
+
+
 @method("best-candidate")
 def best_candidate(inp: Inputs) -> Prediction:
     """Looks at the truth: the ceiling of geovote's decision (how much a better choice could gain)."""
-    from geovote.geo import haversine_km
-
     def answer(rows):
         table, _ = inp.engine.candidates(inp.test_emb[rows])
-        d = haversine_km(table.lat_deg, table.lon_deg, inp.test_lat[rows, None], inp.test_lon[rows, None])
-        best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)[:, None]
-        pick = lambda a: np.take_along_axis(a, best, 1)[:, 0]  # noqa: E731
-        return pick(table.lat_deg), pick(table.lon_deg)
+        return _nearest_to_truth(table.lat_deg, table.lon_deg, inp.test_lat[rows], inp.test_lon[rows])
 
     return batched(answer, np.arange(len(inp.test_emb)))
 
@@ -373,15 +377,9 @@ def best_candidate(inp: Inputs) -> Prediction:
 @method("best-of-k")
 def best_of_k(inp: Inputs) -> Prediction:
     """Looks at the truth: the nearest of the k neighbours the engine votes with (k tuned)."""
-    from geovote.geo import haversine_km
-
-    k = inp.engine.params.k
-
     def answer(rows):
-        res = inp.engine.search(inp.test_emb[rows], k)
-        d = haversine_km(res.lat_deg, res.lon_deg, inp.test_lat[rows, None], inp.test_lon[rows, None])
-        best = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=1)[:, None]
-        return np.take_along_axis(res.lat_deg, best, 1)[:, 0], np.take_along_axis(res.lon_deg, best, 1)[:, 0]
+        res = inp.engine.search(inp.test_emb[rows], inp.engine.params.k)
+        return _nearest_to_truth(res.lat_deg, res.lon_deg, inp.test_lat[rows], inp.test_lon[rows])
 
     return batched(answer, np.arange(len(inp.test_emb)))
 

@@ -109,11 +109,7 @@ class ClipTower(nn.Module):
         self.ln_post = vit.LayerNorm(width, eps=LN_EPS)  # post_layernorm: loaded, unused (as upstream)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.transformer(self.ln_pre(x))
+        return self.transformer(self.ln_pre(vit.patch_tokens(self, x)))
 
 
 class OSV5MNetwork(nn.Module):

@@ -93,9 +93,14 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)  # (B, width, S/p, S/p)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, tokens, width)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        x = self.transformer(self.ln_pre(patch_tokens(self, x)))
         return self.ln_post(x[:, 0]) @ self.proj  # the class token, projected
+
+
+def patch_tokens(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 1 + patches, width): the class token and the patches, positions added, of a
+    tower with `conv1`, `class_embedding` and `positional_embedding` (open_clip's names; CLIP's layout)."""
+    x = tower.conv1(x)  # (B, width, S/p, S/p)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, tokens, width)
+    cls = tower.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    return torch.cat([cls, x], dim=1) + tower.positional_embedding.to(x.dtype)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from geovote.geo import EARTH_RADIUS_KM
-from geovote.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
+from geovote.metrics import geoscore
 
 LEVELS_KM = (1, 25, 200, 750, 2500)
 RADIUS_PROBABILITY = 0.9
@@ -54,30 +54,24 @@ def _knots(levels_km) -> np.ndarray:
     return np.log1p(np.array([0.0, *levels_km, FARTHEST_KM]))
 
 
-@functools.lru_cache(maxsize=8)
-def _expected_weights(levels_km: tuple) -> tuple[np.ndarray, float]:
-    a, b = _integrate(levels_km)
-    a.setflags(write=False)
-    return a, b
-
-
 def expected_weights(levels_km=LEVELS_KM) -> tuple[np.ndarray, float]:
-    """(a, b): expected GeoScore = a . P(within levels) + b (computed once per set of levels)."""
+    """(a, b): expected GeoScore = a . P(within levels) + b, under the CDF of the module's doc. Each
+    segment between knots contributes (F(end) - F(start)) x the mean GeoScore over it (uniform in
+    log(1 + d)); integrated once per set of levels."""
     return _expected_weights(tuple(levels_km))
 
 
-def _integrate(levels_km) -> tuple[np.ndarray, float]:
-    """(a, b): expected GeoScore = a . P(within levels) + b, under the CDF of the module's doc. Each
-    segment between knots contributes (F(end) - F(start)) x the mean GeoScore over it (uniform in
-    log(1 + d))."""
+@functools.lru_cache(maxsize=8)
+def _expected_weights(levels_km: tuple) -> tuple[np.ndarray, float]:
     u = _knots(levels_km)
     mean_g = np.empty(len(u) - 1)
     for i in range(len(u) - 1):
         t = np.linspace(u[i], u[i + 1], 2001)
-        g = GEOSCORE_MAX * np.exp(-np.expm1(t) / GEOSCORE_SCALE_KM)
-        mean_g[i] = np.trapezoid(g, t) / (u[i + 1] - u[i])
+        mean_g[i] = np.trapezoid(geoscore(np.expm1(t)), t) / (u[i + 1] - u[i])
     # sum_i (P_{i+1} - P_i) mean_g[i] with P_0 = 0 and P_last = 1: the inner P's get mean_g[i-1] - mean_g[i]
-    return mean_g[:-1] - mean_g[1:], float(mean_g[-1])
+    a = mean_g[:-1] - mean_g[1:]
+    a.setflags(write=False)  # shared by every caller
+    return a, float(mean_g[-1])
 
 
 @dataclass

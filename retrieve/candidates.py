@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geovote.geo import km_for_chord, latlon_to_unit
-from geovote.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
+from geovote.metrics import geoscore
 
 KINDS = ("peak", "runner_up", "far_pick", "neighbour")
 N_NEIGHBOURS = 3  # nearest distinct gallery places that are candidates themselves
@@ -68,6 +68,9 @@ def _neighbour_rows(lat: np.ndarray, lon: np.ndarray, valid: np.ndarray, n: int)
     close = (d < MERGE_KM) & valid[:, :, None] & valid[:, None, :]
     keep = valid.copy()
     for j in range(1, k):  # a neighbour is dropped when an earlier *kept* one is that close
+        if np.all(keep[:, :j].sum(1) >= n):  # every query has its n: later ones are never listed
+            keep[:, j:] = False
+            break
         keep[:, j] &= ~np.any(close[:, j, :j] & keep[:, :j], axis=1)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
     rows = np.where(np.take_along_axis(keep, order, 1), order, -1)
@@ -134,7 +137,7 @@ def _point_features(c_lat, c_lon, present, lat, lon, valid, sim, w, wf, spacing,
     # the expected GeoScore were the truth one of the neighbours, drawn by the vote's weights and by the
     # far pick's (the criteria of the minimum-risk point and of the far pick)
     fin = np.where(np.isfinite(d), d, 0.0)
-    g = np.where(np.isfinite(d), GEOSCORE_MAX * np.exp(-fin / GEOSCORE_SCALE_KM), 0.0)
+    g = np.where(np.isfinite(d), geoscore(fin), 0.0)
     vote_expected, far_expected = np.sum(wq * g, 2), np.sum(wfq * g, 2)
     near = d <= NEAR_KM
     s = np.broadcast_to(sim[:, None, :], d.shape)

@@ -372,18 +372,25 @@ class Engine:
 
     def _candidates(self, emb, params, index, table: bool, region):
         """(the vote's Prediction, SearchResult, the candidate table or None)."""
-        from retrieve.candidates import candidate_table, restrict
+        from retrieve.candidates import restrict
 
         res = self.search(emb, params.k, subset=self.region_rows(region, index) if region else None,
                           index=index)
-        rows = np.maximum(res.rows, 0)
+        pred, cands = self.vote_on(res, params, index, table)
+        return pred, res, restrict(cands, region) if region and cands is not None else cands
+
+    def vote_on(self, res, params: VoteConfig, index=None, table: bool = True):
+        """(the vote's Prediction, the candidate table or None) of a search's first params.k neighbours:
+        what locate decides on, and what tuning fits the distance model to (on searches of its own)."""
+        from retrieve.candidates import candidate_table
+
+        index, k = index or self.index, params.k
+        sim, lat, lon = res.similarity[:, :k], res.lat_deg[:, :k], res.lon_deg[:, :k]
+        rows = np.maximum(res.rows[:, :k], 0)
         cells = np.asarray(self.cells(params, index))[rows]
         spacing = np.asarray(self.spacing(index))[rows] if table else None
-        pred = vote(res.similarity, res.lat_deg, res.lon_deg, cells, params, spacing, far_pick=table)
-        if not table:
-            return pred, res, None
-        cands = candidate_table(res.similarity, res.lat_deg, res.lon_deg, pred, params, spacing)
-        return pred, res, restrict(cands, region) if region else cands
+        pred = vote(sim, lat, lon, cells, params, spacing, far_pick=table)
+        return pred, (candidate_table(sim, lat, lon, pred, params, spacing) if table else None)
 
 
 __all__ = ["Engine", "IndexChanged", "Prediction", "VoteConfig", "load_params", "save_params"]

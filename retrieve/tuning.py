@@ -294,18 +294,10 @@ def tuning_sets(engine, data: Path, split: str, workers: int, log) -> tuple[Tuni
 
 
 def candidate_rows(engine, params, ts: TuningSet):
-    """(Candidates, true lat, lon) of a tuning set's images with neighbours, under `params`."""
-    from retrieve.candidates import candidate_table
-    from retrieve.predict import vote
-
-    res = ts.search(engine, params.k)
-    ok = np.isfinite(res.similarity[:, 0])
-    rows = np.maximum(res.rows, 0)[:, :params.k]
-    spacing = np.asarray(engine.spacing())[rows]
-    sim, lat, lon = res.similarity[:, :params.k], res.lat_deg[:, :params.k], res.lon_deg[:, :params.k]
-    pred = vote(sim, lat, lon, np.asarray(engine.cells(params))[rows], params, spacing, far_pick=True)
-    table = candidate_table(sim, lat, lon, pred, params, spacing)
-    return table.take(np.broadcast_to(ok[:, None], table.present.shape)), ts.lat, ts.lon
+    """(Candidates, true lat, lon) of a tuning set's images under `params` (an image whose search kept
+    no neighbour has no candidate)."""
+    _, table = engine.vote_on(ts.search(engine, params.k), params)
+    return table, ts.lat, ts.lon
 
 
 def _rows(tables) -> tuple[np.ndarray, np.ndarray]:
