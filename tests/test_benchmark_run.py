@@ -8,6 +8,7 @@ import pytest
 from benchmark.methods import METHODS
 from benchmark.report import bootstrap_ci
 from benchmark.run import main as run_main
+from geovote.data import read_split
 from geovote.metrics import SCORE_KEYS
 
 
@@ -27,7 +28,8 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     assert "| geovote |" in printed and "run folder" in printed
     # the sample has test_far: both splits are scored, each in its own folder, by the same trained heads
     far = json.loads((run / "test_far" / "results.json").read_text())
-    assert far["split"] == "test_far" and all(m["n"] == 100 for m in far["methods"])
+    n_far, n_test = (len(read_split(sample_root, s, check_images=False)) for s in ("test_far", "test"))
+    assert far["split"] == "test_far" and all(m["n"] == n_far for m in far["methods"])
     out = run / "test"
     results = json.loads((out / "results.json").read_text())
     # the documented order, pinned: results.json, the CSV, the table and the plots keep it
@@ -38,7 +40,7 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
     assert [m["name"] for m in results["methods"]] == [m for m in order if m != "osv5m-baseline"]
     assert "osv5m-baseline: left out: the engine's model is not the OSV-5M paper's network" in printed
     for m in results["methods"]:
-        assert set(SCORE_KEYS) <= set(m) and m["n"] == 200
+        assert set(SCORE_KEYS) <= set(m) and m["n"] == n_test
         lo, hi = m["geoscore_ci95"]
         assert lo <= m["geoscore"] <= hi
     by = {m["name"]: m for m in results["methods"]}

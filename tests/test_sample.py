@@ -22,8 +22,21 @@ def mosaic():
 
 def test_layout_columns_and_counts(sample_root):
     for split, n in (("train", 2000), ("val", 200), ("test", 200), ("test_far", 100), ("val_far", 100)):
-        s = read_split(sample_root, split, columns=["country", "unique_city", "quadtree_10_500"])
-        assert len(s) == n and not s.report.rejected
+        cols = ["country", "unique_city", "quadtree_10_500"] + (["sequence"] if split != "train" else [])
+        s = read_split(sample_root, split, columns=cols)
+        assert not s.report.rejected
+        if split == "train":
+            assert len(s) == n
+            continue
+        # the split's own n rows, then the new views of its round(0.1 n) sequences (2-8 views each,
+        # the first one of the split's own rows)
+        seq = s.column("sequence").astype(str)
+        names = sorted(set(seq) - {""})
+        assert len(names) == round(0.1 * n) and (seq[n:] != "").all()
+        sizes = np.array([(seq == name).sum() for name in names])
+        assert sizes.min() >= 2 and sizes.max() <= 8 and len(s) == n + (sizes - 1).sum()
+        assert all(np.flatnonzero(seq == name)[0] < n for name in names)
+        assert all((np.flatnonzero(seq == name)[1:] >= n).all() for name in names)
     with open(sample_root / "train.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header[:11] == ["id", "latitude", "longitude", "country", "region", "sub-region", "city",
@@ -119,7 +132,7 @@ def test_far_places_are_land_100km_from_every_sample_place(sample_root, mosaic, 
     from geovote.bundled_sample import is_land
 
     far = read_split(sample_root, split, columns=["unique_country"])
-    assert len(far) == 100 and not far.report.rejected
+    assert len(far) >= 100 and not far.report.rejected  # 100 and their sequences' views
     others = [read_split(sample_root, s, check_images=False) for s in ("train", "val", "test")]
     lat = np.concatenate([o.lat_deg for o in others])
     lon = np.concatenate([o.lon_deg for o in others])
@@ -147,3 +160,42 @@ def test_val_far_leaves_every_other_split_as_it_was(tmp_path):
     shutil.rmtree(with_it / "images" / "val_far")
     (with_it / "val_far.csv").unlink()
     assert _digest(with_it) == _digest(without)
+
+
+def test_sequences_leave_every_other_row_as_it_was_and_stay_near_their_anchor(tmp_path):
+    """Sequences are appended from their own generators: the split's own rows and images are byte for
+    byte those of a sample without them; each sequence's views lie within 3 km of its first row, as
+    far from train (1 km) and, for the far splits, from every covered row (100 km) as the others."""
+    import pyarrow.csv as pacsv
+
+    with_seq = generate(tmp_path / "a", 300, 30, 30, n_test_far=20, n_val_far=20, seed=7, quiet=True)
+    without = generate(tmp_path / "b", 300, 30, 30, n_test_far=20, n_val_far=20, sequence_share=0.0, seed=7,
+                       quiet=True)
+    assert (with_seq / "train.csv").read_bytes() == (without / "train.csv").read_bytes()
+    covered = []
+    for split, n in (("val", 30), ("test", 30), ("test_far", 20), ("val_far", 20)):
+        a = pacsv.read_csv(with_seq / f"{split}.csv")
+        b = pacsv.read_csv(without / f"{split}.csv")
+        assert "sequence" not in b.column_names
+        assert a.drop_columns(["sequence"]).slice(0, n).equals(b)
+        got = read_split(with_seq, split, columns=["sequence"])
+        paths = got.image_paths()
+        for i in range(n):  # the split's own images, unchanged
+            assert paths[i].read_bytes() == (without / paths[i].relative_to(with_seq)).read_bytes()
+        seq = got.column("sequence").astype(str)
+        for name in set(seq) - {""}:
+            rows = np.flatnonzero(seq == name)
+            d = haversine_km(got.lat_deg[rows], got.lon_deg[rows], got.lat_deg[rows[0]], got.lon_deg[rows[0]])
+            assert d.max() <= 3.0 + 1e-6
+            # a new view is a new photo: not the anchor's image again
+            first = np.asarray(Image.open(paths[rows[0]])).astype(float)
+            assert all(np.abs(np.asarray(Image.open(paths[r])).astype(float) - first).mean() > 1 for r in rows[1:])
+        if split in ("val", "test"):
+            covered.append(got)
+            train = read_split(with_seq, "train", check_images=False)
+            d = haversine_km(got.lat_deg[:, None], got.lon_deg[:, None], train.lat_deg[None], train.lon_deg[None])
+            assert d.min() >= 1.0
+        else:
+            lat = np.concatenate([c.lat_deg for c in covered])
+            lon = np.concatenate([c.lon_deg for c in covered])
+            assert haversine_km(got.lat_deg[:, None], got.lon_deg[:, None], lat[None], lon[None]).min() >= 100.0
