@@ -45,6 +45,9 @@ def _default_device() -> str:
     return pick_device()
 
 
+TIE_MARGIN = 16
+
+
 def _topk_blocks(vectors, rows: np.ndarray | None, q: np.ndarray, k: int):
     """faiss.knn on each block of the vectors (slices when `rows` is None: no copy of a float32 array),
     merged into the running best k by (similarity, row)."""
@@ -61,7 +64,9 @@ def _topk_blocks(vectors, rows: np.ndarray | None, q: np.ndarray, k: int):
         else:
             r = rows[start:stop]
             vec = np.ascontiguousarray(vectors[r], np.float32)
-        s, local = faiss.knn(q, vec, min(k, len(r)), metric=faiss.METRIC_INNER_PRODUCT)
+        # TIE_MARGIN more than k: faiss keeps any k of equal similarities, and which ones must not
+        # depend on k (tuning searches deeper than a query): the lower rows win among those returned
+        s, local = faiss.knn(q, vec, min(k + TIE_MARGIN, len(r)), metric=faiss.METRIC_INNER_PRODUCT)
         sim = np.concatenate([best_sim, s], 1)
         cand = np.concatenate([best_row, np.where(local >= 0, r[np.maximum(local, 0)], -1)], 1)
         cand_key = np.where(cand >= 0, cand, np.iinfo(np.int64).max)  # padding sorts last among -inf

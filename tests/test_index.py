@@ -202,6 +202,21 @@ def test_ties_keep_the_lowest_rows_whatever_the_blocks(monkeypatch):
         np.testing.assert_array_equal(rows[q], want)
 
 
+def test_a_deeper_search_begins_with_the_shallower_one():
+    """Tuning searches 50 deep and a query 20: the first 20 must be the same rows, ties included (faiss
+    keeps any k of equal similarities; with TIE_MARGIN more asked, the lowest rows win). Near-copies of
+    40 vectors make such ties at rank 20; without the margin 4 of these 200 queries differed."""
+    rng = np.random.default_rng(3)
+    distinct = rng.normal(size=(40, 16)).astype(np.float32)
+    vectors = distinct[rng.integers(0, 40, 3000)] + rng.normal(scale=1e-4, size=(3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    sim20, rows20 = exact_topk(vectors, queries, 20, device="cpu")
+    sim50, rows50 = exact_topk(vectors, queries, 50, device="cpu")
+    np.testing.assert_array_equal(rows20, rows50[:, :20])
+    np.testing.assert_array_equal(sim20, sim50[:, :20])
+
+
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("idx")
