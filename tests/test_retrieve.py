@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed.build import main as embed_main
+from geovote.data import read_split
 from retrieve.engine import Engine, load_params
 from retrieve.predict import VoteConfig, cell_table
 from retrieve.query import main as query_main
@@ -89,13 +90,12 @@ def test_split_predictions_are_scored_by_benchmark_score(sample_root, built, tmp
     t = pq.read_table(out)
     assert t.column_names == ["id", "latitude", "longitude", "confidence", "radius_km", "within_1km", "within_25km",
                               "within_200km", "within_750km", "within_2500km", "expected_geoscore",
-                              "kind"] and t.num_rows == 200
+                              "kind"] and t.num_rows == len(read_split(sample_root, "test", check_images=False))
     np.testing.assert_array_equal(t.column("confidence").to_numpy(), t.column("within_200km").to_numpy())
     assert set(t.column("kind").to_pylist()) <= {"peak", "runner_up", "far_pick", "neighbour"}
     # the same answers as the engine gives the image files themselves (their embeddings stored as the
     # shards store them, in fp16: the tiny model's ties would otherwise reorder some neighbours)
     from embed.images import open_rgb
-    from geovote.data import read_split
 
     split = read_split(sample_root, "test")
     engine = Engine(built / "index")
@@ -126,7 +126,8 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     out = capsys.readouterr().out
     assert "voting: GeoScore" in out and "1-nn: GeoScore" in out
     saved = json.loads((built / "index" / "retrieve.json").read_text())
-    assert saved["validation"]["images"] == 200 and saved["trials"] > 100
+    n_val = len(read_split(sample_root, "val", check_images=False))
+    assert saved["validation"]["images"] == n_val and saved["trials"] > 100
     engine = Engine(built / "index")
     assert engine.params == load_params(built / "index" / "retrieve.json")
     # the engine, answering val with what tune chose, scores what tune recorded
@@ -152,7 +153,9 @@ def test_tune_stores_parameters_the_engine_then_uses(sample_root, built, capsys)
     best = np.argmax(expected, axis=1)
     close = np.sort(expected, axis=1)[:, -2] > expected[np.arange(len(best)), best] - 0.5  # near-ties: either
     np.testing.assert_array_equal(pred.lat_deg[~close], table.lat_deg[~close, best[~close]])
-    assert close.mean() < 0.05
+    for q in np.flatnonzero(close):  # a near-tie: the answer is one of the candidates within 0.5 of the best
+        tied = expected[q] > expected[q, best[q]] - 0.5
+        assert np.any((table.lat_deg[q, tied] == pred.lat_deg[q]) & (table.lon_deg[q, tied] == pred.lon_deg[q]))
     # the cross-fitted answers' scores on both tuning sets are recorded
     assert {"answer on val", "answer on val_far"} <= set(saved["validation"])
     _, far_lat, far_lon, far_emb = embed_for_eval(engine, sample_root, "val_far")
@@ -278,7 +281,7 @@ def test_geojson_and_csv_for_map_tools(sample_root, built, tmp_path, capsys):
     out = tmp_path / "test.geojson"
     assert query_main(["--split", "test", "--data", str(sample_root), "--index", index, "--out", str(out)]) == 0
     fc = geojson.loads(out.read_text())
-    assert fc.is_valid and len(fc["features"]) == 200
+    assert fc.is_valid and len(fc["features"]) == len(read_split(sample_root, "test", check_images=False))
 
 
 def test_evidence_names_the_gallery_images_behind_an_answer(sample_root, built, capsys):
