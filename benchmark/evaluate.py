@@ -67,6 +67,7 @@ class Scored:
     lat: np.ndarray
     lon: np.ndarray
     keys: dict
+    sequence: np.ndarray  # each image's capture sequence, "" for none
 
 
 def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
@@ -105,15 +106,20 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
     key_cols = list(ADMIN_LEVELS.values())
     for name in names:
         ids, _, _, emb = embed_for_eval(engine, root, name, log=log)
-        cols = [c for c in key_cols if c in csv_columns(split_csv(root, name))]
-        truth = read_split(root, name, columns=cols, check_images=False)
+        have = csv_columns(split_csv(root, name))
+        cols = [c for c in key_cols if c in have]
+        truth = read_split(root, name, columns=cols + (["sequence"] if "sequence" in have else []),
+                           check_images=False)
         pos = {i: j for j, i in enumerate(truth.ids.astype(str))}
         rows = [pos[i] for i in ids.astype(str)]
         if len(rows) < len(truth):
             log(f"{len(truth) - len(rows)} {name} images could not be embedded (see failures.csv); "
                 "they are left out of every method's score")
+        # sequences named per split: two splits' sequences never merge
+        seq = (np.array([f"{name}/{v}" if v else "" for v in truth.column("sequence").astype(str)[rows]])
+               if "sequence" in have else np.full(len(rows), ""))
         scored.append(Scored(name, slice(start, start + len(ids)), ids, truth.lat_deg[rows],
-                             truth.lon_deg[rows], {c: truth.column(c)[rows] for c in cols}))
+                             truth.lon_deg[rows], {c: truth.column(c)[rows] for c in cols}, seq))
         embs.append(emb)
         start += len(ids)
     log(f"{', '.join(f'{len(s.ids):,} {s.name}' for s in scored)} images, {len(train_lat):,} training images "
@@ -124,7 +130,8 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
                if all(country_col in s.keys for s in scored) else None)
     inp = Inputs(engine, layout.embeddings("train"), train_lat, train_lon, np.concatenate(embs),
                  np.concatenate([s.lat for s in scored]), np.concatenate([s.lon for s in scored]), country,
-                 tuned, cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log)
+                 tuned, cfg.head_config(), lambda: load_validation(engine, root, cfg.seed, log), log,
+                 test_sequence=np.concatenate([s.sequence for s in scored]))
     preds = {}
     for name in cfg.methods:
         t = time.perf_counter()
@@ -150,6 +157,9 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
                 "retrieve_params": tuned.get("params"), "config": asdict(cfg)}
         if "geovote" in extras:
             meta["calibration"] = calibration_report(extras["geovote"], *mine["geovote"], s.lat, s.lon)
+        if "geovote-sequence" in extras:  # the same report for the answers of sequences
+            meta["calibration_sequence"] = calibration_report(extras["geovote-sequence"],
+                                                              *mine["geovote-sequence"], s.lat, s.lon)
         write_outputs(folder, results, mine, s.ids, s.lat, s.lon, meta, extras)
         if "geovote" in extras:
             plot_calibration(folder, extras["geovote"], *mine["geovote"], s.lat, s.lon, s.name)

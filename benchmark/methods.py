@@ -11,6 +11,8 @@ Methods:
     knn-mean        the softmax-weighted spherical mean of the k neighbours (k, T tuned on val)
     geovote-within  our engine told each image's true country (`retrieve.query --within CC`): what a user
                     who knows the country gets; images of a country without training images answer freely
+    geovote-sequence  our engine locating each image together with the other images of its capture
+                    sequence (`retrieve.query --together`, retrieve.album); images in none answer alone
     classification  the paper's head over QuadTree cells, trained here on the frozen train embeddings
     regression      the paper's regression head (a point on the sphere, great-circle loss)
     hybrid          the paper's best head: hierarchical cells + per-cell offset
@@ -93,6 +95,7 @@ class Inputs:
     load_val: Callable[[], Validation]
     log: Callable = print
     _val: Validation | None = field(default=None, repr=False)
+    test_sequence: np.ndarray | None = None  # each image's capture sequence ("" none): for geovote-sequence
     extras: dict = field(default_factory=dict)  # what a method reports besides its answers
     answered: dict = field(default_factory=dict)  # method -> its answers, for a method built on another
 
@@ -163,6 +166,40 @@ def geovote_within(inp: Inputs) -> Prediction:
             return pred.lat_deg, pred.lon_deg
 
         lat[rows], lon[rows] = batched(answer, inp.test_emb[rows])
+    return lat, lon
+
+
+@method("geovote-sequence")
+def geovote_sequence(inp: Inputs) -> Prediction:
+    from dataclasses import replace
+
+    from retrieve.album import groups
+
+    albums = [] if inp.test_sequence is None else [g for g in groups(inp.test_sequence) if len(g) > 1]
+    if not albums:
+        raise MethodUnavailable("no capture sequences of 2 or more images (a `sequence` column) to score")
+    alone = replace(inp, extras={}, answered={})  # each image alone first: those in no sequence keep it
+    lat, lon = (a.copy() for a in geovote(alone))
+    extras = {k: v.copy() for k, v in alone.extras.get("geovote", {}).items() if k != "kind"}
+    start = 0
+    while start < len(albums):  # about QUERY_BATCH images at a time
+        stop, n = start, 0
+        while stop < len(albums) and (stop == start or n + len(albums[stop]) <= QUERY_BATCH):
+            n += len(albums[stop])
+            stop += 1
+        batch = albums[start:stop]
+        rows = np.concatenate(batch)
+        local = np.split(np.arange(len(rows)), np.cumsum([len(a) for a in batch])[:-1])
+        got, _ = inp.engine.locate_albums(inp.test_emb[rows], local)
+        joint, sizes = got.joint, [len(a) for a in batch]
+        lat[rows], lon[rows] = np.repeat(joint.lat_deg, sizes), np.repeat(joint.lon_deg, sizes)
+        if extras and joint.within_km is not None:
+            extras["within_km"][rows] = np.repeat(joint.within_km, sizes, axis=0)
+            extras["radius_km"][rows] = np.repeat(joint.radius_km, sizes)
+            extras["confidence"][rows] = np.repeat(joint.confidence, sizes)
+        start = stop
+    if extras:
+        inp.extras["geovote-sequence"] = extras
     return lat, lon
 
 

@@ -162,9 +162,15 @@ def markdown_table(results: list[dict], meta: dict) -> str:
             f"{r['median_km']:,.0f} | " + " | ".join(pct(r[f"acc_{k}km"]) for k in (1, 25, 200, 750, 2500))
             + f" | {pct(r['acc_country'])} ({pct(c[0])}-{pct(c[1])}) | {pct(r['acc_region'])} | "
             f"{pct(r['acc_area'])} | {pct(r['acc_city'])} |")
-    cal = meta.get("calibration")
+    for key, who in (("calibration", "geovote"), ("calibration_sequence", "geovote-sequence")):
+        lines += _calibration_lines(meta.get(key), who)
+    return "\n".join(lines)
+
+
+def _calibration_lines(cal: dict | None, who: str) -> list[str]:
+    lines = []
     if cal:
-        lines += ["", "geovote's probabilities on this split: expected calibration error "
+        lines += ["", f"{who}'s probabilities on this split: expected calibration error "
                   + ", ".join(f"{km} km {v:.3f}" for km, v in cal["ece"].items())
                   + f"; the 90% radius (median {cal['median_radius_km']:,.0f} km) holds "
                   f"{100 * cal['radius_coverage']:.1f}% of the truths; the most confident half is within "
@@ -174,7 +180,7 @@ def markdown_table(results: list[dict], meta: dict) -> str:
                   + ("; answers by kind: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%"
                                                       for k, v in cal["answer_kinds"].items())
                      if "answer_kinds" in cal else "")]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(out: Path, preds: dict, tlat, tlon) -> None:

@@ -6,6 +6,7 @@
         index/                          the FAISS index folder (index.build, index.search)
             retrieve.json               voting parameters chosen by retrieve.tune
             calibration.json            answers' probabilities, fitted by retrieve.tune (retrieve.calibrate)
+            calibration-albums.json     albums' answers' probabilities, fitted on sequences (retrieve.album)
             cells-<spec>-<digest>.npy   each training row's cell at every voting level (retrieve.engine)
             countries-<digest>.npy      each training row's country code (retrieve.engine, for --within)
             spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row (km)
@@ -28,6 +29,7 @@ INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 PARAMS_FILE = "retrieve.json"
 CALIBRATION_FILE = "calibration.json"
+ALBUM_CALIBRATION_FILE = "calibration-albums.json"
 
 
 class EngineMissing(FileNotFoundError):
@@ -67,6 +69,10 @@ class EngineLayout:
     @property
     def calibration(self) -> Path:
         return self.index / CALIBRATION_FILE
+
+    @property
+    def album_calibration(self) -> Path:
+        return self.index / ALBUM_CALIBRATION_FILE
 
     def embeddings(self, split: str) -> Path:
         return self.root / EMBEDDINGS_DIR / split

@@ -33,44 +33,81 @@ def answers_for_images(engine, images: list, names: list[str], tta: bool = False
     (retrieve.region.Region): answer only from, and inside, it."""
     from geovote.geocode import reverse_geocode
 
+    emb = _embed(engine, images, tta)
+    pred, res = engine.locate(emb, region=region)
+    place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
+    out = []
+    for i, name in enumerate(names):
+        out.append({"image": name, **_answer(pred, i, place),
+                    "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
+                                    "longitude": float(res.lon_deg[i, j]),
+                                    "similarity": round(float(res.similarity[i, j]), 4)}
+                                   for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0]})
+    return out
+
+
+def _answer(pred, i: int, place: dict | None = None, calibrated: bool | None = None) -> dict:
+    """The answer keys of row i of a Prediction (coordinates, probabilities, kind, candidates, and the
+    place names when `place`, reverse_geocode's columns, is given)."""
+    levels = [str(km) for km in LEVELS_KM]
+    cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
+              "score": round(float(pred.confidence[i]), 4)}]
+    for a in range(pred.alt_lat_deg.shape[1]):
+        if np.isfinite(pred.alt_lat_deg[i, a]):
+            cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
+                          "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
+                          "score": round(float(pred.alt_score[i, a]), 4)})
+    has = pred.within_km is not None
+    return {
+        "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
+        "confidence": cands[0]["score"], "calibrated": has if calibrated is None else calibrated,
+        "within_km": dict(zip(levels, (round(float(p), 4) for p in pred.within_km[i]))) if has else None,
+        "radius_km": round(float(pred.radius_km[i]), 1) if has else None,
+        "expected_geoscore": round(float(pred.expected_geoscore[i]), 1) if has else None,
+        "kind": (KINDS[int(pred.answer_kind[i])]
+                 if pred.answer_kind is not None and pred.answer_kind[i] >= 0 else "peak"),
+        "far_pick": bool(pred.far_answered[i]) if pred.far_answered is not None else False,
+        **({k: str(place[k][i]) for k in ("country", "region", "sub_region", "city")} if place else {}),
+        "candidates": cands,
+    }
+
+
+PHOTO_KEYS = ("latitude", "longitude", "confidence", "within_km", "radius_km")  # each photo's own answer
+
+
+def answers_for_albums(engine, images: list, albums: list, names: list[str], tta: bool = False, region=None,
+                       spread_km: float | None = None) -> list[dict]:
+    """PIL images, albums (lists of indices into them) and the photos' names -> one answer dict per
+    album (retrieve.album): the single answer's keys for the joint answer, plus `images`, `spread_km`,
+    `best_single_within_200km` (the most confident photo's own P(within 200 km)) and `photos` (each
+    photo's own answer and its `agreement`: its support within 200 km of the joint answer)."""
+    from geovote.geocode import reverse_geocode
+
+    emb = _embed(engine, images, tta)
+    got, _ = engine.locate_albums(emb, albums, spread_km=spread_km, region=region)
+    joint, single = got.joint, got.single
+    place = reverse_geocode(np.nan_to_num(joint.lat_deg), np.nan_to_num(joint.lon_deg))
+    out = []
+    for i, rows in enumerate(got.albums):
+        photos = []
+        for r, agree in zip(rows, got.agreement[i]):
+            own = _answer(single, int(r))
+            photos.append({"image": names[r], **{k: own[k] for k in PHOTO_KEYS},
+                           "agreement": round(float(agree), 4)})
+        out.append({"images": [names[r] for r in rows], **_answer(joint, i, place, bool(got.calibrated[i])),
+                    "spread_km": got.spread_km,
+                    "best_single_within_200km": max(p["confidence"] for p in photos), "photos": photos})
+    return out
+
+
+def _embed(engine, images: list, tta: bool) -> np.ndarray:
     emb = engine.embed_images(images)
     if tta:  # average with the mirrored image's embedding, then renormalise
         from PIL import ImageOps
 
         emb = emb + engine.embed_images([ImageOps.mirror(i) for i in images])
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pred, res = engine.locate(emb, region=region)
-    place = reverse_geocode(np.nan_to_num(pred.lat_deg), np.nan_to_num(pred.lon_deg))
-    levels = [str(km) for km in LEVELS_KM]
-    out = []
-    for i, name in enumerate(names):
-        cands = [{"latitude": round(float(pred.lat_deg[i]), 6), "longitude": round(float(pred.lon_deg[i]), 6),
-                  "score": round(float(pred.confidence[i]), 4)}]
-        for a in range(pred.alt_lat_deg.shape[1]):
-            if np.isfinite(pred.alt_lat_deg[i, a]):
-                cands.append({"latitude": round(float(pred.alt_lat_deg[i, a]), 6),
-                              "longitude": round(float(pred.alt_lon_deg[i, a]), 6),
-                              "score": round(float(pred.alt_score[i, a]), 4)})
-        calibrated = pred.within_km is not None
-        out.append({
-            "image": name, "latitude": cands[0]["latitude"], "longitude": cands[0]["longitude"],
-            "confidence": cands[0]["score"], "calibrated": calibrated,
-            "within_km": dict(zip(levels, (round(float(p), 4) for p in pred.within_km[i]))) if calibrated
-            else None,
-            "radius_km": round(float(pred.radius_km[i]), 1) if calibrated else None,
-            "expected_geoscore": round(float(pred.expected_geoscore[i]), 1) if calibrated else None,
-            "kind": (KINDS[int(pred.answer_kind[i])]
-                     if pred.answer_kind is not None and pred.answer_kind[i] >= 0 else "peak"),
-            "far_pick": bool(pred.far_answered[i]) if pred.far_answered is not None else False,
-            "country": str(place["country"][i]),
-            "region": str(place["region"][i]), "sub_region": str(place["sub_region"][i]),
-            "city": str(place["city"][i]), "candidates": cands,
-            "neighbours": [{"id": str(res.ids[i, j]), "latitude": float(res.lat_deg[i, j]),
-                            "longitude": float(res.lon_deg[i, j]),
-                            "similarity": round(float(res.similarity[i, j]), 4)}
-                           for j in range(res.rows.shape[1]) if res.rows[i, j] >= 0],
-        })
-    return out
+    return emb
 
 
 def answers(engine, paths: list[Path], tta: bool = False, region=None):
@@ -93,6 +130,44 @@ def answers(engine, paths: list[Path], tta: bool = False, region=None):
                    if imgs else {})
         for p in chunk:
             yield p, results.get(p), errors.get(p)
+
+
+def album_answers(engine, albums: list, tta: bool = False, region=None, spread_km: float | None = None):
+    """albums: [(name or None, [paths])] -> yield (name, answer dict or None, [(path, error)]), in order,
+    in batches of about BATCH photos. A photo that cannot be read is left out of its album (and named);
+    an album with no readable photo has no answer."""
+    from embed.images import ImageFailure, open_rgb
+    from geovote.csvsafe import printable
+
+    size = engine.backbone.image_size
+    start = 0
+    while start < len(albums):
+        batch, n = [], 0
+        while start < len(albums) and (not batch or n + len(albums[start][1]) <= BATCH):
+            batch.append(albums[start])
+            n += len(albums[start][1])
+            start += 1
+        imgs, names, groups, errors = [], [], [], []
+        for _, paths in batch:
+            rows, bad = [], []
+            for p in paths:
+                try:
+                    imgs.append(open_rgb(p, size))
+                except ImageFailure as e:
+                    bad.append((p, str(e)))
+                    continue
+                rows.append(len(imgs) - 1)
+                names.append(printable(str(p)))
+            groups.append(rows)
+            errors.append(bad)
+        answered = [g for g in groups if g]
+        results = iter(answers_for_albums(engine, imgs, answered, names, tta, region, spread_km)
+                       if answered else [])
+        for (name, _), rows, bad in zip(batch, groups, errors):
+            answer = next(results) if rows else None
+            if answer is not None and name is not None:
+                answer = {"album": name, **answer}
+            yield name, answer, bad
 
 
 def predict_split(engine, data: Path, split: str, out: Path, workers: int = -1, log=None) -> Path:

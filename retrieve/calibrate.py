@@ -178,8 +178,8 @@ def _trees(model, depth: int) -> tuple[float, list]:
 
 
 def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitted_on: str,
-        images: int = 0) -> Calibration:
-    """P(dist_km <= level | features) for each level of LEVELS_KM: boosted trees (TREES) per level."""
+        images: int = 0, trees: dict = TREES) -> Calibration:
+    """P(dist_km <= level | features) for each level of LEVELS_KM: boosted trees (`trees`) per level."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     x = np.asarray(features, np.float64)
@@ -195,12 +195,12 @@ def fit(features: np.ndarray, dist_km: np.ndarray, names: tuple[str, ...], fitte
             for key in arrays:
                 arrays[key].append([])
             continue
-        model = HistGradientBoostingClassifier(**TREES, early_stopping=False, random_state=0).fit(x, y)
-        b, parts = _trees(model, TREES["max_depth"])
+        model = HistGradientBoostingClassifier(**trees, early_stopping=False, random_state=0).fit(x, y)
+        b, parts = _trees(model, trees["max_depth"])
         baseline.append(b)
         for key, part in zip(arrays, parts):
             arrays[key].append(part)
-    return Calibration(list(names), list(LEVELS_KM), baseline, depth=TREES["max_depth"], fitted_on=fitted_on,
+    return Calibration(list(names), list(LEVELS_KM), baseline, depth=trees["max_depth"], fitted_on=fitted_on,
                        images=int(images), **arrays)
 
 
@@ -222,23 +222,27 @@ def radius_km(within: np.ndarray, levels_km=LEVELS_KM, probability: float = RADI
     return out.reshape(shape)
 
 
-def decide(cal: Calibration | None, table, n_alternatives: int = 3):
+def decide(cal: Calibration | None, table, n_alternatives: int = 3, within: np.ndarray | None = None):
     """The Prediction of the candidate table (retrieve.candidates): each candidate's probabilities,
     the one of highest expected GeoScore answering (the vote's peak first among equals), the next
-    `n_alternatives` distinct places after it, in that order. `cal` None (an engine not tuned yet):
-    the candidates in the table's order (the peak, then its runner-ups; a region keeps those inside),
-    each scored by its raw vote share within 2 bandwidths."""
+    `n_alternatives` distinct places after it, in that order. `within` (Q, C, levels): the candidates'
+    probabilities when they are already known (cross-fitted ones in tuning, an album's), else the
+    model's. `cal` and `within` None (an engine not tuned yet): the candidates in the table's order
+    (the peak, then its runner-ups; a region keeps those inside), each scored by its raw vote share
+    within 2 bandwidths."""
     from geovote.geo import haversine_km
     from retrieve.candidates import KINDS
     from retrieve.predict import Prediction
 
     present = table.present
     q, n = present.shape
-    if cal is not None:
+    levels = list(cal.levels_km) if cal is not None else list(LEVELS_KM)
+    if within is None and cal is not None:
         within = cal.within(table.features)  # (Q, C, L)
-        score = np.where(present, cal.expected_geoscore(np.nan_to_num(within)), -np.inf)
+    if within is not None:
+        a, b = expected_weights(levels)
+        score = np.where(present, np.nan_to_num(within) @ a + b, -np.inf)
     else:
-        within = None
         score = np.where(present, -np.arange(n, dtype=np.float64)[None, :], -np.inf)
     order = np.argsort(-score, axis=1, kind="stable")
 
@@ -246,7 +250,6 @@ def decide(cal: Calibration | None, table, n_alternatives: int = 3):
         return np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1)
 
     lat, lon, kind, score = (take(a) for a in (table.lat_deg, table.lon_deg, table.kind, score))
-    raw_share = take(table.column("share_2h"))
     none = ~np.isfinite(score[:, 0])
     # alternatives: the next candidates that are not the same place as one listed before them
     alt = np.full((q, n_alternatives), -1, np.int64)
@@ -270,17 +273,18 @@ def decide(cal: Calibration | None, table, n_alternatives: int = 3):
     kinds = dict(far_answered=kind[:, 0] == KINDS.index("far_pick"),
                  answer_kind=np.where(none, -1, kind[:, 0]))
     answer_lat, answer_lon = np.where(none, np.nan, lat[:, 0]), np.where(none, np.nan, lon[:, 0])
-    if cal is None:
+    if within is None:
+        raw_share = take(table.column("share_2h"))
         return Prediction(answer_lat, answer_lon, np.where(none, 0.0, raw_share[:, 0]), pick(lat), pick(lon),
                           np.nan_to_num(pick(raw_share)), **kinds)
     within = take(within)
-    c = cal.levels_km.index(CONFIDENCE_KM)
+    c = levels.index(CONFIDENCE_KM)
     w0 = np.where(none[:, None], 0.0, np.nan_to_num(within[:, 0]))
     alt_within = pick(within)
     return Prediction(
         answer_lat, answer_lon, confidence=w0[:, c], alt_lat_deg=pick(lat), alt_lon_deg=pick(lon),
         alt_score=np.nan_to_num(alt_within[..., c]), within_km=w0,
-        radius_km=np.where(none, np.nan, radius_km(w0, cal.levels_km)), alt_within_km=alt_within,
+        radius_km=np.where(none, np.nan, radius_km(w0, levels)), alt_within_km=alt_within,
         expected_geoscore=np.where(none, np.nan, score[:, 0]), **kinds)
 
 

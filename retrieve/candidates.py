@@ -39,11 +39,27 @@ FEATURES = QUERY_FEATURES + POINT_FEATURES + tuple(f"is_{k}" for k in KINDS)
 
 
 @dataclass
+class Neighbours:
+    """What a candidate's features are computed from: each query's neighbours and its own features."""
+
+    lat_deg: np.ndarray  # (Q, K)
+    lon_deg: np.ndarray
+    valid: np.ndarray  # (Q, K) bool
+    similarity: np.ndarray  # (Q, K), -inf where not valid
+    weight: np.ndarray  # (Q, K) the vote's weights
+    far_weight: np.ndarray  # (Q, K) the far pick's
+    spacing_km: np.ndarray  # (Q, K), NaN where unknown
+    query_features: np.ndarray  # (Q, len(QUERY_FEATURES))
+    bandwidth_km: float
+
+
+@dataclass
 class Candidates:
     lat_deg: np.ndarray  # (Q, C), NaN where absent
     lon_deg: np.ndarray
     kind: np.ndarray  # (Q, C) int: index into KINDS (-1 where absent)
     features: np.ndarray  # (Q, C, len(FEATURES)), NaN where absent
+    neighbours: Neighbours | None = None  # for features_at (retrieve.album)
 
     @property
     def present(self) -> np.ndarray:
@@ -56,7 +72,28 @@ class Candidates:
         """Rows where `mask` (Q, C) holds; the others made absent."""
         keep = mask & self.present
         return Candidates(np.where(keep, self.lat_deg, np.nan), np.where(keep, self.lon_deg, np.nan),
-                          np.where(keep, self.kind, -1), np.where(keep[..., None], self.features, np.nan))
+                          np.where(keep, self.kind, -1), np.where(keep[..., None], self.features, np.nan),
+                          self.neighbours)
+
+    def features_at(self, rows: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+        """(len(rows), X, len(FEATURES)): the features any points (X,) would have as candidates of the
+        queries `rows`, each as a `neighbour` ranked after all of them (a place another photo of the same
+        album found: retrieve.album asks each photo's distance model about it)."""
+        n = self.neighbours
+        rows = np.asarray(rows)
+        r, x = len(rows), len(lat_deg)
+        c_lat = np.broadcast_to(np.asarray(lat_deg, np.float64), (r, x))
+        c_lon = np.broadcast_to(np.asarray(lon_deg, np.float64), (r, x))
+        present = np.isfinite(c_lat) & n.valid[rows].any(1, keepdims=True)
+        point = _point_features(c_lat, c_lon, present, n.lat_deg[rows], n.lon_deg[rows], n.valid[rows],
+                                n.similarity[rows], n.weight[rows], n.far_weight[rows], n.spacing_km[rows],
+                                n.bandwidth_km)
+        query = np.broadcast_to(n.query_features[rows][:, None, :], (r, x, len(QUERY_FEATURES)))
+        rank = np.full((r, x, 1), float(n.valid.shape[1]))
+        onehot = np.broadcast_to((np.arange(len(KINDS)) == KINDS.index("neighbour")).astype(np.float64),
+                                 (r, x, len(KINDS)))
+        feats = np.concatenate([query, point, rank, onehot], axis=2)
+        return np.where(present[..., None], feats, np.nan)
 
 
 def _neighbour_rows(lat: np.ndarray, lon: np.ndarray, valid: np.ndarray, n: int) -> np.ndarray:
@@ -119,7 +156,9 @@ def candidate_table(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, p
     onehot = (kind[..., None] == np.arange(len(KINDS))).astype(np.float64)
     feats = np.concatenate([query, point, rank[..., None], onehot], axis=2)
     feats = np.where(present[..., None], feats, np.nan)
-    return Candidates(np.where(present, c_lat, np.nan), np.where(present, c_lon, np.nan), kind, feats)
+    context = Neighbours(lat, lon, valid, sim, w, wf, spacing, pred.query_features, params.bandwidth_km)
+    return Candidates(np.where(present, c_lat, np.nan), np.where(present, c_lon, np.nan), kind, feats,
+                      context)
 
 
 def _point_features(c_lat, c_lon, present, lat, lon, valid, sim, w, wf, spacing, bandwidth_km):

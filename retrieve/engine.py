@@ -6,6 +6,8 @@ The index folder carries everything a query needs besides the model (paths: geov
     calibration.json      each candidate's distance distribution, fitted with them (retrieve.calibrate):
                           the answer is the candidate of highest expected GeoScore; without it, the
                           vote's peak answers, `confidence` is its raw vote share, no within_km or radius_km
+    calibration-albums.json   the same for an album's candidates (retrieve.album), fitted on sequences;
+                          retrieve.json's `albums` record has the photos' spread it was fitted with
     cells-<spec>-<digest>.npy   each training row's cell at every voting level, computed once and cached
     countries-<digest>.npy      each training row's country (reverse_geocoder, as OSV-5M), for regions
     spacing-<m>-<digest>.npy    each training row's distance to its m-th nearest other row, for the
@@ -48,6 +50,16 @@ def load_params(path: str | Path) -> VoteConfig:
 
 
 OBSOLETE_PARAMS = {"hedge_below", "far_above"}  # rules the candidate table's one decision replaced
+
+
+def album_spread_km(path: Path) -> float:
+    """The photos' spread the album model was fitted with (retrieve.json's `albums` record)."""
+    from retrieve.album import DEFAULT_SPREAD_KM
+
+    try:
+        return float(json.loads(Path(path).read_text())["albums"]["spread_km"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_SPREAD_KM
 
 
 def save_params(index_dir: str | Path, params: VoteConfig, record: dict) -> Path:
@@ -121,23 +133,29 @@ class Engine:
         self._fixed_params = params
         self._tables: dict[tuple, np.ndarray] = {}  # (what, index digest, ...) -> table
         self._disk = self._on_disk()
-        self.params, self.calibration = self._read_tuning()
+        self.params, self.calibration, self.albums = self._read_tuning()
 
     def _read_tuning(self):
-        """(voting parameters, calibration or None) as stored with the index now."""
+        """(voting parameters, calibration or None, AlbumTuning) as stored with the index now."""
+        from retrieve.album import AlbumTuning
+
         params = self._fixed_params
         if params is None:
             params = load_params(self.layout.params) if self.layout.params.exists() else VoteConfig()
-        calibration = None
+        calibration, albums = None, AlbumTuning()
         if self._calibrated and self.layout.calibration.exists():
+            from retrieve.album import ALBUM_FEATURES
             from retrieve.calibrate import Calibration, CalibrationError
             from retrieve.candidates import FEATURES
 
             try:
                 calibration = Calibration.load(self.layout.calibration, FEATURES)
+                if self.layout.album_calibration.exists():
+                    albums = AlbumTuning(Calibration.load(self.layout.album_calibration, ALBUM_FEATURES),
+                                         album_spread_km(self.layout.params))
             except CalibrationError as e:
                 raise ConfigError(str(e)) from None
-        return params, calibration
+        return params, calibration, albums
 
     def _on_disk(self) -> tuple:
         """What says whether the engine on disk is still the one in memory: the index build's digest and
@@ -152,7 +170,8 @@ class Engine:
                 return None
             return st.st_ino, st.st_size, st.st_mtime_ns
 
-        return current_digest(self.index_dir), ident(self.layout.params), ident(self.layout.calibration)
+        return (current_digest(self.index_dir), ident(self.layout.params), ident(self.layout.calibration),
+                ident(self.layout.album_calibration))
 
     def _still_current(self, index=None) -> bool:
         from index.search import current_digest
@@ -185,12 +204,13 @@ class Engine:
                 raise IndexChanged(f"{self.index_dir} now holds embeddings of {index.backbone}, not of the "
                                    f"loaded {self.backbone.name}: restart the server to load that model")
         try:
-            params, calibration = self._read_tuning()
+            params, calibration, albums = self._read_tuning()
         except ConfigError as e:
             raise IndexChanged(f"{self.index_dir}: its tuning changed and cannot be read ({e}); try again "
                                "shortly, or rerun `python -m retrieve.tune`") from None
         with self._lock:
-            self.index, self.params, self.calibration, self._disk = index, params, calibration, disk
+            self.index, self.params, self.calibration, self.albums = index, params, calibration, albums
+            self._disk = disk
             for key in [k for k in self._tables if k[1] != index.digest]:
                 del self._tables[key]
         if log:
@@ -361,6 +381,25 @@ class Engine:
         if table is None:
             return pred, res
         return decide(calibration if calibrate else None, table, params.n_alternatives), res
+
+    def locate_albums(self, emb: np.ndarray, albums: list, spread_km: float | None = None, region=None):
+        """(retrieve.album.AlbumAnswers, SearchResult): each album (an array of rows of `emb`) answered
+        once from all its photos (retrieve.album), and each photo alone. Needs a calibrated engine.
+        `spread_km`: how far apart an album's photos may be (default: the tuned one)."""
+        from retrieve.album import answer_albums
+        from retrieve.calibrate import decide
+
+        with self._lock:
+            index, params, calibration, tuned = self.index, self.params, self.calibration, self.albums
+        if calibration is None:
+            raise ConfigError(f"{self.index_dir}: photos are located together from their calibrated "
+                              "candidates, and this engine is not tuned: run `python -m retrieve.tune`")
+        _, res, table = self._candidates(emb, params, index, True, region)
+        within = calibration.within(table.features)
+        single = decide(calibration, table, params.n_alternatives, within=within)
+        spread = tuned.spread_km if spread_km is None else float(spread_km)
+        return answer_albums(tuned.model, calibration, table, within, single, albums, spread,
+                             params.n_alternatives), res
 
     def candidates(self, emb: np.ndarray, region=None):
         """(Candidates, SearchResult): the table a calibrated engine's answer is chosen from

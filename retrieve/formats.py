@@ -23,9 +23,10 @@ PLACE_KEYS = ("country", "region", "sub_region", "city")
 
 
 def feature(answer: dict) -> dict:
-    props = {k: answer[k] for k in ("image", *PLACE_KEYS, "confidence", "calibrated", "within_km",
-                                    "radius_km", "expected_geoscore", "kind", "far_pick", "candidates",
-                                    "evidence")
+    props = {k: answer[k] for k in ("image", "album", "images", *PLACE_KEYS, "confidence", "calibrated",
+                                    "within_km", "radius_km", "expected_geoscore", "kind", "far_pick",
+                                    "candidates", "evidence", "spread_km", "best_single_within_200km",
+                                    "photos")
              if k in answer}
     return {"type": "Feature",
             "geometry": {"type": "Point", "coordinates": [answer["longitude"], answer["latitude"]]},
@@ -44,15 +45,27 @@ CSV_COLUMNS = ("image", "latitude", "longitude", *PLACE_KEYS, "confidence", "rad
                *(f"within_{km}km" for km in LEVELS_KM), "expected_geoscore", "kind", "far_pick", "evidence")
 
 
+# albums (retrieve.query --together/--albums): one row per album, its photos and their agreement as lists
+ALBUM_CSV_COLUMNS = ("album", "images", "latitude", "longitude", *PLACE_KEYS, "confidence", "calibrated",
+                     "radius_km", *(f"within_{km}km" for km in LEVELS_KM), "expected_geoscore", "kind",
+                     "spread_km", "best_single_within_200km", "agreement")
+
+
 def csv_text(answers: list[dict]) -> str:
+    """One row per answer; albums (answers with `images`) in ALBUM_CSV_COLUMNS, photos in CSV_COLUMNS."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
+    albums = any("images" in a for a in answers)
+    columns = ALBUM_CSV_COLUMNS if albums else CSV_COLUMNS
+    w.writerow(columns)
     for a in answers:
         within = a.get("within_km") or {}
         evidence = [{k: csvsafe.printable(v) if isinstance(v, str) else v for k, v in e.items()}
                     for e in a.get("evidence") or []]  # gallery images, nearest first: one JSON list
         row = {**a, **{f"within_{km}km": within.get(str(km)) for km in LEVELS_KM},
                "evidence": json.dumps(evidence, ensure_ascii=False) if evidence else None}
-        w.writerow(csvsafe.row(row.get(c) for c in CSV_COLUMNS))
+        if albums:  # the photos in one cell each, in the same order: image;image and agreement;agreement
+            row |= {"images": ";".join(csvsafe.printable(i) for i in a["images"]),
+                    "agreement": ";".join(str(p["agreement"]) for p in a["photos"])}
+        w.writerow(csvsafe.row(row.get(c) for c in columns))
     return buf.getvalue()

@@ -3,6 +3,8 @@
     python -m retrieve.query photo.jpg [more.jpg | folder ...]     # for people
     python -m retrieve.query photo.jpg --json                      # one JSON object per image and line
     python -m retrieve.query --split test --data data/sample        # a whole split -> predictions parquet
+    python -m retrieve.query a.jpg b.jpg c.jpg --together           # photos of one place: one answer
+    python -m retrieve.query --albums albums.csv --json             # many albums (columns album,image)
 
 --index defaults to the bundled sample's index, built by `python -m embed.build`. An unreadable image gets
 a one-line error naming it; the others are still answered, and the exit code is 1 if any failed.
@@ -17,6 +19,12 @@ probability, `expected_geoscore` its expected GeoScore, `kind` which candidate i
 far_pick, neighbour; `far_pick` true for the last but one), and each candidate's `score` its own
 probability within 200 km. An engine not tuned answers `calibrated: false`, the vote's peak, the raw
 vote share as confidence, and null within_km and radius_km.
+--together and --albums answer each album once from all its photos (retrieve.album): the same keys, plus
+`images`, `album` (--albums), `spread_km` (how far apart its photos may be; --spread-km, default the
+tuned one), `best_single_within_200km` (the most confident photo's own probability) and `photos` (each
+photo's own answer and its `agreement`: its support within 200 km of the album's answer; a photo of
+somewhere else has little). Albums of photos are calibrated where tuning had capture sequences to fit
+them on.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from geovote.data import DataError
 from geovote.layout import EngineMissing, resolve
 from geovote.paths import default_sample_root, folder_problem
 from index.search import IndexError_
-from retrieve.answer import answers, predict_split
+from retrieve.answer import album_answers, answers, predict_split
 from retrieve.engine import Engine
 from retrieve.region import RegionError, parse_region
 
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bbox", metavar="S,W,N,E",
                     help="answer only from training images in this box (degrees; W > E: across 180; "
                          "--bbox=S,W,N,E when S is negative)")
+    ap.add_argument("--together", action="store_true",
+                    help="the images are photos of one place (an album, a clip): answer once from all")
+    ap.add_argument("--albums", type=Path, metavar="FILE",
+                    help="a CSV with columns album,image (paths relative to the CSV): one answer per album")
+    ap.add_argument("--spread-km", type=float, default=None,
+                    help="with --together/--albums: how far apart an album's photos may be (default: tuned)")
     ap.add_argument("--split", help="predict a whole split of --data instead of images")
     ap.add_argument("--data", type=Path, help="dataset root for --split (default: the sample)")
     ap.add_argument("--out", type=Path, help="with --split: predictions (.parquet, .csv or .geojson); with "
@@ -108,15 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.json and args.format not in (None, "json"):
         ap.error(f"--json and --format {args.format} disagree: give one")
-    if not args.images and not args.split:
-        ap.error("give image files or folders, or --split")
+    if args.albums is not None and (args.images or args.split or args.together):
+        ap.error("--albums names its own images: give no images, --split or --together with it")
+    if args.together and (args.split or not args.images):
+        ap.error("--together answers the image files or folders given, once: give images, not --split")
+    grouped = args.together or args.albums is not None
+    if args.spread_km is not None and (not grouped or not args.spread_km >= 0):
+        ap.error("--spread-km is a distance >= 0 for --together or --albums")
+    if grouped and args.evidence:
+        ap.error("--evidence shows the gallery images behind single answers: not with --together/--albums")
+    if not args.images and not args.split and not grouped:
+        ap.error("give image files or folders, or --split, or --albums")
+    if grouped and args.out is not None and not args.json and args.format is None:
+        args.format = IMAGE_OUT_FORMATS.get(args.out.suffix)
     if args.images and args.out is not None and not args.json and args.format is None:
         args.format = IMAGE_OUT_FORMATS.get(args.out.suffix)  # --out answers.geojson says the format
     fmt = "json" if args.json else (args.format or "text")
-    if args.images and args.out is not None and fmt not in ("geojson", "csv"):
+    if (args.images or grouped) and args.out is not None and fmt not in ("geojson", "csv"):
         ap.error(f"--out {args.out} with images writes a geojson or csv document: give --format geojson "
                  "or csv, or a file name ending in .geojson or .csv (text and --json go to the terminal)")
-    if args.images and args.out is not None and args.out.suffix != f".{fmt}":
+    if (args.images or grouped) and args.out is not None and args.out.suffix != f".{fmt}":
         ap.error(f"--out {args.out}: --format {fmt} is written to a file ending in .{fmt}")
     if args.evidence < 0:
         ap.error(f"--evidence must be 0 or more, got {args.evidence}")
@@ -153,7 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {printable(str(e.filename or ''))}: {e.strerror or e}", file=sys.stderr)
         return 2
     failed = 0
-    paths = expand(args.images)
+    if args.albums is not None:
+        try:
+            albums = read_albums(args.albums)
+        except (OSError, ValueError) as e:
+            print(f"error: --albums {printable(str(args.albums))}: {e}", file=sys.stderr)
+            return 2
+        paths = [p for _, album in albums for p in album]
+    else:
+        paths = expand(args.images)
+        albums = [(None, paths)]
     if not paths:
         print("error: no images found in " + " ".join(args.images), file=sys.stderr)
         return 2
@@ -164,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     collected = []  # geojson and csv are one document: written once every image is answered
+    if grouped:
+        try:
+            collected, failed = say_albums(engine, albums, args, fmt, region or None)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return finish(collected, fmt, args.out, failed)
     for path, answer, error in answers(engine, paths, tta=args.tta, region=region or None):
         if answer is not None and args.evidence:
             answer["evidence"] = [evidence(engine, n) for n in answer["neighbours"][:args.evidence]]
@@ -176,20 +217,82 @@ def main(argv: list[str] | None = None) -> int:
             print(human(answer, args.top), flush=True)
         else:
             collected.append(answer)
+    return finish(collected, fmt, args.out, failed)
+
+
+def say_albums(engine, albums: list, args, fmt: str, region) -> tuple[list, int]:
+    """Answer the albums, printing text or JSON as they come: (answers for a document, photos failed)."""
+    collected, failed = [], 0
+    for name, answer, errors in album_answers(engine, albums, args.tta, region, args.spread_km):
+        for path, error in errors:
+            failed += 1
+            where = f" (album {printable(name)})" if name else ""
+            print(f"error: {printable(str(path))}: {error}{where}", file=sys.stderr)
+        if answer is None:
+            print(f"error: album {printable(name or '')}: no photo of it could be read", file=sys.stderr)
+        elif fmt == "json":
+            print(json.dumps(answer), flush=True)
+        elif fmt == "text":
+            print(human_album(answer), flush=True)
+        else:
+            collected.append(answer)
+    return collected, failed
+
+
+def finish(collected: list, fmt: str, out: Path | None, failed: int) -> int:
+    """Write the geojson or csv document of the answers collected (to `out`, else stdout); the exit code."""
     if fmt in ("geojson", "csv"):
         from retrieve.formats import csv_text, geojson_text
 
         text = geojson_text(collected) + "\n" if fmt == "geojson" else csv_text(collected)
-        if args.out is None:
+        if out is None:
             sys.stdout.write(text)
         else:
             try:
-                write_text(args.out, text)
+                write_text(out, text)
             except OSError as e:
-                print(f"error: --out {args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
+                print(f"error: --out {out}: cannot be written ({e.strerror or e})", file=sys.stderr)
                 return 2
-            print(f"{len(collected)} answers -> {args.out}", file=sys.stderr)
+            print(f"{len(collected)} answers -> {out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def read_albums(path: Path) -> list[tuple[str, list[Path]]]:
+    """[(album, [image paths])] of a CSV with columns album,image (paths relative to the CSV's folder),
+    in order of each album's first row; ValueError naming what is wrong."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"album", "image"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"needs the columns album and image (missing: {', '.join(sorted(missing))})")
+        albums: dict[str, list[Path]] = {}
+        for line, row in enumerate(reader, start=2):
+            name, image = (row.get("album") or "").strip(), (row.get("image") or "").strip()
+            if not name or not image:
+                raise ValueError(f"line {line}: an album and an image are needed, got {name!r}, {image!r}")
+            albums.setdefault(name, []).append(path.parent / image)
+    if not albums:
+        raise ValueError("no albums in it (only a header)")
+    return list(albums.items())
+
+
+def human_album(answer: dict) -> str:
+    lat, lon = answer["latitude"], answer["longitude"]
+    place = ", ".join(x for x in (answer["city"], answer["region"], answer["country"]) if x)
+    conf = answer["confidence"]
+    how_sure = (f"{conf:.0%} probability within 200 km; 90% within {answer['radius_km']:,.0f} km"
+                if answer["calibrated"] and answer["radius_km"] is not None
+                else f"support {conf:.0%}, not calibrated")
+    title = f"album {answer['album']}" if "album" in answer else "together"
+    lines = [f"{title} ({len(answer['images'])} photos): {lat:.5f}, {lon:.5f}  near {place}  ({how_sure}; "
+             f"the most confident photo alone: {answer['best_single_within_200km']:.0%})",
+             f"  map: {osm_link(lat, lon)}"]
+    for photo in answer["photos"]:
+        lines.append(f"    {photo['image']}: alone {photo['latitude']:.4f}, {photo['longitude']:.4f} "
+                     f"({photo['confidence']:.0%}); agrees {photo['agreement']:.0%}")
+    return "\n".join(lines)
 
 
 IMAGE_OUT_FORMATS = {".geojson": "geojson", ".csv": "csv"}

@@ -33,6 +33,7 @@ import numpy as np
 
 from geovote.geo import haversine_km, latlon_to_unit, unit_to_latlon
 from geovote.metrics import distance_metrics
+from retrieve.calibrate import LEVELS_KM
 from retrieve.embedded import embed_for_eval
 
 GRID = {  # 700 settings, exhaustive; wide enough that the sample's val optimum lies inside it
@@ -108,24 +109,25 @@ _SEQUENCES: dict = {}  # train.csv's id and sequence columns, by (path, mtime)
 _INDEX_IDS: dict = {}  # an index's ids as text, by its build digest
 
 
-def split_sequences(data: Path, ids) -> np.ndarray | None:
-    """The capture `sequence` of each of the train images `ids` ("" where unknown), from the train CSV
-    joined on id; None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
+def split_sequences(data: Path, ids, split: str = "train") -> np.ndarray | None:
+    """The capture `sequence` of each of the `split` images `ids` ("" where unknown), from the split's
+    CSV joined on id; None when the CSV has no such column. Arrays throughout: 5.1M rows in seconds."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from geovote.data import DataError, csv_columns, read_split, split_csv
 
     try:
-        csv_path = split_csv(data, "train")
+        csv_path = split_csv(data, split)
         if "sequence" not in csv_columns(csv_path):
             return None
     except DataError:  # a gallery of photos has no train.csv
         return None
     key = (str(csv_path), csv_path.stat().st_mtime_ns)
     if key not in _SEQUENCES:  # read once per process: both tuning sets ask (5.1M rows: seconds each)
-        _SEQUENCES.clear()
-        _SEQUENCES[key] = read_split(data, "train", columns=("sequence",), check_images=False)
+        if len(_SEQUENCES) >= 4:
+            _SEQUENCES.clear()
+        _SEQUENCES[key] = read_split(data, split, columns=("sequence",), check_images=False)
     t = _SEQUENCES[key]
     pos = pc.index_in(pa.array(np.asarray(ids), pa.string()), value_set=t.table.column("id").combine_chunks())
     seq = t.table.column("sequence").combine_chunks().take(pos)
@@ -257,6 +259,7 @@ class TuningSet:
     lon: np.ndarray
     exclude: Callable | None = None
     extra: int = 0  # neighbours searched beyond k, for the exclusions to leave k
+    sequence: np.ndarray | None = None  # each image's capture sequence ("" none): the tuning albums
 
     def search(self, engine, k: int):
         if self.exclude is None:
@@ -278,19 +281,21 @@ def tuning_sets(engine, data: Path, split: str, workers: int, log) -> tuple[Tuni
         ([] if has_far else [(FAR_QUERIES, 1, FAR_REMOVED_KM)])
     carved = carve_sets(engine, data, specs) if specs else []
     if has_split:
-        _, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
-        main = TuningSet(split, emb, lat, lon)
+        ids, lat, lon, emb = embed_for_eval(engine, data, split, workers, log)
+        main = TuningSet(split, emb, lat, lon, sequence=split_sequences(data, ids.astype(str), split))
     else:
-        _, emb, lat, lon, exclude = carved.pop(0)
+        ids, emb, lat, lon, exclude = carved.pop(0)
         log(f"{data} has no val split: tuning on {len(emb):,} train images held out of their own search")
-        main = TuningSet("train (held out of its own search)", emb, lat, lon, exclude, CARVE_EXTRA)
+        main = TuningSet("train (held out of its own search)", emb, lat, lon, exclude, CARVE_EXTRA,
+                         split_sequences(data, ids))
     if has_far:
-        _, lat, lon, emb = embed_for_eval(engine, data, far, workers, log)
-        return main, TuningSet(far, emb, lat, lon)
-    _, emb, lat, lon, exclude = carved.pop(0)
+        ids, lat, lon, emb = embed_for_eval(engine, data, far, workers, log)
+        return main, TuningSet(far, emb, lat, lon, sequence=split_sequences(data, ids.astype(str), far))
+    ids, emb, lat, lon, exclude = carved.pop(0)
     radii = "/".join(f"{r:g}" for r in FAR_REMOVED_KM)
     log(f"far places: {len(emb):,} train images held out of everything within {radii} km of them")
-    return main, TuningSet(f"train held out within {radii} km", emb, lat, lon, exclude, FAR_EXTRA)
+    return main, TuningSet(f"train held out within {radii} km", emb, lat, lon, exclude, FAR_EXTRA,
+                           split_sequences(data, ids))
 
 
 def candidate_rows(engine, params, ts: TuningSet):
@@ -325,27 +330,42 @@ def _split_table(table, keep: np.ndarray):
     return Candidates(table.lat_deg[keep], table.lon_deg[keep], table.kind[keep], table.features[keep])
 
 
-def crossfit_scores(tables, names, folds: int = 2, seed: int = 0) -> dict:
-    """The final answers' metrics on each tuning set, every image answered by a model fitted on the
-    other folds only (so the score is not the fit's own)."""
-    from retrieve.calibrate import decide
+@dataclass
+class CrossFit:
+    """Each tuning image's candidates' probabilities from a model fitted on the other folds only (what
+    the engine would say of images it was not fitted on), with the models and each image's fold."""
 
+    within: list  # per tuning set, (Q, C, levels)
+    fold: list  # per tuning set, (Q,) int: the image's fold, which model may speak of it (models[fold])
+    models: list
+
+
+def crossfit_within(tables, folds: int = 2, seed: int = 0) -> CrossFit:
     rng = np.random.default_rng(seed)
     fold = [rng.integers(0, folds, len(t.lat_deg)) for t, _, _ in tables]
-    lat_out = [np.full(len(t.lat_deg), np.nan) for t, _, _ in tables]
-    lon_out = [np.full(len(t.lat_deg), np.nan) for t, _, _ in tables]
+    out = [np.full(t.features.shape[:2] + (len(LEVELS_KM),), np.nan) for t, _, _ in tables]
+    models = []
     for f in range(folds):
         train = [(_split_table(t, fo != f), la[fo != f], lo[fo != f])
                  for (t, la, lo), fo in zip(tables, fold)]
-        model = fit_model(train, "cross-fit")
-        for i, ((t, _, _), fo) in enumerate(zip(tables, fold)):
-            pred = decide(model, _split_table(t, fo == f), 0)
-            lat_out[i][fo == f], lon_out[i][fo == f] = pred.lat_deg, pred.lon_deg
+        models.append(fit_model(train, "cross-fit"))
+        for (t, _, _), fo, w in zip(tables, fold, out):
+            w[fo == f] = models[f].within(t.features[fo == f])
+    return CrossFit(out, fold, models)
+
+
+def crossfit_scores(tables, names, folds: int = 2, seed: int = 0) -> tuple[dict, CrossFit]:
+    """(the final answers' metrics on each tuning set, every image answered by a model fitted on the
+    other folds only (so the score is not the fit's own); the CrossFit they came from)."""
+    from retrieve.calibrate import decide
+
+    crossfit = crossfit_within(tables, folds, seed)
     out = {}
-    for name, (_, la, lo), plat, plon in zip(names, tables, lat_out, lon_out):
-        ok = np.isfinite(plat)
-        out[name] = score(plat[ok], plon[ok], np.asarray(la)[ok], np.asarray(lo)[ok])
-    return out
+    for name, (t, la, lo), w in zip(names, tables, crossfit.within):
+        pred = decide(None, t, 0, within=w)
+        ok = np.isfinite(pred.lat_deg)
+        out[name] = score(pred.lat_deg[ok], pred.lon_deg[ok], np.asarray(la)[ok], np.asarray(lo)[ok])
+    return out, crossfit
 
 
 def _tune_and_save(engine, data: Path, split: str, workers: int, log):
@@ -366,13 +386,13 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
     judged = []
     for params in shortlist:
         tables = [candidate_rows(engine, params, ts) for ts in (main, far)]
-        answered = crossfit_scores(tables, (main.name, far.name))
+        answered, crossfit = crossfit_scores(tables, (main.name, far.name))
         both = answered[main.name]["geoscore"] * len(main.lat) + answered[far.name]["geoscore"] * len(far.lat)
-        judged.append((both / (len(main.lat) + len(far.lat)), params, tables, answered))
+        judged.append((both / (len(main.lat) + len(far.lat)), params, tables, answered, crossfit))
         log(f"k={params.k}, T={params.temperature}, {params.cells} {params.levels}, {params.bandwidth_km:g} "
             f"km: answers {answered[main.name]['geoscore']:.0f} on {main.name}, "
             f"{answered[far.name]['geoscore']:.0f} on {far.name} (cross-fitted)")
-    _, best, tables, answered = max(judged, key=lambda j: j[0])
+    _, best, tables, answered, crossfit = max(judged, key=lambda j: j[0])
     far_weights_of_best = {"far_temperature": best.far_temperature,
                            "far_density_power": best.far_density_power}
     # the chosen setting's plain vote (`voting` is the grid's best)
@@ -380,10 +400,17 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
     fitted_on = f"{main.name} + {far.name}"
     cal = fit_model(tables, fitted_on)
     scores |= {f"answer on {name}": got for name, got in answered.items()}
+    t_cal = time.perf_counter()
+    album_tuning, album_record = tune_albums(tables, crossfit, (main, far), log)
+    t_albums = time.perf_counter()
     cal.save(engine.layout.calibration)  # first: an engine counts as tuned once retrieve.json is there
+    if album_tuning.model is not None:
+        album_tuning.model.save(engine.layout.album_calibration)
+    else:  # never one left from an earlier tuning of other photos
+        engine.layout.album_calibration.unlink(missing_ok=True)
     validation = {"split": main.name, "far": far.name, "data": str(data), "images": len(main.emb),
                   "far_images": len(far.emb), **scores}
-    path = save_params(engine.index_dir, best, {"validation": validation,
+    path = save_params(engine.index_dir, best, {"validation": validation, "albums": album_record,
                                                 "grid": json.loads(json.dumps(GRID)), "trials": len(trials),
                                                 "grid_best": json.loads(json.dumps(asdict(grid_best))),
                                                 "far_pick": far_grid,
@@ -391,7 +418,8 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
     log(f"answers (cross-fitted): {answered[main.name]['geoscore']:.0f} on {main.name}, "
         f"{answered[far.name]['geoscore']:.0f} on {far.name}; the distance model fitted on {fitted_on}")
     log(f"tuning took {time.perf_counter() - t0:.1f} s: images {t_sets - t0:.1f} s, grid and far weights "
-        f"{t_grid - t_sets:.1f} s, candidate tables and distance models {time.perf_counter() - t_grid:.1f} s")
+        f"{t_grid - t_sets:.1f} s, candidate tables and distance models {t_cal - t_grid:.1f} s, albums "
+        f"{t_albums - t_cal:.1f} s")
     return best, scores, path
 
 
@@ -433,3 +461,111 @@ def tune_far_weights(engine, best, far: TuningSet, log) -> tuple[object, dict]:
     log(f"far pick: weights softmax(sim / {chosen.far_temperature}) x spacing^{chosen.far_density_power:g}, "
         f"GeoScore {top:.1f} on {far.name} (best of {len(record)} settings)")
     return chosen, {"weights": record}
+
+
+# albums (retrieve.album): made of the tuning sets' capture sequences, at most this many photos each; a
+# share of them get a photo of somewhere else (OUTLIER_MIN_KM away) added, so the album model learns
+# to discount it; at least MIN_ALBUMS, or no album model
+ALBUM_MAX_PHOTOS = 8
+OUTLIER_SHARE = 0.3
+OUTLIER_MIN_KM = 2500.0
+MIN_ALBUMS = 20
+
+
+def tuning_albums(ts: TuningSet, rng: np.random.Generator) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """(albums: rows of ts, each album's own photos (the album without an added outlier), each album's
+    place (lat, lon): the mean of its own photos' places) from the set's sequences."""
+    from geovote.geo import spherical_mean
+    from retrieve.album import groups
+
+    albums, own, lat, lon = [], [], [], []
+    for rows in groups(ts.sequence) if ts.sequence is not None else []:
+        if len(rows) < 2:
+            continue
+        if len(rows) > ALBUM_MAX_PHOTOS:
+            rows = np.sort(rng.choice(rows, ALBUM_MAX_PHOTOS, replace=False))
+        a, b = spherical_mean(ts.lat[rows], ts.lon[rows])
+        own.append(rows)
+        if rng.random() < OUTLIER_SHARE:
+            elsewhere = np.flatnonzero(haversine_km(ts.lat, ts.lon, a, b) >= OUTLIER_MIN_KM)
+            if elsewhere.size:
+                rows = np.append(rows, rng.choice(elsewhere))
+        albums.append(rows)
+        lat.append(a)
+        lon.append(b)
+    return albums, own, np.array(lat), np.array(lon)
+
+
+def _album_rows(atables, made, keep_album=None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, distance to the album's place km) of the album candidates (of the albums kept)."""
+    x, d = [], []
+    for i, (at, (_, _, la, lo)) in enumerate(zip(atables, made)):
+        keep = at.present if keep_album is None else keep_album[i][:, None] & at.present
+        x.append(at.features[keep])
+        d.append(haversine_km(at.lat_deg, at.lon_deg, la[:, None], lo[:, None])[keep])
+    return np.concatenate(x), np.concatenate(d)
+
+
+def _photo_scores(ts: TuningSet, own: list, lat, lon) -> dict:
+    """The album answers (lat, lon per album) scored against each of the album's own photos' places."""
+    n = np.array([len(r) for r in own])
+    idx = np.concatenate(own)
+    return score(np.repeat(lat, n), np.repeat(lon, n), ts.lat[idx], ts.lon[idx])
+
+
+def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int = 0):
+    """(retrieve.album.AlbumTuning, record): the photos' spread (SPREADS_KM) whose album answers score
+    best on the tuning sets' sequences, the album model cross-fitted (albums in folds) to choose it
+    and then fitted on all of them; each album answer scored against its own photos' places, beside
+    the same photos answered alone (cross-fitted too)."""
+    from retrieve.album import ALBUM_FEATURES, ALBUM_TREES, SPREADS_KM, AlbumTuning, album_table
+    from retrieve.calibrate import decide, fit
+
+    rng = np.random.default_rng(seed)
+    made = [tuning_albums(ts, rng) for ts in sets]
+    n_albums = sum(len(m[0]) for m in made)
+    if n_albums < MIN_ALBUMS:
+        why = (f"{n_albums} capture sequences of 2 or more photos in the tuning images (at least "
+               f"{MIN_ALBUMS} needed): albums are decided on their photos' mean support, uncalibrated")
+        log(why)
+        return AlbumTuning(), {"fitted": False, "why": why, "spread_km": AlbumTuning().spread_km}
+    fold = [rng.integers(0, folds, len(m[0])) for m in made]
+    n_photos = [sum(len(r) for r in m[1]) for m in made]
+    by_spread, best = {}, None
+    for spread in SPREADS_KM:
+        # each photo's model: the one its own probabilities came from (cross-fitted)
+        atables = [album_table(t, w, m[0], spread, crossfit.models, fo)
+                   for (t, _, _), w, fo, m in zip(tables, crossfit.within, crossfit.fold, made)]
+        answers = [(np.full(len(m[0]), np.nan), np.full(len(m[0]), np.nan)) for m in made]
+        for f in range(folds):
+            model = fit(*_album_rows(atables, made, [fo != f for fo in fold]), ALBUM_FEATURES, "cross-fit",
+                        trees=ALBUM_TREES)
+            for at, fo, (plat, plon) in zip(atables, fold, answers):
+                sel = fo == f
+                sub = type(at)(at.lat_deg[sel], at.lon_deg[sel], at.kind[sel], at.features[sel])
+                pred = decide(model, sub, 0)
+                plat[sel], plon[sel] = pred.lat_deg, pred.lon_deg
+        got = [_photo_scores(ts, m[1], *a) for ts, m, a in zip(sets, made, answers)]
+        mean = sum(g["geoscore"] * n for g, n in zip(got, n_photos)) / max(sum(n_photos), 1)
+        by_spread[f"{spread:g}"] = {ts.name: round(g["geoscore"], 1) for ts, g in zip(sets, got)}
+        log(f"albums, spread {spread:g} km: GeoScore " + ", ".join(
+            f"{g['geoscore']:.0f} on {len(m[0])} {ts.name} albums" for g, ts, m in zip(got, sets, made))
+            + " (cross-fitted)")
+        if best is None or mean > best[0]:
+            best = (mean, spread, atables)
+    _, spread, atables = best
+    alone = {}
+    for ts, (t, _, _), w, m in zip(sets, tables, crossfit.within, made):
+        single = decide(None, t, 0, within=w)
+        idx = np.concatenate(m[1])
+        alone[ts.name] = round(score(single.lat_deg[idx], single.lon_deg[idx], ts.lat[idx],
+                                     ts.lon[idx])["geoscore"], 1)
+    names = " + ".join(ts.name for ts in sets)
+    model = fit(*_album_rows(atables, made), ALBUM_FEATURES, f"albums of {names}", images=n_albums,
+                trees=ALBUM_TREES)
+    log(f"albums: spread {spread:g} km chosen; their photos answered alone score " + ", ".join(
+        f"{v:.0f} on {k}" for k, v in alone.items()))
+    record = {"fitted": True, "spread_km": spread,
+              "albums": {ts.name: len(m[0]) for ts, m in zip(sets, made)}, "geoscore_by_spread": by_spread,
+              "photos_alone": alone, "outlier_share": OUTLIER_SHARE}
+    return AlbumTuning(model, spread), record
