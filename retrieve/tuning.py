@@ -547,7 +547,8 @@ def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int
                 plat[sel], plon[sel] = pred.lat_deg, pred.lon_deg
         got = [_photo_scores(ts, m[1], *a) for ts, m, a in zip(sets, made, answers)]
         mean = sum(g["geoscore"] * n for g, n in zip(got, n_photos)) / max(sum(n_photos), 1)
-        by_spread[f"{spread:g}"] = {ts.name: round(g["geoscore"], 1) for ts, g in zip(sets, got)}
+        by_spread[f"{spread:g}"] = {**{ts.name: round(g["geoscore"], 1) for ts, g in zip(sets, got)},
+                                    "all": round(mean, 2)}
         log(f"albums, spread {spread:g} km: GeoScore " + ", ".join(
             f"{g['geoscore']:.0f} on {len(m[0])} {ts.name} albums" for g, ts, m in zip(got, sets, made))
             + " (cross-fitted)")

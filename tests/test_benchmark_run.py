@@ -63,6 +63,22 @@ def test_run_writes_every_file_and_scores_every_method(sample_root, engine_dir, 
                             truth_all.lon_deg[r])
     assert np.all(d["best-candidate"] <= d["geovote"] + 1e-6) and np.all(d["best-of-k"] <= d["1-nn"] + 1e-6)
     assert np.all(d["oracle"] <= d["best-of-k"] + 1e-6)
+    # geovote-sequence: an image in no sequence answers as geovote; a sequence's images share one answer,
+    # and its probabilities are reported like geovote's
+    seq_truth = read_split(sample_root, "test", columns=["sequence"], check_images=False)
+    seq_of = dict(zip(seq_truth.ids.astype(str), seq_truth.column("sequence").astype(str)))
+    alone = pq.read_table(out / "predictions" / "geovote.parquet").to_pydict()
+    joint = pq.read_table(out / "predictions" / "geovote-sequence.parquet").to_pydict()
+    assert joint["id"] == alone["id"]
+    answers_of = {}
+    for i, la, lo, la1, lo1 in zip(joint["id"], joint["latitude"], joint["longitude"], alone["latitude"],
+                                   alone["longitude"]):
+        if seq_of[i]:
+            answers_of.setdefault(seq_of[i], set()).add((la, lo))
+        else:
+            assert (la, lo) == (la1, lo1)
+    assert len(answers_of) == 20 and all(len(v) == 1 for v in answers_of.values())
+    assert set(results["calibration_sequence"]["ece"]) == {"1", "25", "200", "750", "2500"}
     for name in ("geovote", "1-nn", "knn-mean"):
         assert by["oracle"]["mean_km"] <= by[name]["mean_km"]
         assert by["oracle"]["geoscore"] >= by[name]["geoscore"]
