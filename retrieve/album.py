@@ -64,11 +64,11 @@ def cdf_at(within: np.ndarray, r_km: np.ndarray, levels_km=LEVELS_KM) -> np.ndar
     return np.where(r > 0, lo + t * (hi - lo), 0.0)
 
 
-def photo_within(table, within, rows, lat_deg, lon_deg, own, models, model_index=None) -> np.ndarray:
+def photo_within(table, within, rows, lat_deg, lon_deg, own, own_col, models, model_index=None) -> np.ndarray:
     """(N, X, L) each photo's (rows of `table`) P(its place within each level of each point (X,)):
     its own distance model asked about the point as one of its candidates (Candidates.features_at);
-    where the point is one of the photo's own candidates (`own` (X,): the photo row it came from),
-    that candidate's own probabilities (`within`)."""
+    where the point is one of the photo's own candidates (`own` (X,): the photo row it came from, -1
+    none; `own_col`: its column there), that candidate's own probabilities (`within`)."""
     rows = np.asarray(rows)
     feats = table.features_at(rows, lat_deg, lon_deg)
     idx = np.zeros(len(rows), np.int64) if model_index is None else np.asarray(model_index)[rows]
@@ -76,9 +76,8 @@ def photo_within(table, within, rows, lat_deg, lon_deg, own, models, model_index
     for m in np.unique(idx):
         out[idx == m] = models[m].within(feats[idx == m])
     for i, r in enumerate(rows):
-        mine = own == r  # the photo's own candidates, in its table's order
-        if mine.any():
-            out[i, mine] = within[r][table.present[r]]
+        mine = own == r
+        out[i, mine] = within[r][own_col[mine]]
     return np.nan_to_num(out)
 
 
@@ -112,18 +111,42 @@ def album_table(table, within: np.ndarray, albums: list, spread_km: float, model
         if not len(x_lat):
             continue
         own = np.broadcast_to(rows[:, None], p.shape)[p]
-        s = photo_within(table, within, rows, x_lat, x_lon, own, models, model_index)
+        own_col = np.broadcast_to(np.arange(p.shape[1])[None], p.shape)[p]
+        own_eg = within[rows][p] @ a + b
+        if len(rows) > 1:  # one place each, the most promising first, at most MAX_POOL
+            keep = _pool(x_lat, x_lon, own_eg)
+            x_lat, x_lon, x_kind, own, own_col, own_eg = (
+                v[keep] for v in (x_lat, x_lon, x_kind, own, own_col, own_eg))
+        s = photo_within(table, within, rows, x_lat, x_lon, own, own_col, models, model_index)
         if spread_km:  # within d of the album's place: its photo within d + spread of it
             s = cdf_at(s, np.broadcast_to(radii, s.shape))
         n, n_stats = len(x_lat), len(SUPPORT_STATS) * len(LEVELS_KM)
         lat[i, :n], lon[i, :n], kind[i, :n] = x_lat, x_lon, x_kind
         feats[i, :n, :n_stats] = _stats(s)
         feats[i, :n, n_stats] = np.log(len(rows))
-        feats[i, :n, n_stats + 1] = within[rows][p] @ a + b
+        feats[i, :n, n_stats + 1] = own_eg
         feats[i, :n, n_stats + 2:n_stats + 2 + len(KINDS)] = x_kind[:, None] == np.arange(len(KINDS))
         stats = feats[i, :n, :n_stats].reshape(n, len(SUPPORT_STATS), len(LEVELS_KM))[:, :4]
         feats[i, :n, n_stats + 2 + len(KINDS):] = stats @ a + b
     return Candidates(lat, lon, kind, feats)
+
+
+MAX_POOL = 64  # an album's candidates: a query of 50 photos asks 50 models about 64 places, not 400
+POOL_MERGE_KM = 1.0  # candidates closer than this to a more promising one are the same place
+
+
+def _pool(lat_deg, lon_deg, expected) -> np.ndarray:
+    """Indices of the pooled candidates kept: by their own photo's expected GeoScore, best first, each
+    at least POOL_MERGE_KM from every better one kept, at most MAX_POOL."""
+    from geovote.geo import haversine_km
+
+    order = np.argsort(-expected, kind="stable")
+    la, lo = lat_deg[order], lon_deg[order]
+    d = haversine_km(la[:, None], lo[:, None], la[None], lo[None])
+    keep = np.ones(len(order), bool)
+    for j in range(1, len(order)):
+        keep[j] = not np.any(keep[:j] & (d[j, :j] < POOL_MERGE_KM))
+    return order[keep][:MAX_POOL]
 
 
 def mean_support(table) -> np.ndarray:
@@ -136,7 +159,8 @@ def agreement(lat_deg: float, lon_deg: float, table, within, rows, spread_km: fl
     how much it agrees with it."""
     if not np.isfinite(lat_deg):
         return np.zeros(len(rows))
-    p = photo_within(table, within, rows, np.array([lat_deg]), np.array([lon_deg]), np.array([-1]), [model])
+    p = photo_within(table, within, rows, np.array([lat_deg]), np.array([lon_deg]), np.array([-1]),
+                     np.array([0]), [model])
     return cdf_at(p[:, 0], np.array([AGREEMENT_KM + spread_km]))[:, 0]
 
 

@@ -93,29 +93,45 @@ class Calibration:
     version: int = MODEL_VERSION
 
     def __post_init__(self):
-        self._arrays = [tuple(np.asarray(getattr(self, name)[i], dtype) for name, dtype in
-                              (("feature", np.int64), ("threshold", np.float64), ("missing_left", bool),
-                               ("left", np.int64), ("right", np.int64), ("value", np.float64)))
-                        for i in range(len(self.levels_km))]
+        self._arrays = [self._flat(i) for i in range(len(self.levels_km))]
+
+    def _flat(self, level: int) -> tuple:
+        """One level's trees as flat arrays over all their nodes (tree t's node j at t * width + j), a
+        leaf's children the leaf itself: a walk is one take per array per step, whatever the node."""
+        feat = np.asarray(self.feature[level], np.int64)
+        if feat.size == 0:
+            return None
+        trees, width = feat.shape
+        start = np.arange(trees, dtype=np.int64)[:, None] * width
+        here = start + np.arange(width)[None, :]
+        leaf = feat < 0
+        left = np.where(leaf, here, start + np.asarray(self.left[level], np.int64))
+        right = np.where(leaf, here, start + np.asarray(self.right[level], np.int64))
+        return (np.maximum(feat, 0).ravel(), np.asarray(self.threshold[level], np.float64).ravel(),
+                np.asarray(self.missing_left[level], bool).ravel(), left.ravel(), right.ravel(),
+                np.asarray(self.value[level], np.float64).ravel(), start.ravel())
 
     def raw(self, x: np.ndarray) -> np.ndarray:
         """(R, F) features -> (R, levels) the trees' raw scores (log-odds)."""
-        x = np.asarray(x, np.float64)
-        rows = np.arange(len(x))[:, None]
+        x = np.ascontiguousarray(x, np.float64)
+        flat_x = x.ravel()
+        row_start = (np.arange(len(x), dtype=np.int64) * x.shape[1])[:, None]
+        any_nan = bool(np.isnan(flat_x).any())
         out = np.empty((len(x), len(self.levels_km)))
-        for level, (feat, thr, miss, left, right, value) in enumerate(self._arrays):
-            if feat.size == 0:
+        for level, arrays in enumerate(self._arrays):
+            if arrays is None:
                 out[:, level] = self.baseline[level]
                 continue
-            trees = np.arange(feat.shape[0])[None, :]
-            node = np.zeros((len(x), feat.shape[0]), np.int64)
-            for _ in range(self.depth + 1):
-                f = feat[trees, node]
-                leaf = f < 0
-                v = x[rows, np.maximum(f, 0)]
-                go_left = np.where(np.isnan(v), miss[trees, node], v <= thr[trees, node])
-                node = np.where(leaf, node, np.where(go_left, left[trees, node], right[trees, node]))
-            out[:, level] = self.baseline[level] + value[trees, node].sum(1)
+            feat, thr, miss, left, right, value, start = arrays
+            node = np.broadcast_to(start, (len(x), len(start)))
+            for _ in range(self.depth):  # a leaf goes to itself: depth steps reach every leaf
+                v = flat_x.take(row_start + feat.take(node))
+                go_left = v <= thr.take(node)
+                if any_nan:
+                    nan = np.isnan(v)
+                    go_left = np.where(nan, miss.take(node), go_left)
+                node = np.where(go_left, left.take(node), right.take(node))
+            out[:, level] = self.baseline[level] + value.take(node).sum(1)
         return out
 
     def within(self, features: np.ndarray) -> np.ndarray:

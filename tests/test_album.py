@@ -91,7 +91,8 @@ def test_a_photo_asked_about_its_own_neighbour_has_that_candidates_features(defa
     pts = np.concatenate([table.lat_deg[0][table.present[0]], table.lat_deg[1][table.present[1]]])
     lon = np.concatenate([table.lon_deg[0][table.present[0]], table.lon_deg[1][table.present[1]]])
     own = np.concatenate([np.full(table.present[0].sum(), 0), np.full(table.present[1].sum(), 1)])
-    p = photo_within(table, within, rows, pts, lon, own, [engine.calibration])
+    own_col = np.concatenate([np.flatnonzero(table.present[0]), np.flatnonzero(table.present[1])])
+    p = photo_within(table, within, rows, pts, lon, own, own_col, [engine.calibration])
     np.testing.assert_array_equal(p[0, own == 0], within[0][table.present[0]])
     np.testing.assert_array_equal(p[1, own == 1], within[1][table.present[1]])
     asked = engine.calibration.within(table.features_at(np.array([0]), pts[own == 1], lon[own == 1]))[0]
