@@ -61,6 +61,7 @@ MIN_TUNE_QUERIES = 20  # fewer, and the choice among 700 settings is noise
 CARVE_QUERIES = 2000
 CARVE_EXCLUDE_KM = 1.0
 CARVE_EXTRA = 50  # neighbours searched beyond k, to survive the exclusions
+CARVE_ALBUMS = 150  # of the carved queries, whole capture sequences (the album model's tuning albums)
 # far images where the dataset has no far split: train images held out of everything within one of these
 # radii of them (cycled over the queries), searched this many neighbours deeper
 FAR_QUERIES = 1000
@@ -142,14 +143,22 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0, 
 
 
 def carve_sets(engine, data: Path, specs: list) -> list:
-    """carve_from_train for several (n, seed, removed_km) at once: the shards are read in one pass for
-    all their rows (a pass over 1M rows of 768-d shards takes ~20 s here)."""
+    """carve_from_train for several (n, seed, removed_km[, albums]) at once: the shards are read in one
+    pass for all their rows (a pass over 1M rows of 768-d shards takes ~20 s here). `albums`: of the n,
+    the rows of up to that many whole capture sequences (at most ALBUM_MAX_PHOTOS of each), so the album
+    model has albums to learn from; the rest drawn at random."""
     from geovote.shards import read_embeddings, shard_sizes
 
     folder = engine.layout.embeddings("train")
     total = sum(shard_sizes(folder)[0])
-    picks = [np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-             for n, seed, _ in specs]
+    picks = []
+    for n, seed, _, *albums in specs:
+        rng = np.random.default_rng(seed)
+        whole = (_sequence_rows(folder, data, albums[0], rng) if albums and albums[0]
+                 else np.zeros(0, np.int64))
+        rest = np.setdiff1d(np.arange(total), whole)
+        extra = rng.choice(rest, min(max(n - len(whole), 0), len(rest)), replace=False)
+        picks.append(np.sort(np.concatenate([whole, extra]).astype(np.int64)))
     union = np.unique(np.concatenate(picks))
     every = read_embeddings(folder, union)  # only the queries: never the whole train split in memory
     digest = engine.index.digest
@@ -161,13 +170,29 @@ def carve_sets(engine, data: Path, specs: list) -> list:
     all_ids = every.ids.astype(str)
     seq = split_sequences(data, np.concatenate([index_ids, all_ids]))
     out = []
-    for (_, _, removed_km), rows in zip(specs, picks):
+    for (_, _, removed_km, *_), rows in zip(specs, picks):
         at = np.searchsorted(union, rows)
         q_ids, q_lat, q_lon, emb = all_ids[at], every.lat_deg[at], every.lon_deg[at], every.embedding[at]
         q_seq = None if seq is None else seq[len(index_ids):][at][:, None]
         index_seq = None if seq is None else seq[:len(index_ids)]
         out.append((q_ids, emb, q_lat, q_lon, _excluder(q_ids, q_lat, q_lon, removed_km, index_seq, q_seq)))
     return out
+
+
+def _sequence_rows(folder: Path, data: Path, albums: int, rng: np.random.Generator) -> np.ndarray:
+    """Shard rows of up to `albums` random capture sequences of 2 or more train images (at most
+    ALBUM_MAX_PHOTOS of each); none when train.csv has no `sequence` column."""
+    from geovote.shards import read_coordinates
+    from retrieve.album import groups
+
+    seq = split_sequences(data, read_coordinates(folder).ids.astype(str))
+    if seq is None:
+        return np.zeros(0, np.int64)
+    found = [g for g in groups(seq) if len(g) > 1]
+    chosen = rng.choice(len(found), min(albums, len(found)), replace=False) if found else []
+    rows = [found[i] if len(found[i]) <= ALBUM_MAX_PHOTOS
+            else rng.choice(found[i], ALBUM_MAX_PHOTOS, replace=False) for i in chosen]
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
 
 
 def _excluder(q_ids, q_lat, q_lon, removed_km, seq, q_seq):
@@ -277,7 +302,7 @@ def tuning_sets(engine, data: Path, split: str, workers: int, log) -> tuple[Tuni
         split_csv(data, split)  # the error that names it
     far = f"{split}_far"
     has_far = has_split and _has_split(data, far)
-    specs = ([] if has_split else [(CARVE_QUERIES, 0, CARVE_EXCLUDE_KM)]) + \
+    specs = ([] if has_split else [(CARVE_QUERIES, 0, CARVE_EXCLUDE_KM, CARVE_ALBUMS)]) + \
         ([] if has_far else [(FAR_QUERIES, 1, FAR_REMOVED_KM)])
     carved = carve_sets(engine, data, specs) if specs else []
     if has_split:

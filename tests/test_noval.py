@@ -128,6 +128,27 @@ def test_an_index_in_its_own_row_order_changes_nothing_the_heads_see(noval_root,
             np.testing.assert_array_equal(x.column(column).to_numpy(), y.column(column).to_numpy())
 
 
+@pytest.mark.slow
+def test_tuning_without_val_carves_whole_sequences_for_the_album_model(noval_root, noval_engine):
+    """Without val, the album model's tuning albums are train sequences carved whole: of 300 carved rows,
+    20 sequences complete (5 images each) beside random rows, which would almost never complete one; the
+    engine's album model is fitted on the held-out train images' albums."""
+    from retrieve.engine import Engine
+    from retrieve.tuning import carve_sets, split_sequences
+
+    engine = Engine(Path(noval_engine) / "index", load_model=False)
+    (q_ids, *_), = carve_sets(engine, noval_root, [(300, 3, 1.0, 20)])
+    assert len(q_ids) == 300
+    seq = split_sequences(noval_root, q_ids)
+    names, counts = np.unique(seq, return_counts=True)
+    assert (counts == 5).sum() >= 20
+    (plain_ids, *_), = carve_sets(engine, noval_root, [(300, 3, 1.0)])
+    assert (np.unique(split_sequences(noval_root, plain_ids), return_counts=True)[1] == 5).sum() <= 2
+    saved = json.loads((Path(noval_engine) / "index" / "retrieve.json").read_text())["albums"]
+    assert saved["fitted"] and saved["albums"]["train (held out of its own search)"] >= 20
+    assert engine.albums.model is not None
+
+
 def test_finetune_validates_on_held_out_train_rows(noval_root, tmp_path, capsys):
     from finetune.trainer import TrainConfig, load_data, train
 
