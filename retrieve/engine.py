@@ -116,7 +116,11 @@ class Engine:
         self._device, self._calibrated = device, calibrated
         self.index = GeoIndex(self.index_dir, device=device)
         manifest = self.index.info.get("embedding_manifest") or {}
-        self.model_name = model or (manifest.get("config") or {}).get("model")
+        from retrieve.share import published_model
+
+        # a published engine (retrieve.share) carries its model's folder inside it
+        self.model_name = (model or published_model(self.layout.root)
+                           or (manifest.get("config") or {}).get("model"))
         self.backbone = backbone
         self.features = None
         if load_model or backbone is not None:

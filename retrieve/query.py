@@ -37,12 +37,13 @@ from embed.models import BackboneError
 from geovote.config import ConfigError
 from geovote.csvsafe import printable
 from geovote.data import DataError
-from geovote.layout import EngineMissing, resolve
+from geovote.layout import EngineMissing
 from geovote.paths import default_sample_root, folder_problem
 from index.search import IndexError_
 from retrieve.answer import album_answers, answers, predict_split
 from retrieve.engine import Engine
 from retrieve.region import RegionError, parse_region
+from retrieve.share import ShareError, resolve_engine
 
 SPLIT_SUFFIXES = (".parquet", ".csv", ".geojson")  # --split --out: predictions as a table or map points
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.query", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="*", help="image files or folders of images")
-    ap.add_argument("--index", type=Path, default=None, help="index folder (default: the sample's)")
+    ap.add_argument("--index", default=None,
+                    help="index folder (default: the sample's), or a published engine: hf-hub:ORG/NAME[@REV]")
     ap.add_argument("--model", default=None, help="override the model the index names")
     ap.add_argument("--top", type=int, default=3, help="answers to show: the best and N-1 alternatives")
     ap.add_argument("--json", action="store_true", help="one JSON object per image and line")
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--top must be at least 1 (the answer itself), got {args.top}")
     if args.out is not None and (args.out.is_dir() or args.out.suffix not in SPLIT_SUFFIXES):
         ap.error(f"--out {args.out}: give a file name ending in .parquet, .csv or .geojson")
+    if args.split and str(args.index or "").startswith("hf-hub:"):
+        ap.error("--split embeds the split into the engine's folder: not into a published engine in the hub "
+                 "cache; answer images, or build the engine locally")
     if args.split and (args.within is not None or args.bbox is not None):
         ap.error("--within and --bbox apply to images, not to --split")
     try:
@@ -161,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"error: --out {args.out}: cannot be written ({e.strerror or e})", file=sys.stderr)
             return 2
-    layout = resolve(index=args.index)
     try:
-        engine = Engine(layout.require_index(), model=args.model)
+        layout, published = resolve_engine(args.index)
+        engine = Engine(layout.require_index(), model=args.model or published)
         if engine.untuned_warning():
             print(engine.untuned_warning(), file=sys.stderr)
         if args.split:
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or layout.predictions(args.split)
             print(predict_split(engine, data, args.split, out))
             return 0
-    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ValueError) as e:
+    except (EngineMissing, IndexError_, BackboneError, DataError, ConfigError, ShareError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a disk that filled up, a folder that went away meanwhile

@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-from pathlib import Path
 
 from embed.models import BackboneError
 from geovote.config import ConfigError
-from geovote.layout import EngineMissing, resolve
+from geovote.layout import EngineMissing
 from index.search import IndexError_
 from retrieve.app import (BATCH_WAIT_MS, BODY_TIMEOUT_S, LOCAL_HOSTS, MAX_BATCH, MAX_MEGAPIXELS, MAX_QUEUE,
                           MAX_UPLOAD_MB, create_app)
 from retrieve.engine import Engine
+from retrieve.share import ShareError, resolve_engine
 
 DEFAULT_PORT = 8765
 
@@ -34,7 +34,8 @@ DEFAULT_PORT = 8765
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retrieve.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=None, help="index folder (default: the sample's)")
+    ap.add_argument("--index", default=None,
+                    help="index folder (default: the sample's), or a published engine: hf-hub:ORG/NAME[@REV]")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"1-65535 (default {DEFAULT_PORT})")
     ap.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
     ap.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS)
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
               "there? pick another --port", file=sys.stderr)
         return 2
     try:
-        engine = Engine(resolve(index=args.index).require_index())
-    except (EngineMissing, IndexError_, BackboneError, ConfigError, ValueError) as e:
+        layout, published = resolve_engine(args.index)
+        engine = Engine(layout.require_index(), model=published)
+    except (EngineMissing, IndexError_, BackboneError, ConfigError, ShareError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if engine.untuned_warning():

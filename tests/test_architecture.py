@@ -17,7 +17,8 @@ COMMANDS = {  # the modules run with `python -m`: parse, call a library, report
     "embed.build", "retrieve.query", "retrieve.tune", "retrieve.serve", "finetune.train", "benchmark.run",
     "benchmark.score", "geovote.sample", "geovote.download", "benchmark.embed_bench", "benchmark.index_bench",
     "benchmark.query_bench", "benchmark.serve_load", "benchmark.csv_read", "benchmark.gpu_check",
-    "benchmark.vote_bench",
+    "benchmark.vote_bench", "retrieve.publish", "benchmark.album_bench", "benchmark.album_eval",
+    "geovote.console",
 }
 HEAVY = ("torch", "faiss", "open_clip", "torchvision")
 TORCH_FREE = ("geovote", "retrieve.predict")
