@@ -132,7 +132,10 @@ def publish(engine: str | Path, to: str | Path, license: str | None = None, resu
     (tmp / CARD).write_text(card)
     tmp.rename(to)
     total = sum(v["bytes"] for v in files.values())
-    log(f"published {len(files)} files, {total / 2**20:,.1f} MiB, to {to}")
+    whole = sum(f.stat().st_size for f in layout.root.rglob("*") if f.is_file())
+    per_image = total / max(info.get("count") or 1, 1)
+    log(f"published {len(files)} files, {total / 2**20:,.1f} MiB ({per_image:,.0f} bytes an image), to {to}; "
+        f"the engine folder holds {whole / 2**20:,.1f} MiB")
     return to
 
 
