@@ -328,6 +328,9 @@ class Engine:
         link to a file elsewhere is named as such, not followed."""
         manifest = self.index.info.get("embedding_manifest") or {}
         root, split = manifest.get("dataset"), manifest.get("split", "train")
+        if root and not Path(root).is_absolute():  # published (retrieve.share): a dataset name, no path
+            return None, (f"a published engine: gallery image {image_id!r} is known by its id and place, "
+                          "not a file here")
         if not root or not image_id or not str(image_id).isprintable():
             return None, f"no gallery image {image_id!r} in this engine"
         try:

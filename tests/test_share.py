@@ -103,6 +103,10 @@ def test_answers_from_the_hub_cache_offline_equal_the_local_engines(published, t
     got = _query([*imgs, "--index", f"hf-hub:{REPO}", "--json"], home, tmp_path / "verified")
     assert got.returncode == 0, got.stderr
     assert got.stdout == local  # bit for bit: coordinates, probabilities, candidates, places
+    # its evidence: the gallery images' ids and places, no file of this machine
+    got = _query([imgs[0], "--index", f"hf-hub:{REPO}", "--json", "--evidence", "2"], home, tmp_path / "verified")
+    evidence = json.loads(got.stdout)["evidence"]
+    assert len(evidence) == 2 and all(e["path"] == "" and "a published engine" in e["note"] for e in evidence)
     # the same album answer together
     assert query_main([*imgs, "--together", "--json", "--index", str(tiny_engine / "index")]) == 0
     local = capsys.readouterr().out
