@@ -39,7 +39,11 @@ def sequence_scores(folder: Path, data: Path, split: str, boot: int = 1000, seed
     if not np.array_equal(alone["id"], joint["id"]):
         raise ValueError(f"{folder}: geovote and geovote-sequence predicted different images")
     lat, lon = truth.lat_deg[rows], truth.lon_deg[rows]
-    seqs = [g for g in groups(truth.column("sequence").astype(str)[rows]) if len(g) > 1]
+    seqs = [g for g in groups(truth.text_column("sequence")[rows]) if len(g) > 1]
+    if not seqs:
+        raise ValueError(f"{folder}: the {split} split has no capture sequence of 2 or more scored images")
+    if "within_200km" not in alone or "within_200km" not in joint:
+        raise ValueError(f"{folder}: the engine was not calibrated (no within_200km in its predictions)")
 
     def g_of(plat, plon, idx):
         return geoscore(haversine_km(plat, plon, lat[idx], lon[idx]))
@@ -83,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     for folder in folders:
         meta = json.loads((folder / "results.json").read_text())
         data = args.data or Path(meta["data"])
-        got = sequence_scores(folder, data, meta["split"])
+        try:
+            got = sequence_scores(folder, data, meta["split"])
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"{meta['split']}: {got['images']:,} images in {got['sequences']:,} sequences")
         for name in ("alone", "most confident photo", "best photo (oracle)", "together"):
             r = got[name]

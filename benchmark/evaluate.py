@@ -116,7 +116,7 @@ def run(cfg: RunConfig, log=print) -> tuple[Path, dict[str, list[dict]]]:
             log(f"{len(truth) - len(rows)} {name} images could not be embedded (see failures.csv); "
                 "they are left out of every method's score")
         # sequences named per split: two splits' sequences never merge
-        seq = (np.array([f"{name}/{v}" if v else "" for v in truth.column("sequence").astype(str)[rows]])
+        seq = (np.array([f"{name}/{v}" if v else "" for v in truth.text_column("sequence")[rows]])
                if "sequence" in have else np.full(len(rows), ""))
         scored.append(Scored(name, slice(start, start + len(ids)), ids, truth.lat_deg[rows],
                              truth.lon_deg[rows], {c: truth.column(c)[rows] for c in cols}, seq))

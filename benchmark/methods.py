@@ -193,7 +193,11 @@ def geovote_sequence(inp: Inputs) -> Prediction:
         got, _ = inp.engine.locate_albums(inp.test_emb[rows], local)
         joint, sizes = got.joint, [len(a) for a in batch]
         lat[rows], lon[rows] = np.repeat(joint.lat_deg, sizes), np.repeat(joint.lon_deg, sizes)
-        if extras and joint.within_km is not None:
+        if extras and not got.calibrated.all():  # answers the album model was not fitted for: no report
+            inp.log("  geovote-sequence: some sequences are beyond what the album model was fitted on (or it "
+                    "is absent): their probabilities are not reported")
+            extras = {}
+        if extras:
             extras["within_km"][rows] = np.repeat(joint.within_km, sizes, axis=0)
             extras["radius_km"][rows] = np.repeat(joint.radius_km, sizes)
             extras["confidence"][rows] = np.repeat(joint.confidence, sizes)

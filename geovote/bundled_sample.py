@@ -18,7 +18,7 @@ Every val and test location is at least 1 km from every train location, as in OS
     rows (`sequence_share`) each start a sequence of 2-8 views, the others new test-style views at points
     within 3 km of it (as far from train, and for the far splits from every place, as the split's own
     rows), appended after the split's rows from their own generator: every other row and image is what
-    it was without them. Their rows carry the anchor's labels; `sequence` is empty for the other rows.
+    it was without them. Labelled as the others (the nearest place); `sequence` is empty outside them.
 
 `python -m geovote.sample` is its command (geovote/sample.py).
 """

@@ -137,6 +137,14 @@ class Split:
     def column(self, name: str) -> np.ndarray:
         return self.table.column(name).to_numpy(zero_copy_only=False)
 
+    def text_column(self, name: str) -> np.ndarray:
+        """A column as text, "" where the CSV cell was blank (read as null): never the word "None"."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = pc.fill_null(pc.cast(self.table.column(name), pa.string()), "")
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=str)
+
     def image_paths(self) -> "ImagePaths":
         return ImagePaths(self.root, self.table.column("path").combine_chunks())
 

@@ -44,6 +44,7 @@ ALBUM_TREES = {"max_iter": 100, "max_depth": 2, "learning_rate": 0.1, "min_sampl
 AGREEMENT_KM = 200
 DEFAULT_SPREAD_KM = 5.0  # before tuning chooses one on sequences (SPREADS_KM, retrieve.tuning)
 SPREADS_KM = (0.0, 5.0, 25.0, 100.0)
+TUNED_PHOTOS = 8  # tuning albums hold at most this many photos of a sequence (and maybe an outlier)
 
 
 def cdf_at(within: np.ndarray, r_km: np.ndarray, levels_km=LEVELS_KM) -> np.ndarray:
@@ -97,7 +98,8 @@ def album_table(table, within: np.ndarray, albums: list, spread_km: float, model
     the photos' distance models (one, or one per fold with `model_index` (Q,) in tuning)."""
     from retrieve.candidates import Candidates
 
-    width = max((len(a) * table.lat_deg.shape[1] for a in albums), default=0)
+    c = table.lat_deg.shape[1]
+    width = max((len(a) * c if len(a) == 1 else min(len(a) * c, MAX_POOL) for a in albums), default=0)
     n_feat = len(ALBUM_FEATURES)
     lat = np.full((len(albums), width), np.nan)
     lon, kind = lat.copy(), np.full((len(albums), width), -1)
@@ -140,13 +142,15 @@ def _pool(lat_deg, lon_deg, expected) -> np.ndarray:
     at least POOL_MERGE_KM from every better one kept, at most MAX_POOL."""
     from geovote.geo import haversine_km
 
-    order = np.argsort(-expected, kind="stable")
-    la, lo = lat_deg[order], lon_deg[order]
-    d = haversine_km(la[:, None], lo[:, None], la[None], lo[None])
-    keep = np.ones(len(order), bool)
-    for j in range(1, len(order)):
-        keep[j] = not np.any(keep[:j] & (d[j, :j] < POOL_MERGE_KM))
-    return order[keep][:MAX_POOL]
+    kept = []
+    for j in np.argsort(-expected, kind="stable"):  # against the kept ones only: memory O(MAX_POOL)
+        near = haversine_km(lat_deg[j], lon_deg[j], lat_deg[kept], lon_deg[kept]) if kept else np.zeros(0)
+        if np.any(near < POOL_MERGE_KM):
+            continue
+        kept.append(j)
+        if len(kept) == MAX_POOL:
+            break
+    return np.array(kept, np.int64)
 
 
 def mean_support(table) -> np.ndarray:
@@ -196,10 +200,13 @@ def album_within(model, atable, table, within: np.ndarray, albums: list) -> np.n
 
 
 def answer_albums(album_model, model, table, within, single, albums: list, spread_km: float,
-                  n_alternatives: int = 3):
+                  n_alternatives: int = 3, tuned_spread_km: float | None = None):
     """AlbumAnswers of `albums` (arrays of rows into the photos' candidate table `table`, with their
     distance model `model`, their probabilities `within` and single answers `single`), decided by
-    `album_model` (None: on the mean support)."""
+    `album_model` (None: on the mean support). An answer is `calibrated` where the album model was
+    fitted for it: at `tuned_spread_km` (default: spread_km), with at most TUNED_PHOTOS photos and an
+    outlier."""
+    tuned_spread_km = spread_km if tuned_spread_km is None else tuned_spread_km
     from retrieve.calibrate import decide
 
     albums = [np.asarray(a, np.int64) for a in albums]
@@ -208,13 +215,17 @@ def answer_albums(album_model, model, table, within, single, albums: list, sprea
     joint = decide(None, atable, n_alternatives, within=probabilities)
     agree = [agreement(joint.lat_deg[i], joint.lon_deg[i], table, within, rows, spread_km, model)
              for i, rows in enumerate(albums)]
-    calibrated = np.array([album_model is not None or len(a) == 1 for a in albums], bool)
+    # the album model holds where it was fitted: its spread, albums of at most TUNED_PHOTOS (+ an outlier)
+    fits = album_model is not None and spread_km == tuned_spread_km
+    calibrated = np.array([len(a) == 1 or (fits and len(a) <= TUNED_PHOTOS + 1) for a in albums], bool)
     return AlbumAnswers(joint, single, agree, calibrated, albums, spread_km)
 
 
 def groups(sequence: np.ndarray) -> list[np.ndarray]:
     """The rows of each non-empty value of `sequence`, in order of first appearance."""
-    sequence = np.asarray(sequence).astype(str)
+    # a blank CSV cell reads as null: None (or NaN) is no sequence, never one named "None"
+    sequence = np.array(["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in sequence],
+                        dtype=object).astype(str) if len(sequence) else np.zeros(0, str)
     named = np.flatnonzero(sequence != "")
     if not named.size:
         return []

@@ -114,6 +114,14 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         engine.refresh(log)  # a no-op unless the index on disk changed
         return answers_for_images(engine, images, names, False, region)
 
+    albums_waiting = [0]  # albums queued or running: past max_queue, 503 as for single photos
+    album_lock: list = []  # an asyncio.Lock made on the server's own event loop
+
+    def album_turn():
+        if not album_lock:
+            album_lock.append(asyncio.Lock())
+        return album_lock[0]
+
     def answer_album(images, names, region=None):
         engine.refresh(log)
         return answers_for_albums(engine, images, [list(range(len(images)))], names, False, region)[0]
@@ -179,13 +187,15 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         except ValueError:
             return error(400, "Content-Length is not a number")
         if declared > limit:
-            return error(413, f"upload of {declared:,} bytes is over the limit of {max_upload_bytes:,}")
+            return error(413, f"upload of {declared:,} bytes is over the limit of {max_upload_bytes:,} "
+                              "(a request, all its photos together)")
         try:
             body = await read_body(request.stream(), limit, body_timeout_s)
             form = parse_multipart(body, ctype)
         except UploadError as e:
             if e.status == 413:  # the limit the user set, not the one with room for the form's own bytes
-                return error(413, f"upload over the limit of {max_upload_bytes:,} bytes")
+                return error(413, f"upload over the limit of {max_upload_bytes:,} bytes (a request, all its "
+                                  "photos together)")
             return error(e.status, str(e))
         except ClientDisconnect:
             log("a client disconnected before its upload arrived")
@@ -222,8 +232,15 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
             names.append(part.filename or "upload")
         img, name = imgs[0], names[0]
         try:
-            if together:  # one answer from all the photos (retrieve.album), beside the batches
-                return await run_in_threadpool(answer_album, imgs, names, region or None)
+            if together:  # one answer from all the photos (retrieve.album), one album at a time
+                if albums_waiting[0] >= max_queue:
+                    raise QueueFull(f"{albums_waiting[0]} albums waiting")
+                albums_waiting[0] += 1
+                try:
+                    async with album_turn():
+                        return await run_in_threadpool(answer_album, imgs, names, region or None)
+                finally:
+                    albums_waiting[0] -= 1
             if region:  # a region changes the search: answered on its own, beside the batches
                 return (await run_in_threadpool(answer_batch, [img], [name], region))[0]
             # queued on the loop: /health and new uploads are served while a batch runs

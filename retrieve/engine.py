@@ -154,11 +154,16 @@ class Engine:
 
             try:
                 calibration = Calibration.load(self.layout.calibration, FEATURES)
-                if self.layout.album_calibration.exists():
-                    albums = AlbumTuning(Calibration.load(self.layout.album_calibration, ALBUM_FEATURES),
-                                         album_spread_km(self.layout.params))
             except CalibrationError as e:
                 raise ConfigError(str(e)) from None
+            if self.layout.album_calibration.exists():
+                try:  # an album model this code cannot read leaves single photos answered as ever
+                    albums = AlbumTuning(Calibration.load(self.layout.album_calibration, ALBUM_FEATURES),
+                                         album_spread_km(self.layout.params))
+                except CalibrationError as e:
+                    import sys
+
+                    print(f"warning: {e}: albums are decided uncalibrated", file=sys.stderr)
         return params, calibration, albums
 
     def _on_disk(self) -> tuple:
@@ -326,9 +331,13 @@ class Engine:
         (one sub-folder deep, as OSV-5M's archives and the sample unpack), or for a gallery of photos
         (embed.build --photos) the file at that relative path inside its folder, is ever returned: a
         link to a file elsewhere is named as such, not followed."""
+        from retrieve.share import MANIFEST
+
         manifest = self.index.info.get("embedding_manifest") or {}
         root, split = manifest.get("dataset"), manifest.get("split", "train")
-        if root and not Path(root).is_absolute():  # published (retrieve.share): a dataset name, no path
+        # a published engine (retrieve.share, from the hub or not): its index.json is someone else's
+        # word, so no file is ever looked up from it
+        if (self.layout.root / MANIFEST).is_file() or (root and not Path(root).is_absolute()):
             return None, (f"a published engine: gallery image {image_id!r} is known by its id and place, "
                           "not a file here")
         if not root or not image_id or not str(image_id).isprintable():
@@ -406,7 +415,7 @@ class Engine:
         single = decide(calibration, table, params.n_alternatives, within=within)
         spread = tuned.spread_km if spread_km is None else float(spread_km)
         return answer_albums(tuned.model, calibration, table, within, single, albums, spread,
-                             params.n_alternatives), res
+                             params.n_alternatives, tuned.spread_km), res
 
     def candidates(self, emb: np.ndarray, region=None):
         """(Candidates, SearchResult): the table a calibrated engine's answer is chosen from

@@ -267,7 +267,7 @@ def read_albums(path: Path) -> list[tuple[str, list[Path]]]:
     in order of each album's first row; ValueError naming what is wrong."""
     import csv
 
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte order mark
         reader = csv.DictReader(f)
         missing = {"album", "image"} - set(reader.fieldnames or [])
         if missing:

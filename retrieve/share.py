@@ -117,6 +117,9 @@ def publish(engine: str | Path, to: str | Path, license: str | None = None, resu
     for f in sorted(index.iterdir()):  # the caches of this build, renamed for the scrubbed index.json
         if f.name.startswith(CACHE_PREFIXES) and f.name.endswith(f"-{old_digest}.npy"):
             shutil.copyfile(f, tmp / "index" / f.name.replace(old_digest, new_digest))
+    _check_no_paths(tmp, [str(layout.root.resolve()), str(Path(dataset).resolve()) if dataset else "",
+                          str(Path(model_name).resolve()) if Path(model_name).is_dir() else "",
+                          str(Path.home())])
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = f.relative_to(tmp).as_posix()
@@ -147,13 +150,47 @@ def _layout(engine: str | Path) -> EngineLayout:
 
 def _publish_model(name: str, out: Path, log) -> dict:
     """How the published engine names its model: a folder (a finetune checkpoint, an open_clip folder)
-    is copied in (`model/`: its weights travel with the engine); a name (`default`, the bundled model
-    of the geovote package; an open_clip tag or `hf-hub:` repo) stays a name, resolved as --model does."""
+    is copied in (`model/`: its weights travel with the engine; paths of this machine in its JSON files
+    replaced by their last part); a name (`default`, the bundled model of the geovote package; an
+    open_clip tag or `hf-hub:` repo) stays a name, resolved as --model does. A model named by a weights
+    file (ARCH:/path/file.pt) cannot be published: the index names it by that path."""
     if Path(name).is_dir():
         shutil.copytree(name, out / MODEL_DIR)
+        for f in (out / MODEL_DIR).rglob("*.json"):
+            try:
+                f.write_text(json.dumps(_scrub_paths(json.loads(f.read_text())), indent=1) + "\n")
+            except (ValueError, UnicodeDecodeError):
+                continue
         log(f"the model's weights travel with the engine: {name} -> {MODEL_DIR}/")
         return {"name": MODEL_DIR, "source": "engine folder"}
+    if ":" in name and Path(name.split(":", 1)[1]).is_absolute():
+        raise ShareError(f"the engine's model is a weights file of this machine ({name}), which its index "
+                         "names by path: build the engine with an open_clip folder or a finetune checkpoint "
+                         "folder (their weights travel with the engine), or a hub model, to publish it")
     return {"name": name, "source": "geovote package" if name == "default" else "by name, as --model"}
+
+
+def _scrub_paths(value):
+    """A JSON value with every absolute path string replaced by its last part."""
+    if isinstance(value, dict):
+        return {k: _scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_paths(v) for v in value]
+    if isinstance(value, str) and len(value) > 1 and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
+def _check_no_paths(folder: Path, paths: list[str]) -> None:
+    """ShareError naming the file when a text file of the published folder holds one of `paths`."""
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.suffix not in (".json", ".md", ".txt", ".toml", ".yaml", ".csv"):
+            continue
+        text = f.read_text(errors="replace")
+        for path in paths:
+            if path and path != "/" and path in text:
+                raise ShareError(f"not publishing: {f.relative_to(folder)} holds a path of this machine "
+                                 f"({path})")
 
 
 def published_model(root: Path) -> str | None:
@@ -248,11 +285,11 @@ def open_engine(spec: str, cache_dir: str | None = None, log=None) -> tuple[Path
     lists, each from the hub cache when there (offline: HF_HUB_OFFLINE=1) and checked against its size
     and sha256 (the hash once per file version: geovote's record of what it checked, VERIFIED_DIR)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo, revision = parse_spec(spec)
 
-    def fetch(name: str) -> Path:
+    def fetch(name: str) -> Path:  # at `revision`: the branch asked for, then engine.json's own commit
         try:
             return Path(hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir))
         except LocalEntryNotFoundError:
@@ -262,11 +299,16 @@ def open_engine(spec: str, cache_dir: str | None = None, log=None) -> tuple[Path
             raise ShareError(f"{spec}: no such engine on the hub ({type(e).__name__})") from None
 
     record_path = fetch(MANIFEST)
+    revision = record_path.parent.name  # the snapshot's commit: every file from the same one
     try:
         record = json.loads(record_path.read_text())
         files = record["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+                and ".." not in Path(k).parts and not Path(k).is_absolute() for k, v in files.items()):
+            raise ValueError("files")
     except (OSError, ValueError, KeyError, TypeError):
-        raise ShareError(f"{spec}: its {MANIFEST} is unreadable") from None
+        raise ShareError(f"{spec}: its {MANIFEST} is unreadable or malformed") from None
     if record.get("version") != MANIFEST_VERSION:
         raise ShareError(f"{spec}: an engine of format {record.get('version')}, this geovote reads "
                          f"{MANIFEST_VERSION}: upgrade geovote")

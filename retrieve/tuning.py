@@ -145,7 +145,7 @@ def carve_from_train(engine, data: Path, n: int = CARVE_QUERIES, seed: int = 0, 
 def carve_sets(engine, data: Path, specs: list) -> list:
     """carve_from_train for several (n, seed, removed_km[, albums]) at once: the shards are read in one
     pass for all their rows (a pass over 1M rows of 768-d shards takes ~20 s here). `albums`: of the n,
-    the rows of up to that many whole capture sequences (at most ALBUM_MAX_PHOTOS of each), so the album
+    the rows of up to that many whole capture sequences (at most TUNED_PHOTOS of each), so the album
     model has albums to learn from; the rest drawn at random."""
     from geovote.shards import read_embeddings, shard_sizes
 
@@ -181,17 +181,17 @@ def carve_sets(engine, data: Path, specs: list) -> list:
 
 def _sequence_rows(folder: Path, data: Path, albums: int, rng: np.random.Generator) -> np.ndarray:
     """Shard rows of up to `albums` random capture sequences of 2 or more train images (at most
-    ALBUM_MAX_PHOTOS of each); none when train.csv has no `sequence` column."""
+    TUNED_PHOTOS of each); none when train.csv has no `sequence` column."""
     from geovote.shards import read_coordinates
-    from retrieve.album import groups
+    from retrieve.album import TUNED_PHOTOS, groups
 
     seq = split_sequences(data, read_coordinates(folder).ids.astype(str))
     if seq is None:
         return np.zeros(0, np.int64)
     found = [g for g in groups(seq) if len(g) > 1]
     chosen = rng.choice(len(found), min(albums, len(found)), replace=False) if found else []
-    rows = [found[i] if len(found[i]) <= ALBUM_MAX_PHOTOS
-            else rng.choice(found[i], ALBUM_MAX_PHOTOS, replace=False) for i in chosen]
+    rows = [found[i] if len(found[i]) <= TUNED_PHOTOS
+            else rng.choice(found[i], TUNED_PHOTOS, replace=False) for i in chosen]
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
 
 
@@ -365,9 +365,23 @@ class CrossFit:
     models: list
 
 
-def crossfit_within(tables, folds: int = 2, seed: int = 0) -> CrossFit:
+def group_folds(n: int, sequence: np.ndarray | None, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) a fold for each image, the same for every image of a capture sequence (an image in none is
+    its own group): near-copies of a view never answer for each other across folds."""
+    from retrieve.album import groups
+
+    fold = rng.integers(0, folds, n)
+    for rows in groups(sequence) if sequence is not None else []:
+        fold[rows] = fold[rows[0]]
+    return fold
+
+
+def crossfit_within(tables, folds: int = 2, seed: int = 0, sequences=None) -> CrossFit:
+    """CrossFit of `tables` [(Candidates, lat, lon)], images in folds by their `sequences` (one array
+    per table, or None)."""
     rng = np.random.default_rng(seed)
-    fold = [rng.integers(0, folds, len(t.lat_deg)) for t, _, _ in tables]
+    sequences = sequences or [None] * len(tables)
+    fold = [group_folds(len(t.lat_deg), seq, folds, rng) for (t, _, _), seq in zip(tables, sequences)]
     out = [np.full(t.features.shape[:2] + (len(LEVELS_KM),), np.nan) for t, _, _ in tables]
     models = []
     for f in range(folds):
@@ -379,12 +393,13 @@ def crossfit_within(tables, folds: int = 2, seed: int = 0) -> CrossFit:
     return CrossFit(out, fold, models)
 
 
-def crossfit_scores(tables, names, folds: int = 2, seed: int = 0) -> tuple[dict, CrossFit]:
+def crossfit_scores(tables, names, folds: int = 2, seed: int = 0, sequences=None) -> tuple[dict, CrossFit]:
     """(the final answers' metrics on each tuning set, every image answered by a model fitted on the
-    other folds only (so the score is not the fit's own); the CrossFit they came from)."""
+    other folds only (so the score is not the fit's own; a sequence's images in one fold); the CrossFit
+    they came from)."""
     from retrieve.calibrate import decide
 
-    crossfit = crossfit_within(tables, folds, seed)
+    crossfit = crossfit_within(tables, folds, seed, sequences)
     out = {}
     for name, (t, la, lo), w in zip(names, tables, crossfit.within):
         pred = decide(None, t, 0, within=w)
@@ -411,7 +426,8 @@ def _tune_and_save(engine, data: Path, split: str, workers: int, log):
     judged = []
     for params in shortlist:
         tables = [candidate_rows(engine, params, ts) for ts in (main, far)]
-        answered, crossfit = crossfit_scores(tables, (main.name, far.name))
+        answered, crossfit = crossfit_scores(tables, (main.name, far.name),
+                                             sequences=[main.sequence, far.sequence])
         both = answered[main.name]["geoscore"] * len(main.lat) + answered[far.name]["geoscore"] * len(far.lat)
         judged.append((both / (len(main.lat) + len(far.lat)), params, tables, answered, crossfit))
         log(f"k={params.k}, T={params.temperature}, {params.cells} {params.levels}, {params.bandwidth_km:g} "
@@ -491,7 +507,6 @@ def tune_far_weights(engine, best, far: TuningSet, log) -> tuple[object, dict]:
 # albums (retrieve.album): made of the tuning sets' capture sequences, at most this many photos each; a
 # share of them get a photo of somewhere else (OUTLIER_MIN_KM away) added, so the album model learns
 # to discount it; at least MIN_ALBUMS, or no album model
-ALBUM_MAX_PHOTOS = 8
 OUTLIER_SHARE = 0.3
 OUTLIER_MIN_KM = 2500.0
 MIN_ALBUMS = 20
@@ -501,14 +516,14 @@ def tuning_albums(ts: TuningSet, rng: np.random.Generator) -> tuple[list, list, 
     """(albums: rows of ts, each album's own photos (the album without an added outlier), each album's
     place (lat, lon): the mean of its own photos' places) from the set's sequences."""
     from geovote.geo import spherical_mean
-    from retrieve.album import groups
+    from retrieve.album import TUNED_PHOTOS, groups
 
     albums, own, lat, lon = [], [], [], []
     for rows in groups(ts.sequence) if ts.sequence is not None else []:
         if len(rows) < 2:
             continue
-        if len(rows) > ALBUM_MAX_PHOTOS:
-            rows = np.sort(rng.choice(rows, ALBUM_MAX_PHOTOS, replace=False))
+        if len(rows) > TUNED_PHOTOS:
+            rows = np.sort(rng.choice(rows, TUNED_PHOTOS, replace=False))
         a, b = spherical_mean(ts.lat[rows], ts.lon[rows])
         own.append(rows)
         if rng.random() < OUTLIER_SHARE:
@@ -554,19 +569,26 @@ def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int
                f"{MIN_ALBUMS} needed): albums are decided on their photos' mean support, uncalibrated")
         log(why)
         return AlbumTuning(), {"fitted": False, "why": why, "spread_km": AlbumTuning().spread_km}
+    counts = {ts.name: len(m[0]) for ts, m in zip(sets, made)}
+    # only the sets with albums (a far set of random train rows may hold no two of one sequence)
+    have = [i for i, m in enumerate(made) if m[0]]
+    sets, made, tables = [sets[i] for i in have], [made[i] for i in have], [tables[i] for i in have]
+    within, image_fold = [crossfit.within[i] for i in have], [crossfit.fold[i] for i in have]
     fold = [rng.integers(0, folds, len(m[0])) for m in made]
     n_photos = [sum(len(r) for r in m[1]) for m in made]
     by_spread, best = {}, None
     for spread in SPREADS_KM:
         # each photo's model: the one its own probabilities came from (cross-fitted)
         atables = [album_table(t, w, m[0], spread, crossfit.models, fo)
-                   for (t, _, _), w, fo, m in zip(tables, crossfit.within, crossfit.fold, made)]
+                   for (t, _, _), w, fo, m in zip(tables, within, image_fold, made)]
         answers = [(np.full(len(m[0]), np.nan), np.full(len(m[0]), np.nan)) for m in made]
         for f in range(folds):
             model = fit(*_album_rows(atables, made, [fo != f for fo in fold]), ALBUM_FEATURES, "cross-fit",
                         trees=ALBUM_TREES)
             for at, fo, (plat, plon) in zip(atables, fold, answers):
                 sel = fo == f
+                if not sel.any():
+                    continue
                 sub = type(at)(at.lat_deg[sel], at.lon_deg[sel], at.kind[sel], at.features[sel])
                 pred = decide(model, sub, 0)
                 plat[sel], plon[sel] = pred.lat_deg, pred.lon_deg
@@ -581,7 +603,7 @@ def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int
             best = (mean, spread, atables)
     _, spread, atables = best
     alone = {}
-    for ts, (t, _, _), w, m in zip(sets, tables, crossfit.within, made):
+    for ts, (t, _, _), w, m in zip(sets, tables, within, made):
         single = decide(None, t, 0, within=w)
         idx = np.concatenate(m[1])
         alone[ts.name] = round(score(single.lat_deg[idx], single.lon_deg[idx], ts.lat[idx],
@@ -592,6 +614,6 @@ def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int
     log(f"albums: spread {spread:g} km chosen; their photos answered alone score " + ", ".join(
         f"{v:.0f} on {k}" for k, v in alone.items()))
     record = {"fitted": True, "spread_km": spread,
-              "albums": {ts.name: len(m[0]) for ts, m in zip(sets, made)}, "geoscore_by_spread": by_spread,
+              "albums": counts, "geoscore_by_spread": by_spread,
               "photos_alone": alone, "outlier_share": OUTLIER_SHARE}
     return AlbumTuning(model, spread), record

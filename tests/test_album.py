@@ -43,6 +43,8 @@ def test_groups_are_the_rows_of_each_sequence_in_order_of_first_appearance():
             want.setdefault(s, []).append(i)
     assert [g.tolist() for g in got] == list(want.values())
     assert groups(np.array(["", ""])) == []
+    # a blank CSV cell reads as null: no sequence, not one called "None"
+    assert [g.tolist() for g in groups(np.array([None, "a", None, "a"], dtype=object))] == [[1, 3]]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,21 @@ def test_tuning_fits_an_album_model_on_the_sequences(default_engine):
     engine = Engine(default_engine / "index")
     assert engine.albums.model is not None and engine.albums.model.features == list(ALBUM_FEATURES)
     assert engine.albums.spread_km == saved["spread_km"]
+
+
+def test_album_tuning_keeps_going_when_a_tuning_set_has_no_sequences(default_engine, sample_root):
+    """val_far without a sequence column (or far train rows of which no two share one): the album model
+    is fitted on val's albums alone, and the record says the far set had none."""
+    from retrieve import tuning
+
+    engine = Engine(default_engine / "index")
+    main, far = tuning.tuning_sets(engine, sample_root, "val", 0, lambda *a: None)
+    far.sequence = None
+    tables = [tuning.candidate_rows(engine, engine.params, ts) for ts in (main, far)]
+    _, crossfit = tuning.crossfit_scores(tables, (main.name, far.name), sequences=[main.sequence, None])
+    got, record = tuning.tune_albums(tables, crossfit, (main, far), lambda *a: None)
+    assert got.model is not None and record["albums"] == {"val": 20, "val_far": 0}
+    assert set(record["geoscore_by_spread"]["0"]) == {"val", "all"}
 
 
 def test_a_photo_asked_about_its_own_neighbour_has_that_candidates_features(default_engine, sample_root):
@@ -201,6 +218,16 @@ def test_query_together_and_albums_end_to_end(default_engine, sample_root, tmp_p
     fc = json.loads(out.read_text())
     assert [f["properties"]["album"] for f in fc["features"]] == ["one", "two"]
     assert fc["features"][0]["geometry"]["coordinates"] == [answer["longitude"], answer["latitude"]]
+    # another spread than the album model was fitted with: answered, but not called calibrated
+    other = engine.albums.spread_km + 50
+    assert query_main([*first, "--together", "--json", "--spread-km", str(other), "--index", index]) == 0
+    wider = json.loads(capsys.readouterr().out)
+    assert wider["spread_km"] == other and wider["calibrated"] is False
+    # a CSV saved by a spreadsheet (a byte order mark) reads the same
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
+    assert query_main(["--albums", str(bom), "--json", "--index", index]) == 1
+    assert [json.loads(line)["album"] for line in capsys.readouterr().out.splitlines()] == ["one", "two"]
     # refusals
     (tmp_path / "cols.csv").write_text("name,image\na,b.jpg\n")
     assert query_main(["--albums", str(tmp_path / "cols.csv"), "--index", index]) == 2

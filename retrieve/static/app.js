@@ -142,6 +142,25 @@ $("download").addEventListener("click", () => {
   link.remove();
 });
 
+// a large photo is shrunk here before it is sent: the model needs a few hundred pixels, and the server
+// takes a request of a bounded size, all its photos together
+const SEND_MAX_BYTES = 1_500_000, SEND_MAX_SIDE = 1600;
+async function shrink(file) {
+  if (file.size <= SEND_MAX_BYTES) return file;
+  try {
+    const bitmap = await createImageBitmap(file);
+    const scale = Math.min(1, SEND_MAX_SIDE / Math.max(bitmap.width, bitmap.height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.round(bitmap.width * scale);
+    canvas.height = Math.round(bitmap.height * scale);
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const blob = await new Promise((ok) => canvas.toBlob(ok, "image/jpeg", 0.9));
+    return blob ? new File([blob], file.name, { type: "image/jpeg" }) : file;
+  } catch (e) {
+    return file;  // not an image the browser decodes: the server says why
+  }
+}
+
 async function locate(files) {
   $("error").textContent = "";
   $("result").textContent = files.length > 1 ? `locating ${files.length} photos together...` : "locating...";
@@ -155,7 +174,7 @@ async function locate(files) {
     previews.appendChild(img);
   }
   const form = new FormData();
-  for (const f of files) form.append("image", f);
+  for (const f of await Promise.all(files.map(shrink))) form.append("image", f);
   if (files.length > 1) form.append("together", "true");
   try {
     const r = await fetch("/locate", { method: "POST", body: form });
