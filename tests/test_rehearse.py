@@ -20,7 +20,7 @@ def test_a_stage_reports_the_memory_it_held(tmp_path):
 def test_rehearsal_runs_every_stage_and_reports_them(tmp_path, capsys):
     """The smallest rehearsal that runs every stage, at a width no pixels:N has (512 = ViT-B's)."""
     out = tmp_path / "rehearse"
-    assert main(["--train", "5000", "--test", "500", "--dim", "512", "--out", str(out), "--head-minutes", "0.1",
+    assert main(["--train", "3000", "--test", "300", "--dim", "512", "--out", str(out), "--head-minutes", "0.05",
                  "--bootstrap", "20"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
@@ -41,7 +41,7 @@ def test_rehearsal_runs_every_stage_and_reports_them(tmp_path, capsys):
     # two processes, one engine: retrieve.query's predictions score as benchmark.run's geovote method
     assert g["query --split test"] == g["geovote"]
     results = json.loads((out / "run" / "results.json").read_text())
-    assert results["n"] == 500 and results["validation"]["heads"].startswith("train (held out")
+    assert results["n"] == 300 and results["validation"]["heads"].startswith("train (held out")
     # the vectors carry geography: the nearest image alone already beats the mean location
     assert g["1-nn"] > g["mean-location"]
 
