@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,11 +325,20 @@ def _to_float(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
-def index_images(root: str | os.PathLike, split: str) -> pa.Table:
-    """Every `<id>.jpg` under `<root>/images/<split>/`, as a table (`id`, `path` relative to root)."""
+ARCHIVE_SEP = "::"  # an image inside a zip archive: "<the archive's path>::<its member's name>"
+
+
+def index_images(root: str | os.PathLike, split: str, log=None) -> pa.Table:
+    """Every `<id>.jpg` under `<root>/images/<split>/` as a table (`id`, `path` relative to root): the
+    files, then the members of the `.zip` archives there (OSV-5M as it ships: read in place, never
+    extracted; any member layout, found by the file name), an id already extracted keeping its file.
+    An archive whose listing cannot be read (truncated) is skipped, and said so through `log`."""
+    import zipfile
+
     base = Path(root) / "images" / split
     ids: list[str] = []
     paths: list[str] = []
+    archives: list[str] = []
     if base.is_dir():
         stack = [base]
         while stack:  # os.scandir: one stat-free pass, far faster than Path.rglob on millions of files
@@ -339,6 +349,23 @@ def index_images(root: str | os.PathLike, split: str) -> pa.Table:
                     elif entry.name.endswith(IMAGE_SUFFIX):
                         ids.append(entry.name[: -len(IMAGE_SUFFIX)])
                         paths.append(os.path.relpath(entry.path, root))
+                    elif entry.name.endswith(".zip"):
+                        archives.append(entry.path)
+    extracted = set(ids)
+    for archive in sorted(archives):
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                members = [m.filename for m in zf.infolist() if not m.is_dir()]
+        except (zipfile.BadZipFile, OSError) as e:
+            if log:
+                log(f"{archive}: not a readable zip archive ({e}): its images are missing")
+            continue
+        rel = os.path.relpath(archive, root)
+        for name in members:
+            image = name.rsplit("/", 1)[-1]
+            if image.endswith(IMAGE_SUFFIX) and image[: -len(IMAGE_SUFFIX)] not in extracted:
+                ids.append(image[: -len(IMAGE_SUFFIX)])
+                paths.append(f"{rel}{ARCHIVE_SEP}{name}")
     return pa.table({ID: pa.array(ids, pa.string()), "path": pa.array(paths, pa.string())})
 
 
@@ -390,7 +417,8 @@ def read_split(
     table, report = read_table(
         split_csv(root, split), columns,
         rejects_path=Path(rejects_path) if rejects_path else None,
-        images=index_images(root, split) if check_images else None,
+        images=index_images(root, split, log=lambda m: print(f"warning: {m}", file=sys.stderr))
+        if check_images else None,
     )
     return Split(root, split, table, report)
 

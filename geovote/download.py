@@ -5,8 +5,10 @@
     python -m geovote.download --out data/osv5m --train-archives 2   # test + the first 2 train archives
     python -m geovote.download --out data/osv5m --no-download        # unzip and verify what is there
 
-Downloads are resumable (the hub client skips complete files and resumes partial ones). Each archive
-`images/<split>/NN.zip` is unzipped in place, like OSV-5M's own script; a marker `NN.zip.done` records a
+Downloads are resumable (the hub client skips complete files and resumes partial ones). With
+--no-extract the archives stay as they are: embed.build reads their members in place, and the images
+are counted in them. Otherwise each archive `images/<split>/NN.zip` is unzipped in place, like OSV-5M's
+own script; a marker `NN.zip.done` records a
 finished extraction, so a rerun skips it, and the archive is then deleted (unless --keep-archives) and
 not downloaded again. Finally the images found are counted against the split's CSV.
 """
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fetch only the first N train image archives (the full set is ~200 GB)")
     ap.add_argument("--keep-archives", action="store_true", help="keep the zips after extraction")
     ap.add_argument("--no-download", action="store_true", help="only unzip and verify what is there")
+    ap.add_argument("--no-extract", action="store_true",
+                    help="keep the images in their zip archives: embed.build reads them in place (no 5.1M "
+                         "small files, no second copy while extracting)")
     ap.add_argument("--workers", type=int, default=8)
     args = ap.parse_args(argv)
     if args.train_archives is not None and args.train_archives < 1:
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             wanted = download(out, splits, args.train_archives, args.workers)
             print(f"downloaded {len(wanted)} files of {REPO_ID} into {out}", file=sys.stderr)
         for split in splits:
-            now, before = extract_archives(out, split, args.keep_archives)
-            print(f"{split}: extracted {now} archives ({before} done before)", file=sys.stderr)
-            print(verify(out, split).summary())
+            if not args.no_extract:
+                now, before = extract_archives(out, split, args.keep_archives)
+                print(f"{split}: extracted {now} archives ({before} done before)", file=sys.stderr)
+            print(verify(out, split).summary())  # files and archive members alike (index_images)
     except OfflineError as e:
         print(f"error: {e}. Downloading OSV-5M needs the hub; offline, use the bundled sample "
               "(python -m geovote.sample), or copy a download made elsewhere into --out and run this again "

@@ -39,12 +39,24 @@ def test_extract_verify_and_rerun(tmp_path, capsys):
     assert (v.csv_rows, v.images, v.missing, v.extra) == (90, 90, 0, 0)
 
 
+def test_no_extract_keeps_the_archives_and_counts_their_members(tmp_path, capsys):
+    """OSV-5M as it ships, read in place: nothing extracted, the images counted inside the archives."""
+    _osv5m_like(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "images" / "test").iterdir())
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download", "--no-extract"]) == 0
+    assert "90 rows in test.csv, 90 images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == before  # the 3 zips alone
+
+
 def test_keep_archives_skips_done_ones_and_counts_gaps(tmp_path):
     ids = _osv5m_like(tmp_path)
     assert extract_archives(tmp_path, "test", keep_archives=True) == (3, 0)
     assert extract_archives(tmp_path, "test", keep_archives=True) == (0, 3)
     (tmp_path / "images" / "test" / "00" / f"{ids[0]}.jpg").unlink()
     (tmp_path / "images" / "test" / "00" / "stray.jpg").write_bytes(b"x")
+    v = verify(tmp_path, "test")
+    assert (v.missing, v.extra) == (0, 1)  # the deleted file's image is still in its kept archive
+    (tmp_path / "images" / "test" / "00.zip").unlink()
     v = verify(tmp_path, "test")
     assert (v.missing, v.extra) == (1, 1)
     assert "1 rows without an image, 1 images without a row" in v.summary()
