@@ -8,8 +8,9 @@ Writes, under DIR:
     train.csv, test.csv          OSV-5M's columns: id, latitude, longitude, country, region, sub-region,
                                  city, unique_country, unique_region, unique_sub-region, unique_city,
                                  sequence; no val split (OSV-5M has none)
-    images/<split>/<nn>/<id>.jpg empty files: the stages check that every row has its image, and nothing
-                                 after embedding opens one
+    images/<split>/<nn>.zip      archives of empty <id>.jpg members (stored, as OSV-5M ships them, read in
+                                 place): the stages check that every row has its image, and nothing after
+                                 embedding opens one
     geovote/<model>/embeddings/<split>/
                                  shards, failures, plan.json and manifest.json exactly as embed.split writes
                                  them, for the model of that width (rehearsal_model: pixels:16 at 768-d,
@@ -32,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,23 +132,23 @@ def write_csv(path: Path, ids, lat, lon, seq) -> None:
     tmp.replace(path)
 
 
-def touch_images(root: Path, split: str, ids: np.ndarray) -> None:
-    """An empty <id>.jpg for every row, 100 sub-folders deep as OSV-5M's archives unpack."""
+def archive_images(root: Path, split: str, ids: np.ndarray, archives: int = 100) -> None:
+    """An empty <id>.jpg for every row, in `archives` zip archives of stored members as OSV-5M ships them
+    (images/<split>/NN.zip, members <split>/NN/<id>.jpg): read in place by the data layer
+    (geovote.data.index_images), so no file is made per image."""
+    import zipfile
+
     base = root / "images" / split
-    for sub in range(100):
-        (base / f"{sub:02d}").mkdir(parents=True, exist_ok=True)
-    flags = os.O_CREAT | os.O_WRONLY
-    by_folder: dict[str, list[str]] = {}
+    base.mkdir(parents=True, exist_ok=True)
+    by_archive: dict[int, list[str]] = {}
     for i in ids.tolist():
-        by_folder.setdefault(i[-2:], []).append(i)
-
-    def touch(folder: str) -> None:  # one thread per folder at a time: no two contend for one directory
-        for i in by_folder[folder]:
-            os.close(os.open(f"{base}/{folder}/{i}.jpg", flags, 0o644))
-
-    # file creation waits on the file system, not the CPU: threads overlap it (os.open releases the GIL)
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(touch, by_folder))
+        by_archive.setdefault(int(i[-2:]) % archives, []).append(i)
+    for n, members in sorted(by_archive.items()):
+        tmp = base / f"{n:02d}.zip.partial"
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for i in members:
+                zf.writestr(f"{split}/{n:02d}/{i}.jpg", b"")
+        tmp.replace(base / f"{n:02d}.zip")
 
 
 class _Rows:
@@ -207,7 +206,7 @@ def fabricate(out: Path, n_train: int, n_test: int, dim: int, seed: int = 0, log
         ids, lat, lon, place, seq = draw_images(world, n, rng, first_id, f"{split}-")
         first_id += 8 * n
         write_csv(out / f"{split}.csv", ids, lat, lon, seq)
-        touch_images(out, split, ids)
+        archive_images(out, split, ids)
         log(f"{split}: {n:,} rows, CSV and image files in {time.perf_counter() - t0:.0f} s")
         write_embeddings(world, layout.embeddings(split), out, split, ids, lat, lon, place, backbone, rng,
                          log)
