@@ -56,6 +56,7 @@ def default_engine(sample_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tuning_fits_an_album_model_on_the_sequences(default_engine):
     saved = json.loads((default_engine / "index" / "retrieve.json").read_text())["albums"]
     assert saved["fitted"] and saved["albums"] == {"val": 20, "val_far": 10}
@@ -67,6 +68,7 @@ def test_tuning_fits_an_album_model_on_the_sequences(default_engine):
     assert engine.albums.spread_km == saved["spread_km"]
 
 
+@pytest.mark.slow
 def test_album_tuning_keeps_going_when_a_tuning_set_has_no_sequences(default_engine, sample_root):
     """val_far without a sequence column (or far train rows of which no two share one): the album model
     is fitted on val's albums alone, and the record says the far set had none."""
@@ -82,6 +84,7 @@ def test_album_tuning_keeps_going_when_a_tuning_set_has_no_sequences(default_eng
     assert set(record["geoscore_by_spread"]["0"]) == {"val", "all"}
 
 
+@pytest.mark.slow
 def test_a_photo_asked_about_its_own_neighbour_has_that_candidates_features(default_engine, sample_root):
     """Candidates.features_at computes a point's features as candidate_table does: asked about the
     places of a photo's own neighbour candidates, every feature but the rank (a foreign point ranks after
@@ -128,6 +131,7 @@ def _embed(engine, paths):
     return engine.embed_images([open_rgb(p, engine.backbone.image_size) for p in paths])
 
 
+@pytest.mark.slow
 def test_an_album_of_one_photo_is_that_photos_own_answer(default_engine, sample_root):
     engine = Engine(default_engine / "index")
     s = read_split(sample_root, "test")
@@ -140,6 +144,7 @@ def test_an_album_of_one_photo_is_that_photos_own_answer(default_engine, sample_
     assert got.calibrated.all()
 
 
+@pytest.mark.slow
 def test_a_photo_of_another_continent_costs_an_album_at_most_2_percent(default_engine, sample_root):
     """The sample's test sequences, answered with and without a photo taken over 5,000 km away added
     (a test_far view): the albums' mean GeoScore against their own photos' places drops at most 2%, and
@@ -172,6 +177,7 @@ def test_a_photo_of_another_continent_costs_an_album_at_most_2_percent(default_e
     assert all(a[-1] < a[:-1].min() for a in agreed)
 
 
+@pytest.mark.slow
 def test_query_together_and_albums_end_to_end(default_engine, sample_root, tmp_path, capsys):
     """--together answers the photos given once, as Engine.locate_albums does; --albums answers each
     album of a CSV as --together would; a photo that cannot be read is named and left out; a CSV without

@@ -93,6 +93,7 @@ def _query(args: list[str], home: Path, verified: Path) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_answers_from_the_hub_cache_offline_equal_the_local_engines(published, tiny_engine, sample_root,
                                                                     tmp_path, capsys):
     home = tmp_path / "hf"
