@@ -160,11 +160,17 @@ def mean_support(table) -> np.ndarray:
 
 def agreement(lat_deg: float, lon_deg: float, table, within, rows, spread_km: float, model) -> np.ndarray:
     """(N,) each photo's probability of lying within AGREEMENT_KM + spread_km of a point (the answer):
-    how much it agrees with it."""
+    how much it agrees with it. The photo the point came from (one of its own candidates, the same
+    coordinates) speaks of it with that candidate's own probabilities."""
     if not np.isfinite(lat_deg):
         return np.zeros(len(rows))
-    p = photo_within(table, within, rows, np.array([lat_deg]), np.array([lon_deg]), np.array([-1]),
-                     np.array([0]), [model])
+    own, own_col = np.array([-1]), np.array([0])
+    for r in rows:
+        same = np.flatnonzero((table.lat_deg[r] == lat_deg) & (table.lon_deg[r] == lon_deg))
+        if same.size:
+            own, own_col = np.array([r]), same[:1]
+            break
+    p = photo_within(table, within, rows, np.array([lat_deg]), np.array([lon_deg]), own, own_col, [model])
     return cdf_at(p[:, 0], np.array([AGREEMENT_KM + spread_km]))[:, 0]
 
 

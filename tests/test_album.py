@@ -142,6 +142,9 @@ def test_an_album_of_one_photo_is_that_photos_own_answer(default_engine, sample_
     np.testing.assert_array_equal(got.joint.lon_deg, alone.lon_deg)
     np.testing.assert_array_equal(got.joint.within_km, alone.within_km)
     assert got.calibrated.all()
+    # its agreement is its own answer's probability within 200 km + the spread (read off its CDF)
+    want = cdf_at(alone.within_km, np.full((12, 1), 200 + engine.albums.spread_km))[:, 0]
+    np.testing.assert_allclose(np.concatenate(got.agreement), want)
 
 
 @pytest.mark.slow
