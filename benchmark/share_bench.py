@@ -11,7 +11,6 @@ the published size against the engine folder's and per image.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,22 +24,23 @@ REPO = "bench/engine"
 REVISION = "b" * 40
 
 
-def as_hub_cache(published: Path, home: Path) -> None:
-    """`published` laid out as huggingface_hub keeps a downloaded snapshot (blobs named by hash)."""
-    base = home / "hub" / f"models--{REPO.replace('/', '--')}"
+def as_hub_cache(published: Path, home: Path, repo: str = REPO, revision: str = REVISION) -> Path:
+    """`published` laid out as huggingface_hub keeps a downloaded snapshot under `home` (HF_HOME): blobs
+    named by their hash, the snapshot's files links to them, refs/main naming the revision. Returns the
+    repo's cache folder."""
+    from geovote.paths import file_sha256
+
+    base = home / "hub" / f"models--{repo.replace('/', '--')}"
     (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(REVISION)
+    (base / "refs" / "main").write_text(revision)
     for f in sorted(p for p in published.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        blob = base / "blobs" / h.hexdigest()
+        blob = base / "blobs" / file_sha256(f)
         blob.parent.mkdir(exist_ok=True)
         shutil.copyfile(f, blob)
-        link = base / "snapshots" / REVISION / f.relative_to(published)
+        link = base / "snapshots" / revision / f.relative_to(published)
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(blob, link.parent), link)
+    return base
 
 
 def timed(args: list[str], env: dict) -> float:

@@ -22,12 +22,12 @@ fails within a few seconds with a message naming the repo, the files and how to 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from embed.pretrained import Resolved, WeightsMissing
+from geovote.paths import file_sha256
 
 CHECKPOINT_FORMAT = "geovote-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -204,7 +204,7 @@ def load_pretrained(r: Resolved, name: str | None = None) -> Backbone:
         raise BackboneError(f"{r.name}: open_clip could not load {what} ({type(e).__name__}: {first}); is it "
                             f"a {r.arch} checkpoint in open_clip's format?") from None
     if r.weights:  # a file: its content is its identity
-        name = name or f"{r.arch}:{Path(r.weights).name}@{_file_sha256(Path(r.weights))[:12]}"
+        name = name or f"{r.arch}:{Path(r.weights).name}@{file_sha256(Path(r.weights))[:12]}"
     return _wrap_open_clip(name or r.name, visual, pre, {"arch": r.arch, "pretrained": r.tag or r.weights,
                                                           "quick_gelu": r.quick_gelu})
 
@@ -232,7 +232,7 @@ def load_osv5m(spec: str) -> Backbone:
     except (ValueError, OSError, RuntimeError) as e:  # a damaged or foreign file (SnapshotError included)
         raise BackboneError(f"{spec}: {str(e).splitlines()[0][:400]}") from None
     # the alias and the hub name their own weights; a folder is named by its weights' content
-    name = spec if repo else f"{folder.name}@{_file_sha256(folder / osv5m.WEIGHTS_FILE)[:12]}"
+    name = spec if repo else f"{folder.name}@{file_sha256(folder / osv5m.WEIGHTS_FILE)[:12]}"
     shape = built["shape"]
     source = {"osv5m": str(folder), "hub": repo or "", "tower_activation": built["tower_activation"],
               "activation_from": built["activation_from"], "cells": shape["cells"],
@@ -253,20 +253,12 @@ def load_hub_or_folder(spec: str) -> Backbone:
         folder = Path(spec).resolve()
         visual, pre = pretrained.create_folder_tower(folder)
         weights = next(folder / f for f in pretrained.HF_WEIGHT_FILES if (folder / f).is_file())
-        name = f"{folder.name}@{_file_sha256(weights)[:12]}"
+        name = f"{folder.name}@{file_sha256(weights)[:12]}"
         return _wrap_open_clip(name, visual, pre, {"folder": str(folder)})
     except WeightsMissing as e:
         raise BackboneError(str(e)) from None
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         raise BackboneError(f"{spec}: {str(e).splitlines()[0][:300]}") from None
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint_manifest(folder: str | Path) -> dict:
@@ -298,7 +290,7 @@ def load_checkpoint(folder: str | Path) -> Backbone:
         raise BackboneError(f"{weights}: does not fit the architecture in its manifest: {e}") from None
     pre = manifest["preprocessing"]
     # the name changes whenever the weights do, so an index never meets queries from other weights
-    name = f"{manifest.get('name', folder.name)}@{_file_sha256(weights)[:12]}"
+    name = f"{manifest.get('name', folder.name)}@{file_sha256(weights)[:12]}"
     source = {"checkpoint": str(folder), "manifest": manifest}
     return wrap_tower(name, visual, pre["mean"], pre["std"], source, pre.get("resize_mode", "shortest"),
                       pre.get("interpolation", "bicubic"))

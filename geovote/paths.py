@@ -1,4 +1,4 @@
-"""Where geovote keeps its data by default: `$GEOVOTE_DATA`, else `./data`."""
+"""Where geovote keeps its data by default: `$GEOVOTE_DATA`, else `./data`; and a file's sha256."""
 from __future__ import annotations
 
 import os
@@ -24,3 +24,14 @@ def folder_problem(folder: Path) -> str:
                 return f"{f} is not writable"
             return ""
     return ""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: weights and published engines."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieve.calibrate import FARTHEST_KM, LEVELS_KM, expected_weights
-from retrieve.candidates import KINDS
+from retrieve.candidates import KINDS, Candidates
 
 SUPPORT_STATS = ("mean", "min", "max", "trimmed", "meanlog")  # of the photos' probabilities at a candidate
 # then the candidate's own expected GeoScore and kind for the photo it came from, and the expected GeoScore
@@ -96,8 +96,6 @@ def album_table(table, within: np.ndarray, albums: list, spread_km: float, model
     candidate of every photo of the album, with ALBUM_FEATURES. `table`: the photos' candidates (Q, C);
     `within`: their probabilities (Q, C, L); `albums`: one array of photo rows (into Q) each; `models`:
     the photos' distance models (one, or one per fold with `model_index` (Q,) in tuning)."""
-    from retrieve.candidates import Candidates
-
     c = table.lat_deg.shape[1]
     width = max((len(a) * c if len(a) == 1 else min(len(a) * c, MAX_POOL) for a in albums), default=0)
     n_feat = len(ALBUM_FEATURES)
@@ -212,9 +210,9 @@ def answer_albums(album_model, model, table, within, single, albums: list, sprea
     `album_model` (None: on the mean support). An answer is `calibrated` where the album model was
     fitted for it: at `tuned_spread_km` (default: spread_km), with at most TUNED_PHOTOS photos and an
     outlier."""
-    tuned_spread_km = spread_km if tuned_spread_km is None else tuned_spread_km
     from retrieve.calibrate import decide
 
+    tuned_spread_km = spread_km if tuned_spread_km is None else tuned_spread_km
     albums = [np.asarray(a, np.int64) for a in albums]
     atable = album_table(table, within, albums, spread_km, [model])
     probabilities = album_within(album_model, atable, table, within, albums)
@@ -229,9 +227,11 @@ def answer_albums(album_model, model, table, within, single, albums: list, sprea
 
 def groups(sequence: np.ndarray) -> list[np.ndarray]:
     """The rows of each non-empty value of `sequence`, in order of first appearance."""
-    # a blank CSV cell reads as null: None (or NaN) is no sequence, never one named "None"
-    sequence = np.array(["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in sequence],
-                        dtype=object).astype(str) if len(sequence) else np.zeros(0, str)
+    sequence = np.asarray(sequence)
+    if sequence.dtype == object:  # a blank CSV cell read as null: no sequence, never one named "None"
+        null = np.array([v is None or (isinstance(v, float) and v != v) for v in sequence], bool)
+        sequence = np.where(null, "", sequence)
+    sequence = sequence.astype(str)
     named = np.flatnonzero(sequence != "")
     if not named.size:
         return []

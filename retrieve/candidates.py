@@ -88,12 +88,9 @@ class Candidates:
         point = _point_features(c_lat, c_lon, present, n.lat_deg[rows], n.lon_deg[rows], n.valid[rows],
                                 n.similarity[rows], n.weight[rows], n.far_weight[rows], n.spacing_km[rows],
                                 n.bandwidth_km)
-        query = np.broadcast_to(n.query_features[rows][:, None, :], (r, x, len(QUERY_FEATURES)))
-        rank = np.full((r, x, 1), float(n.valid.shape[1]))
-        onehot = np.broadcast_to((np.arange(len(KINDS)) == KINDS.index("neighbour")).astype(np.float64),
-                                 (r, x, len(KINDS)))
-        feats = np.concatenate([query, point, rank, onehot], axis=2)
-        return np.where(present[..., None], feats, np.nan)
+        rank = np.full((r, x), float(n.valid.shape[1]))
+        kind = np.full((r, x), KINDS.index("neighbour"))
+        return _assemble(n.query_features[rows], point, rank, kind, present)
 
 
 def _neighbour_rows(lat: np.ndarray, lon: np.ndarray, valid: np.ndarray, n: int) -> np.ndarray:
@@ -152,13 +149,20 @@ def candidate_table(sim: np.ndarray, lat_deg: np.ndarray, lon_deg: np.ndarray, p
     kind = np.where(present, kind, -1)
     point = _point_features(c_lat, c_lon, present, lat, lon, valid, sim, w, wf, spacing,
                             params.bandwidth_km)
-    query = np.broadcast_to(pred.query_features[:, None, :], (q, c_lat.shape[1], len(QUERY_FEATURES)))
-    onehot = (kind[..., None] == np.arange(len(KINDS))).astype(np.float64)
-    feats = np.concatenate([query, point, rank[..., None], onehot], axis=2)
-    feats = np.where(present[..., None], feats, np.nan)
+    feats = _assemble(pred.query_features, point, rank, kind, present)
     context = Neighbours(lat, lon, valid, sim, w, wf, spacing, pred.query_features, params.bandwidth_km)
     return Candidates(np.where(present, c_lat, np.nan), np.where(present, c_lon, np.nan), kind, feats,
                       context)
+
+
+def _assemble(query_features, point, rank, kind, present) -> np.ndarray:
+    """(Q, C, len(FEATURES)) in FEATURES' order: each query's own features (Q, F_q), the points' (Q, C, F_p),
+    their rank and kind (Q, C); NaN where not `present`. The one place that order is written."""
+    q, c = rank.shape
+    query = np.broadcast_to(query_features[:, None, :], (q, c, len(QUERY_FEATURES)))
+    onehot = (kind[..., None] == np.arange(len(KINDS))).astype(np.float64)
+    feats = np.concatenate([query, point, rank[..., None], onehot], axis=2)
+    return np.where(present[..., None], feats, np.nan)
 
 
 def _point_features(c_lat, c_lon, present, lat, lon, valid, sim, w, wf, spacing, bandwidth_km):

@@ -65,12 +65,21 @@ def osm_link(lat: float, lon: float, zoom: int = 10) -> str:
     return f"https://www.openstreetmap.org/?mlat={lat:.5f}&mlon={lon:.5f}#map={zoom}/{lat:.5f}/{lon:.5f}"
 
 
+def _place(answer: dict) -> str:
+    return ", ".join(x for x in (answer["city"], answer["region"], answer["country"]) if x)
+
+
+def _how_sure(answer: dict, raw: str) -> str:
+    """The answer's probabilities in words; `raw` names the score of an uncalibrated one."""
+    conf = answer["confidence"]
+    if answer["calibrated"] and answer["radius_km"] is not None:
+        return f"{conf:.0%} probability within 200 km; 90% within {answer['radius_km']:,.0f} km"
+    return f"{raw} {conf:.0%}, not calibrated"
+
+
 def human(answer: dict, top: int) -> str:
     lat, lon = answer["latitude"], answer["longitude"]
-    place = ", ".join(x for x in (answer["city"], answer["region"], answer["country"]) if x)
-    conf = answer["confidence"]
-    how_sure = (f"{conf:.0%} probability within 200 km; 90% within {answer['radius_km']:,.0f} km"
-                if answer["calibrated"] else f"vote share {conf:.0%}, not calibrated")
+    place, how_sure = _place(answer), _how_sure(answer, "vote share")
     lines = [f"{answer['image']}: {lat:.5f}, {lon:.5f}  near {place}  ({how_sure})",
              f"  map: {osm_link(lat, lon)}"]
     if answer.get("far_pick"):
@@ -285,11 +294,7 @@ def read_albums(path: Path) -> list[tuple[str, list[Path]]]:
 
 def human_album(answer: dict) -> str:
     lat, lon = answer["latitude"], answer["longitude"]
-    place = ", ".join(x for x in (answer["city"], answer["region"], answer["country"]) if x)
-    conf = answer["confidence"]
-    how_sure = (f"{conf:.0%} probability within 200 km; 90% within {answer['radius_km']:,.0f} km"
-                if answer["calibrated"] and answer["radius_km"] is not None
-                else f"support {conf:.0%}, not calibrated")
+    place, how_sure = _place(answer), _how_sure(answer, "support")
     title = f"album {answer['album']}" if "album" in answer else "together"
     lines = [f"{title} ({len(answer['images'])} photos): {lat:.5f}, {lon:.5f}  near {place}  ({how_sure}; "
              f"the most confident photo alone: {answer['best_single_within_200km']:.0%})",

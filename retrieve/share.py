@@ -18,7 +18,6 @@ lock, anything half written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from geovote.layout import EngineLayout, EngineMissing
+from geovote.paths import file_sha256
 
 MANIFEST = "engine.json"
 CARD = "README.md"
@@ -40,14 +40,6 @@ LICENSES = {"geovote-sample": "cc-by-4.0", "osv5m": "cc-by-sa-4.0"}  # the galle
 
 class ShareError(ValueError):
     """A published engine that cannot be made, found or trusted; the message names the file and what to do."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dataset_kind(root: str | None) -> str | None:
@@ -123,7 +115,7 @@ def publish(engine: str | Path, to: str | Path, license: str | None = None, resu
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = f.relative_to(tmp).as_posix()
-        files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files[rel] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
     record = {"kind": "geovote-engine", "version": MANIFEST_VERSION, "model": model,
               "backbone": info.get("backbone"), "images": info.get("count"), "dim": info.get("dim"),
               "factory": info.get("factory"), "dataset": {"name": Path(dataset).name if dataset else None,
@@ -322,7 +314,7 @@ def open_engine(spec: str, cache_dir: str | None = None, log=None) -> tuple[Path
                              f"delete {real} and run again to download it anew")
         key = f"{real}:{st.st_size}:{st.st_mtime_ns}:{want['sha256']}"
         if key not in checked:
-            if _sha256(real) != want["sha256"]:
+            if file_sha256(real) != want["sha256"]:
                 raise ShareError(f"{spec}: {name} does not match its sha256 in {MANIFEST}: delete {real} and "
                                  "run again to download it anew")
             checked.add(key)

@@ -589,8 +589,7 @@ def tune_albums(tables, crossfit: CrossFit, sets, log, folds: int = 2, seed: int
                 sel = fo == f
                 if not sel.any():
                     continue
-                sub = type(at)(at.lat_deg[sel], at.lon_deg[sel], at.kind[sel], at.features[sel])
-                pred = decide(model, sub, 0)
+                pred = decide(model, _split_table(at, sel), 0)
                 plat[sel], plon[sel] = pred.lat_deg, pred.lon_deg
         got = [_photo_scores(ts, m[1], *a) for ts, m, a in zip(sets, made, answers)]
         mean = sum(g["geoscore"] * n for g, n in zip(got, n_photos)) / max(sum(n_photos), 1)

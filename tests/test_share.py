@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark.share_bench import as_hub_cache
 from geovote.console import SUBCOMMANDS
 from geovote.console import main as geovote_main
 from retrieve.publish import main as publish_main
@@ -70,22 +71,6 @@ def test_the_card_is_read_by_huggingface_hub(published):
     assert "hf-hub:ORG/NAME" in card.text and "| tuned on | val" in card.text
 
 
-def fake_hub(published: Path, home: Path) -> Path:
-    """`published` as huggingface_hub keeps a downloaded snapshot: blobs named by hash, the snapshot's
-    files links to them, refs/main naming the revision."""
-    base = home / "hub" / f"models--{REPO.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(REVISION)
-    for f in sorted(p for p in published.rglob("*") if p.is_file()):
-        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.parent.mkdir(exist_ok=True)
-        shutil.copyfile(f, blob)
-        link = base / "snapshots" / REVISION / f.relative_to(published)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    return base
-
-
 def _query(args: list[str], home: Path, verified: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "GEOVOTE_CACHE": str(verified),
            "GEOVOTE_DEVICE": "cpu"}
@@ -97,7 +82,7 @@ def _query(args: list[str], home: Path, verified: Path) -> subprocess.CompletedP
 def test_answers_from_the_hub_cache_offline_equal_the_local_engines(published, tiny_engine, sample_root,
                                                                     tmp_path, capsys):
     home = tmp_path / "hf"
-    base = fake_hub(published, home)
+    base = as_hub_cache(published, home, REPO, REVISION)
     imgs = [str(p) for p in sorted((sample_root / "images" / "test").rglob("*.jpg"))[:4]]
     assert query_main([*imgs, "--index", str(tiny_engine / "index"), "--json"]) == 0
     local = capsys.readouterr().out
