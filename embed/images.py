@@ -72,39 +72,23 @@ def decoded_size(src, min_side_px: int) -> tuple[int, int]:
     return w, h
 
 
-_ARCHIVES: dict = {}  # (process id, archive path) -> open ZipFile: each worker opens each archive once
-
-
 def archive_member(path) -> io.BytesIO | None:
-    """The bytes of `path` when it names a member of a zip archive ("<archive>::<member>",
-    geovote.data.index_images), read in place; None for any other path. ImageFailure with the reason
-    when the member cannot be read (a bad CRC, a truncated archive)."""
-    import zipfile
-    import zlib
+    """The bytes of `path` when it names a member of an archive ("<archive>::<member>", a zip or a tar:
+    geovote.archives), read in place; None for any other path. ImageFailure with the reason when the
+    member cannot be read (a bad CRC, a truncated archive)."""
+    from geovote.archives import ArchiveError, read_member, split_path
 
-    from geovote.data import ARCHIVE_SEP
-
-    text = str(path) if isinstance(path, (str, Path)) else ""
-    if ARCHIVE_SEP not in text:
+    where = split_path(path)
+    if where is None:
         return None
-    archive, member = text.split(ARCHIVE_SEP, 1)
-    key = (os.getpid(), archive)
     try:
-        if key not in _ARCHIVES:
-            if len(_ARCHIVES) >= 256:  # OSV-5M has ~100 archives a split: a bound, not a limit in practice
-                _ARCHIVES.pop(next(iter(_ARCHIVES))).close()
-            _ARCHIVES[key] = zipfile.ZipFile(archive)
-        return io.BytesIO(_ARCHIVES[key].read(member))
-    except FileNotFoundError:
-        raise ImageFailure(f"archive {archive} not found") from None
-    except KeyError:
-        raise ImageFailure(f"no member {member!r} in {archive}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ImageFailure(f"damaged archive member ({e})") from None
+        return io.BytesIO(read_member(*where))
+    except ArchiveError as e:
+        raise ImageFailure(str(e)) from None
 
 
 def open_rgb(path: str | Path, min_side_px: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` as RGB (a file, a stream, or a member of a zip archive read in place). JPEGs larger
+    """Decode `path` as RGB (a file, a stream, or a member of an archive read in place). JPEGs larger
     than needed are decoded at 1/2, 1/4 or 1/8 scale (PIL draft), keeping both sides >= `min_side_px`,
     which is what the model input needs anyway. Pillow's warnings (odd EXIF, truncated metadata) are not
     printed: what matters becomes the failure's reason."""

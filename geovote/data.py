@@ -118,7 +118,7 @@ class Split:
     name: str
     table: pa.Table
     report: Report
-    images: str = "dataset"  # `path` under: "dataset" <root>/images/<split>/, or "photos" <root>/
+    images: str = "dataset"  # `path` under: "dataset" <root>/images/<split>/, "photos" or "shards" <root>/
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -325,15 +325,13 @@ def _to_float(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
-ARCHIVE_SEP = "::"  # an image inside a zip archive: "<the archive's path>::<its member's name>"
-
-
 def index_images(root: str | os.PathLike, split: str, log=None) -> pa.Table:
     """Every `<id>.jpg` under `<root>/images/<split>/` as a table (`id`, `path` relative to root): the
-    files, then the members of the `.zip` archives there (OSV-5M as it ships: read in place, never
-    extracted; any member layout, found by the file name), an id already extracted keeping its file.
-    An archive whose listing cannot be read (truncated) is skipped, and said so through `log`."""
-    import zipfile
+    files, then the members of the `.zip` (and `.tar`) archives there (OSV-5M as it ships: read in
+    place, never extracted, geovote.archives; any member layout, found by the file name), an id already
+    extracted keeping its file. An archive whose listing cannot be read (truncated) is skipped, and said
+    so through `log`."""
+    from geovote.archives import ARCHIVE_SEP, ArchiveError, is_archive, list_members
 
     base = Path(root) / "images" / split
     ids: list[str] = []
@@ -349,19 +347,18 @@ def index_images(root: str | os.PathLike, split: str, log=None) -> pa.Table:
                     elif entry.name.endswith(IMAGE_SUFFIX):
                         ids.append(entry.name[: -len(IMAGE_SUFFIX)])
                         paths.append(os.path.relpath(entry.path, root))
-                    elif entry.name.endswith(".zip"):
+                    elif is_archive(entry.name):
                         archives.append(entry.path)
     extracted = set(ids)
     for archive in sorted(archives):
         try:
-            with zipfile.ZipFile(archive) as zf:
-                members = [m.filename for m in zf.infolist() if not m.is_dir()]
-        except (zipfile.BadZipFile, OSError) as e:
+            members = list_members(archive, log)
+        except ArchiveError as e:
             if log:
-                log(f"{archive}: not a readable zip archive ({e}): its images are missing")
+                log(f"{archive}: {e}: its images are missing")
             continue
         rel = os.path.relpath(archive, root)
-        for name in members:
+        for name, _ in members:
             image = name.rsplit("/", 1)[-1]
             if image.endswith(IMAGE_SUFFIX) and image[: -len(IMAGE_SUFFIX)] not in extracted:
                 ids.append(image[: -len(IMAGE_SUFFIX)])
@@ -369,7 +366,7 @@ def index_images(root: str | os.PathLike, split: str, log=None) -> pa.Table:
     return pa.table({ID: pa.array(ids, pa.string()), "path": pa.array(paths, pa.string())})
 
 
-class _Rejects:
+class Rejects:
     """Writes rejected rows as they are found, so that a large bad file costs no memory."""
 
     def __init__(self, path: Path | None, report: Report):
@@ -407,13 +404,16 @@ def read_split(
     check_images: bool = True,
     rejects_path: str | os.PathLike | None = None,
 ) -> Split:
-    """Read, validate and return the valid rows of `<root>/<split>.csv`.
+    """Read, validate and return the valid rows of `<root>/<split>.csv`; for a folder of webdataset
+    shards (img2dataset's output, geovote.webshards) without that CSV, its samples as the train split.
 
     `columns`: extra CSV columns to keep (e.g. `unique_country`). `rejects_path`: where to write the
     rejected rows (none written without it: the report still counts them); `row` there is the 0-based
     data row (-1 for malformed lines, whose text is kept instead).
     """
     root = Path(root)
+    if is_shard_folder(root):
+        return _read_shards(root, split, columns, rejects_path)
     table, report = read_table(
         split_csv(root, split), columns,
         rejects_path=Path(rejects_path) if rejects_path else None,
@@ -421,6 +421,48 @@ def read_split(
         if check_images else None,
     )
     return Split(root, split, table, report)
+
+
+def is_shard_folder(root: str | os.PathLike) -> bool:
+    """A folder of webdataset shards (img2dataset's output) and no train.csv: read as the train split."""
+    from geovote import webshards
+
+    return not (Path(root) / f"{webshards.SPLIT}.csv").is_file() and bool(webshards.shard_files(root))
+
+
+def _read_shards(root: Path, split: str, columns: Sequence[str], rejects_path) -> Split:
+    """The samples of a folder of webdataset shards as the train split, checked as a CSV's rows are;
+    `size` and `mtime_ns` (the image member's bytes and its shard's modification time) make a shard
+    downloaded again be embedded again (embed.split.row_fingerprints)."""
+    from geovote import webshards
+
+    if split != webshards.SPLIT:
+        raise DataError(f"{root} is a folder of webdataset shards: one gallery, read as the "
+                        f"{webshards.SPLIT} split; it has no {split} split (no {split}.csv)")
+    wanted = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+    try:
+        scan = webshards.scan_shards(root, wanted[1:], log=lambda m: print(f"warning: {m}", file=sys.stderr))
+    except webshards.WebShardError as e:
+        raise DataError(str(e)) from None
+    n_shards = len(webshards.shard_files(root))
+    report = Report(root / f"({n_shards} webdataset shard{'s' * (n_shards != 1)})")
+    rejects = Rejects(Path(rejects_path) if rejects_path else None, report)
+    try:
+        for reason in dict.fromkeys(r[0] for r in scan.rejected):
+            _, keys, rows, texts = zip(*(r for r in scan.rejected if r[0] == reason))
+            rejects.add(reason, keys, rows, texts)
+        meta = scan.meta.rename_columns([ID if c == webshards.ID else c for c in scan.meta.column_names])
+        table = checked_rows(meta, wanted, meta.column("_row").to_numpy(), rejects)
+        table = drop_duplicate_ids(table, rejects)
+        images = scan.images.rename_columns([ID, "path", "size", "mtime_ns"])
+        table = attach_images(table, images.select([ID, "path"]), rejects)
+        at = pc.index_in(table.column(ID), value_set=images.column(ID))
+        table = (table.append_column("size", images.column("size").take(at))
+                 .append_column("mtime_ns", images.column("mtime_ns").take(at)))
+    finally:
+        rejects.close()
+    report.rows, report.valid = scan.records, table.num_rows
+    return Split(root, webshards.SPLIT, table.drop_columns(["_row"]), report, images="shards")
 
 
 def read_table(
@@ -434,38 +476,14 @@ def read_table(
     are rejected and the others get a `path` column."""
     wanted = list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
     report = Report(Path(csv_path))
-    rejects = _Rejects(rejects_path, report)
+    rejects = Rejects(rejects_path, report)
     malformed: list[str] = []
     batches: list[pa.Table] = []
     row0 = 0
     try:
         for batch in iter_csv_batches(csv_path, wanted, on_malformed=malformed.append):
-            rows = np.arange(row0, row0 + batch.num_rows)
+            batches.append(checked_rows(batch, wanted, np.arange(row0, row0 + batch.num_rows), rejects))
             row0 += batch.num_rows
-            ids = batch.column(ID)
-            lat, lat_bad = _to_float(batch.column(LAT))
-            lon, lon_bad = _to_float(batch.column(LON))
-            has_id = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0)
-            no_id = ~pc.fill_null(has_id, False).to_numpy(zero_copy_only=False)
-            checks = [
-                ("missing id", no_id),
-                ("coordinates not numbers", lat_bad | lon_bad),
-                ("NaN coordinates", np.isnan(lat) | np.isnan(lon)),
-                ("latitude outside [-90, 90]", np.abs(lat) > 90),
-                ("longitude outside [-180, 180]", np.abs(lon) > 180),
-            ]
-            ok = np.ones(batch.num_rows, bool)
-            for reason, bad in checks:
-                hit = bad & ok
-                if hit.any():
-                    rejects.add(reason, ids.filter(pa.array(hit)).to_pylist(), rows[hit])
-                    ok &= ~hit
-            cols = {
-                ID: ids, LAT: pa.array(lat), LON: pa.array(lon), "_row": pa.array(rows),
-                **{c: batch.column(c) for c in wanted if c not in REQUIRED_COLUMNS},
-            }
-            table = pa.table(cols)
-            batches.append(table if ok.all() else table.filter(pa.array(ok)))
         if malformed:
             rejects.add("malformed line", [None] * len(malformed), [-1] * len(malformed), malformed)
         n_lines = count_rows(Path(csv_path))
@@ -473,9 +491,9 @@ def read_table(
             raise _multiline_error(Path(csv_path), row0 + len(malformed), n_lines)
 
         table = pa.concat_tables(batches) if batches else _empty_table(wanted)
-        table = _drop_duplicates(table, rejects)
+        table = drop_duplicate_ids(table, rejects)
         if images is not None:
-            table = _attach_images(table, images, rejects)
+            table = attach_images(table, images, rejects)
     finally:
         rejects.close()
     report.rows = row0 + len(malformed)
@@ -483,12 +501,42 @@ def read_table(
     return table.drop_columns(["_row"]), report
 
 
+def checked_rows(batch, columns: Sequence[str], rows: np.ndarray, rejects: "Rejects") -> pa.Table:
+    """The rows of `batch` (a record batch or table with `columns`, coordinates as text or numbers) that
+    pass the row checks, as a table with float64 coordinates and `_row` (`rows`: their row numbers);
+    the others go to `rejects` with the first check they fail."""
+    ids = batch.column(ID)
+    lat, lat_bad = _to_float(batch.column(LAT))
+    lon, lon_bad = _to_float(batch.column(LON))
+    has_id = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0)
+    no_id = ~pc.fill_null(has_id, False).to_numpy(zero_copy_only=False)
+    checks = [
+        ("missing id", no_id),
+        ("coordinates not numbers", lat_bad | lon_bad),
+        ("NaN coordinates", np.isnan(lat) | np.isnan(lon)),
+        ("latitude outside [-90, 90]", np.abs(lat) > 90),
+        ("longitude outside [-180, 180]", np.abs(lon) > 180),
+    ]
+    ok = np.ones(batch.num_rows, bool)
+    for reason, bad in checks:
+        hit = bad & ok
+        if hit.any():
+            rejects.add(reason, ids.filter(pa.array(hit)).to_pylist(), rows[hit])
+            ok &= ~hit
+    cols = {
+        ID: ids, LAT: pa.array(lat), LON: pa.array(lon), "_row": pa.array(rows),
+        **{c: batch.column(c) for c in columns if c not in REQUIRED_COLUMNS},
+    }
+    table = pa.table(cols)
+    return table if ok.all() else table.filter(pa.array(ok))
+
+
 def _empty_table(columns: Sequence[str]) -> pa.Table:
     types = {LAT: pa.float64(), LON: pa.float64(), "_row": pa.int64()}
     return pa.table({c: pa.array([], types.get(c, pa.string())) for c in [*columns, "_row"]})
 
 
-def _drop_duplicates(table: pa.Table, rejects: _Rejects) -> pa.Table:
+def drop_duplicate_ids(table: pa.Table, rejects: Rejects) -> pa.Table:
     """Keep the first row of each id; reject the others.
 
     By a stable sort rather than a hash table: on 5M ids, dictionary encoding peaked at ~850 MiB
@@ -511,7 +559,7 @@ def _drop_duplicates(table: pa.Table, rejects: _Rejects) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def _attach_images(table: pa.Table, images: pa.Table, rejects: _Rejects) -> pa.Table:
+def attach_images(table: pa.Table, images: pa.Table, rejects: Rejects) -> pa.Table:
     """Add each row's image path; reject rows whose image is not on disk."""
     # index_in gives null where an id has no image file
     pos = pc.fill_null(pc.index_in(table.column(ID), value_set=images.column(ID)), -1).to_numpy()

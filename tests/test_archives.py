@@ -9,7 +9,8 @@ import pytest
 
 from embed.models import load_backbone
 from embed.split import EmbedConfig, embed_split
-from geovote.data import ARCHIVE_SEP, index_images, read_split
+from geovote.archives import ARCHIVE_SEP
+from geovote.data import index_images, read_split
 from geovote.shards import read_embeddings
 
 
