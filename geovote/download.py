@@ -1,23 +1,26 @@
-"""Download OSV-5M from the Hugging Face hub, whole or in part, then unzip and verify it.
+"""Download OSV-5M from the Hugging Face hub, whole or in part, and verify it.
 
     python -m geovote.download --out data/osv5m                      # everything (~200 GB)
     python -m geovote.download --out data/osv5m --split test         # the test split only
     python -m geovote.download --out data/osv5m --train-archives 2   # test + the first 2 train archives
-    python -m geovote.download --out data/osv5m --no-download        # unzip and verify what is there
+    python -m geovote.download --out data/osv5m --no-download        # verify what is there
+    python -m geovote.download --out data/osv5m --extract            # unzip too, as OSV-5M's own script
 
-Downloads are resumable (the hub client skips complete files and resumes partial ones). With
---no-extract the archives stay as they are: embed.build reads their members in place, and the images
-are counted in them. Otherwise each archive `images/<split>/NN.zip` is unzipped in place, like OSV-5M's
-own script; a marker `NN.zip.done` records a
-finished extraction, so a rerun skips it, and the archive is then deleted (unless --keep-archives) and
-not downloaded again. Finally the images found are counted against the split's CSV.
+Downloads are resumable (the hub client skips complete files and resumes partial ones). The archives
+stay as they are by default: embed.build reads their members in place (geovote.archives), as fast as
+from extracted files (`python -m benchmark.embed_bench`: 1.11x the files' rate, identical embeddings),
+without 5.1M small files or a second copy while extracting, and the images are counted in them. With
+--extract each archive `images/<split>/NN.zip` is unzipped in place, like OSV-5M's own script; a marker
+`NN.zip.done` records a finished extraction, so a rerun skips it, and the archive is then deleted
+(unless --keep-archives) and not downloaded again. Finally the images found are counted against the
+split's CSV.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from geovote.data import DataError, index_images, iter_csv_batches, split_csv
@@ -95,11 +98,12 @@ class Verification:
     images: int
     missing: int  # CSV ids with no image
     extra: int  # images with no CSV row
+    broken: list[str] = field(default_factory=list)  # archives that cannot be listed (incomplete), why
 
     def summary(self) -> str:
         line = (f"{self.split}: {self.csv_rows:,} rows in {self.split}.csv, {self.images:,} images; "
                 f"{self.missing:,} rows without an image, {self.extra:,} images without a row")
-        return line + ("" if self.missing or self.extra else " (complete)")
+        return line + ("" if self.missing or self.extra or self.broken else " (complete)")
 
 
 def verify(root: Path, split: str) -> Verification:
@@ -107,7 +111,8 @@ def verify(root: Path, split: str) -> Verification:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    images = index_images(root, split).column("id")
+    broken: list[str] = []
+    images = index_images(root, split, log=broken.append).column("id")
     csv_path = split_csv(root, split)
     rows = missing = 0
     found_ids = []
@@ -118,7 +123,7 @@ def verify(root: Path, split: str) -> Verification:
         missing += len(ids) - pc.sum(have).as_py() if len(ids) else 0
         found_ids.append(ids.filter(have))
     matched = pa.chunked_array(found_ids, pa.string()).unique() if found_ids else pa.array([], pa.string())
-    return Verification(split, rows, len(images), missing, len(images) - len(matched))
+    return Verification(split, rows, len(images), missing, len(images) - len(matched), broken)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=["all", "train", "test"], default="all")
     ap.add_argument("--train-archives", type=int, default=None, metavar="N",
                     help="fetch only the first N train image archives (the full set is ~200 GB)")
-    ap.add_argument("--keep-archives", action="store_true", help="keep the zips after extraction")
-    ap.add_argument("--no-download", action="store_true", help="only unzip and verify what is there")
-    ap.add_argument("--no-extract", action="store_true",
-                    help="keep the images in their zip archives: embed.build reads them in place (no 5.1M "
-                         "small files, no second copy while extracting)")
+    ap.add_argument("--no-download", action="store_true", help="only verify (and with --extract unzip) "
+                                                                   "what is there")
+    ap.add_argument("--extract", action="store_true",
+                    help="unzip the archives (by default they stay: embed.build reads them in place, with "
+                         "no 5.1M small files and no second copy while extracting)")
+    ap.add_argument("--keep-archives", action="store_true", help="with --extract: keep the zips afterwards")
+    ap.add_argument("--no-extract", action="store_true", help=argparse.SUPPRESS)  # the default now
     ap.add_argument("--workers", type=int, default=8)
     args = ap.parse_args(argv)
     if args.train_archives is not None and args.train_archives < 1:
         ap.error("--train-archives must be at least 1")
+    if args.extract and args.no_extract:
+        ap.error("--extract and --no-extract: give one (keeping the archives is the default)")
+    if args.keep_archives and not args.extract:
+        ap.error("--keep-archives goes with --extract (without it the archives are kept anyway)")
     out = args.out or data_root() / "osv5m"
     splits = ("train", "test") if args.split == "all" else (args.split,)
     try:
@@ -145,14 +156,18 @@ def main(argv: list[str] | None = None) -> int:
             wanted = download(out, splits, args.train_archives, args.workers)
             print(f"downloaded {len(wanted)} files of {REPO_ID} into {out}", file=sys.stderr)
         for split in splits:
-            if not args.no_extract:
+            if args.extract:
                 now, before = extract_archives(out, split, args.keep_archives)
                 print(f"{split}: extracted {now} archives ({before} done before)", file=sys.stderr)
-            print(verify(out, split).summary())  # files and archive members alike (index_images)
+            v = verify(out, split)  # files and archive members alike (index_images)
+            print(v.summary())
+            if v.broken:
+                raise DataError("; ".join(v.broken) + ": not a complete archive; delete it and rerun to "
+                                "download it again")
     except OfflineError as e:
         print(f"error: {e}. Downloading OSV-5M needs the hub; offline, use the bundled sample "
               "(python -m geovote.sample), or copy a download made elsewhere into --out and run this again "
-              "with --no-download to unzip and verify it", file=sys.stderr)
+              "with --no-download to verify it", file=sys.stderr)
         return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

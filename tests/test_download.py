@@ -28,7 +28,7 @@ def _osv5m_like(root, n_per_zip=30, zips=3):
 
 def test_extract_verify_and_rerun(tmp_path, capsys):
     ids = _osv5m_like(tmp_path)
-    assert main(["--out", str(tmp_path), "--split", "test", "--no-download"]) == 0
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download", "--extract"]) == 0
     out = capsys.readouterr().out
     assert "90 rows in test.csv, 90 images" in out and "(complete)" in out
     assert not list((tmp_path / "images" / "test").glob("*.zip"))  # deleted once extracted
@@ -43,9 +43,14 @@ def test_no_extract_keeps_the_archives_and_counts_their_members(tmp_path, capsys
     """OSV-5M as it ships, read in place: nothing extracted, the images counted inside the archives."""
     _osv5m_like(tmp_path)
     before = sorted(p.name for p in (tmp_path / "images" / "test").iterdir())
-    assert main(["--out", str(tmp_path), "--split", "test", "--no-download", "--no-extract"]) == 0
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download"]) == 0  # the default
     assert "90 rows in test.csv, 90 images" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == before  # the 3 zips alone
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download", "--no-extract"]) == 0  # as before
+    assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == before
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--no-download", "--keep-archives"])  # only with --extract
+    assert "--keep-archives goes with --extract" in capsys.readouterr().err
 
 
 def test_keep_archives_skips_done_ones_and_counts_gaps(tmp_path):
@@ -69,8 +74,12 @@ def test_unsafe_and_broken_archives_are_refused(tmp_path, capsys):
     assert not (tmp_path / "images" / "escape.jpg").exists()
     (tmp_path / "images" / "test" / "00.zip").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "test.csv").write_text("id,latitude,longitude\n")
-    assert main(["--out", str(tmp_path), "--split", "test", "--no-download"]) == 1
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download", "--extract"]) == 1
     assert "not a complete zip" in capsys.readouterr().err
+    # kept (the default), it is found when the images are counted
+    assert main(["--out", str(tmp_path), "--split", "test", "--no-download"]) == 1
+    err = capsys.readouterr().err
+    assert "00.zip: not a readable zip archive" in err and "delete it and rerun to download it again" in err
 
 
 def test_select_files_for_subsets():
