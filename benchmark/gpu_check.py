@@ -5,6 +5,9 @@
 
     embed        ViT-L-14 (random weights, 224 px, bf16) end to end from 512x384 JPEGs (embed.split: decoding
                  workers, shards) against its forward-only ceiling on the same images pre-decoded
+    decode       the same JPEGs in a zip archive: decode + preprocess per CPU core (PIL plain / draft) against
+                 the batched decode on the GPU (torchvision's nvjpeg, embed.gpudecode); the stage end to end
+                 from the archive with either path, and the cosine between their embeddings
     finetune     ViT-L-14 with the last 2 blocks trainable: optimiser steps/s and samples/s (finetune.trainer)
     search       1M x 768 clustered vectors: exact search on the GPU (torch, fp16) against our CPU index
                  (IVF-PQ + re-rank, FAISS), recall@10 against exact float32 search and queries/s
@@ -195,6 +198,78 @@ def check_engine(root: Path, work: Path, s: dict) -> dict:
     return out
 
 
+def check_decode(root: Path, work: Path, s: dict) -> dict:
+    """Feeding the GPU (issue #30): the train JPEGs put in one stored zip archive (OSV-5M as it ships);
+    decode + preprocess per CPU core (PIL plain, PIL draft: embed.build's default path) against the
+    batched decode on the device (torchvision/nvjpeg, embed.gpudecode); then the embedding stage end to
+    end from the archive with each path, and the cosine between their embeddings."""
+    import os
+    import zipfile
+
+    from embed.features import FeatureExtractor, ImageFiles
+    from embed.gpudecode import DevicePreprocess, EncodedImages
+    from embed.models import load_backbone
+    from embed.split import EmbedConfig, decode_workers, embed_split
+    from geovote.data import read_split
+    from geovote.shards import read_embeddings
+
+    zroot = work / "zipped"
+    (zroot / "images" / "train").mkdir(parents=True)
+    (zroot / "train.csv").write_bytes((root / "train.csv").read_bytes())
+    with zipfile.ZipFile(zroot / "images" / "train" / "00.zip", "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted((root / "images" / "train").glob("*.jpg")):
+            zf.write(f, f"00/{f.name}")
+    split = read_split(zroot, "train")
+    bb = load_backbone(s["model"])
+    fx = FeatureExtractor(bb, batch_size=s["batch"])
+    paths = split.image_paths()
+    out = {"model": bb.name, "images": len(split), "jpeg": list(s["jpeg"]), "device": fx.device,
+           "cpu_cores": os.cpu_count(), "workers": decode_workers(-1)}
+    n_cpu = min(len(split), 1024)
+
+    class Plain(ImageFiles):  # PIL without draft scaling: the obvious alternative
+        def __getitem__(self, row):
+            from PIL import Image
+
+            from embed.images import archive_member
+
+            with Image.open(archive_member(self.paths[row])) as img:
+                return row, self.transform(img.convert("RGB")), ""
+
+    for name, ds in (("pil_plain", Plain(paths, fx.transform(), bb.image_size)),
+                     ("pil_draft", ImageFiles(paths, fx.transform(), bb.image_size))):
+        t0 = time.perf_counter()
+        for i in range(n_cpu):
+            ds[i]
+        out[f"{name}_images_per_s_per_core"] = round(n_cpu / (time.perf_counter() - t0), 1)
+    out["cores_for_2500_images_per_s_pil_draft"] = round(2500 / out["pil_draft_images_per_s_per_core"], 1)
+    enc = EncodedImages(paths, bb.image_size)
+    bs = s["batch"]
+    batches = [[enc[i] for i in range(a, min(a + bs, len(enc)))] for a in range(0, len(enc), bs)]
+    prep = DevicePreprocess(bb, fx.device)
+    prep(*EncodedImages.collate(batches[0])[1:])  # warm-up: nvjpeg handles, kernels
+    sync(fx.cuda)
+    t0 = time.perf_counter()
+    for b in batches:
+        x, _ = prep(*EncodedImages.collate(b)[1:])
+    sync(fx.cuda)
+    out["device_decode_images_per_s"] = round(len(enc) / (time.perf_counter() - t0), 1)
+    for decode in ("pil", "torchvision"):
+        cfg = EmbedConfig(model=s["model"], batch_size=s["batch"], decode=decode,
+                          shard_rows=max(s["batch"], len(split) // 4))
+        t0 = time.perf_counter()
+        embed_split(split, bb, work / f"emb-zip-{decode}", cfg, zroot, log=lambda *_: None)
+        sync(fx.cuda)
+        rate = len(split) / (time.perf_counter() - t0)
+        out[f"end_to_end_from_archive_{decode}_images_per_s"] = round(rate, 1)
+    a, b = read_embeddings(work / "emb-zip-pil"), read_embeddings(work / "emb-zip-torchvision")
+    assert list(a.ids) == list(b.ids)
+    cos = np.sum(a.embedding.astype(np.float32) * b.embedding.astype(np.float32), axis=1)
+    out["cosine_torchvision_vs_pil"] = {"min": round(float(cos.min()), 5),
+                                        "mean": round(float(cos.mean()), 5)}
+    return out
+
+
 def check_osv5m(root: Path, work: Path, s: dict) -> dict:
     """The OSV-5M paper's network (embed.osv5m) with random weights in the released layout (full: its
     released size): images/s on the device (float32, no autocast), and its head's answers there against
@@ -232,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="toy sizes, any machine: proves the code paths")
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    ap.add_argument("--only", nargs="+", choices=("embed", "finetune", "search", "engine", "osv5m"))
+    ap.add_argument("--only", nargs="+", choices=("embed", "decode", "finetune", "search", "engine", "osv5m"))
     args = ap.parse_args(argv)
     import torch
 
@@ -241,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__,
                "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU (CPU)",
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    checks = {"embed": check_embed, "finetune": check_finetune, "search": check_search,
-              "engine": check_engine, "osv5m": check_osv5m}
+    checks = {"embed": check_embed, "decode": check_decode, "finetune": check_finetune,
+              "search": check_search, "engine": check_engine, "osv5m": check_osv5m}
     with tempfile.TemporaryDirectory(prefix="geovote-gpu-check-") as tmp:
         work = Path(tmp)
         root = synthetic_dataset(work / "data", s["images"], s["jpeg"])

@@ -80,14 +80,27 @@ class FeatureExtractor:
         """Yield (rows, embeddings, reasons) per batch of a dataset whose items are (row, tensor, reason):
         a non-empty reason marks an image that failed to decode (its tensor is ignored, it gets no
         embedding: `embeddings` has one row per empty reason, in order). `batches`: lists of rows
-        (default: consecutive batches of `batch_size`)."""
+        (default: consecutive batches of `batch_size`). A dataset of encoded images
+        (embed.gpudecode.EncodedImages) is decoded and preprocessed batch by batch on this device."""
         import torch
 
         if batches is None:
             batches = [list(range(s, min(s + self.batch_size, len(dataset))))
                        for s in range(0, len(dataset), self.batch_size)]
+        encoded = getattr(dataset, "encoded", False)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                             pin_memory=self.cuda, prefetch_factor=4 if workers else None)
+                                             pin_memory=self.cuda and not encoded,
+                                             collate_fn=dataset.collate if encoded else None,
+                                             prefetch_factor=4 if workers else None)
+        if encoded:
+            from embed.gpudecode import DevicePreprocess
+
+            prepare = DevicePreprocess(self.backbone, self.device)
+            for rows, data, reasons in loader:
+                x, reasons = prepare(data, reasons)
+                emb = self(x) if len(x) else np.zeros((0, self.backbone.dim), np.float32)
+                yield rows.numpy(), emb, reasons
+            return
         for rows, x, reasons in loader:
             ok = np.array([r == "" for r in reasons], bool)
             if ok.all():

@@ -56,9 +56,16 @@ class EmbedConfig:
     shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
     pause_s: float = 0.0  # sleep after each batch: leaves a shared machine to others (tests: stop a run)
+    # "pil": workers decode (JPEG draft scaling); "torchvision": workers read bytes, the batch is decoded
+    # on the model's device (nvjpeg on CUDA, embed.gpudecode). Recorded in the plan: a run never mixes them
+    decode: str = "pil"
 
     def __post_init__(self):
+        from embed.gpudecode import DECODE_PATHS
         from geovote.config import ConfigError
+
+        if self.decode not in DECODE_PATHS:
+            raise ConfigError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {self.decode!r}")
 
         for name in ("batch_size", "shard_rows", "max_pixels"):
             if getattr(self, name) < 1:
@@ -67,6 +74,17 @@ class EmbedConfig:
             raise ConfigError(f"workers must be -1 (auto), 0 or more, got {self.workers}")
         if self.pause_s < 0:
             raise ConfigError(f"pause_s must be >= 0, got {self.pause_s}")
+
+
+def image_dataset(paths, extractor: FeatureExtractor, cfg: EmbedConfig):
+    """The images as FeatureExtractor.dataset takes them: decoded in the workers ("pil"), or their bytes,
+    decoded as a batch on the extractor's device ("torchvision")."""
+    bb = extractor.backbone
+    if cfg.decode == "torchvision":
+        from embed.gpudecode import EncodedImages
+
+        return EncodedImages(paths, bb.image_size, cfg.max_pixels)
+    return ImageFiles(paths, extractor.transform(), bb.image_size, cfg.max_pixels)
 
 
 def code_version() -> str:
@@ -105,6 +123,8 @@ def plan_for(split, backbone, cfg: EmbedConfig, root: Path, fingerprints: np.nda
     ids_hash = hashlib.sha256("\n".join(split.ids.astype(str)).encode()).hexdigest()[:16]
     plan = {"backbone": backbone.name, "dim": backbone.dim, "dataset": str(root.resolve()),
             "split": split.name, "rows": len(split), "ids_sha256": ids_hash, "shard_rows": cfg.shard_rows}
+    if cfg.decode != "pil":  # (absent for the default: plans written before the option still match)
+        plan["decode"] = cfg.decode
     if fingerprints is not None:
         plan["rows_sha256"] = hashlib.sha256(np.ascontiguousarray(fingerprints).tobytes()).hexdigest()[:16]
     return plan
@@ -157,7 +177,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     ranges = [(s * cfg.shard_rows, min(n, (s + 1) * cfg.shard_rows)) for s in todo]
     n_todo = sum(b - a for a, b in ranges)
     extractor = FeatureExtractor(backbone, batch_size=cfg.batch_size)
-    files = ImageFiles(paths, extractor.transform(), backbone.image_size, cfg.max_pixels)
+    files = image_dataset(paths, extractor, cfg)
     writer = ThreadPoolExecutor(1)  # parquet writes overlap the next batches' compute
     pending = []
     buf: dict[int, list] = {}
@@ -287,7 +307,7 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
     why_new = [""] * len(todo)
     if len(todo):
         extractor = FeatureExtractor(backbone, batch_size=cfg.batch_size)
-        files = ImageFiles(paths, extractor.transform(), backbone.image_size, cfg.max_pixels)
+        files = image_dataset(paths, extractor, cfg)
         batches = [todo[i:i + cfg.batch_size].tolist() for i in range(0, len(todo), cfg.batch_size)]
         for rows, emb, reasons in extractor.dataset(files, batches, decode_workers(cfg.workers)):
             at = np.searchsorted(todo, rows)

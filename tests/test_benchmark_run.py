@@ -143,6 +143,9 @@ def test_the_gpu_check_runs_at_toy_size(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["embed"]["images"] == 96 and summary["embed"]["end_to_end_images_per_s"] > 0
     assert summary["finetune"]["steps"] == 3
+    # the two decode paths from a zip archive: the same images, embeddings within the resize filters'
+    # difference of each other
+    assert summary["decode"]["images"] == 96 and summary["decode"]["cosine_torchvision_vs_pil"]["min"] >= 0.995
     assert summary["search"]["vectors"] == 60_000 and 0 <= summary["search"]["cpu_index_recall_at_10"] <= 1
     assert summary["engine"]["answers_within_1_km_of_cpu"] == 1.0  # here both engines run on the CPU
     # the paper's network, small, in float32 on both sides: the same answers
