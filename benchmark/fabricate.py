@@ -35,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,10 @@ class World:
 
     def embed(self, lat_deg, lon_deg, place, rng: np.random.Generator) -> np.ndarray:
         """(n, dim) float16 L2-normalised vectors of images at these locations of these places."""
-        u = latlon_to_unit(lat_deg, lon_deg) @ self.freq + self.phase
-        geo = np.concatenate([np.cos(u), np.sin(u)], axis=1).astype(np.float32)
+        # in float32: its cos and sin run 15x faster than float64's, and a phase error of ~1e-4 rad is
+        # nothing to a fabricated feature
+        u = (latlon_to_unit(lat_deg, lon_deg) @ self.freq + self.phase).astype(np.float32)
+        geo = np.concatenate([np.cos(u), np.sin(u)], axis=1)
         dim = self.code.shape[1]
         if geo.shape[1] < dim:  # an odd dim: one constant feature
             geo = np.concatenate([geo, np.ones((len(geo), 1), np.float32)], axis=1)
@@ -172,10 +175,17 @@ def write_embeddings(world: World, out_dir: Path, root: Path, split: str, ids, l
     n = len(ids)
     n_shards = max(1, -(-n // SHARD_ROWS))
     t0 = time.perf_counter()
-    for s in range(n_shards):
-        rows = np.arange(s * SHARD_ROWS, min(n, (s + 1) * SHARD_ROWS))
-        emb = world.embed(lat[rows], lon[rows], place[rows], rng)
-        write_split_shard(out_dir, s, [(rows, emb, [])], ids, lat, lon, backbone.dim)
+    with ThreadPoolExecutor(1) as writer:  # a shard is written while the next is made (both free the GIL)
+        pending = None
+        for s in range(n_shards):
+            rows = np.arange(s * SHARD_ROWS, min(n, (s + 1) * SHARD_ROWS))
+            emb = world.embed(lat[rows], lon[rows], place[rows], rng)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_split_shard, out_dir, s, [(rows, emb, [])], ids, lat, lon,
+                                    backbone.dim)
+        if pending is not None:
+            pending.result()
     finish_split(out_dir, plan, backbone, cfg, n_shards, n, 0, time.perf_counter() - t0, log)
 
 
@@ -206,10 +216,14 @@ def fabricate(out: Path, n_train: int, n_test: int, dim: int, seed: int = 0, log
         ids, lat, lon, place, seq = draw_images(world, n, rng, first_id, f"{split}-")
         first_id += 8 * n
         write_csv(out / f"{split}.csv", ids, lat, lon, seq)
-        archive_images(out, split, ids)
-        log(f"{split}: {n:,} rows, CSV and image files in {time.perf_counter() - t0:.0f} s")
-        write_embeddings(world, layout.embeddings(split), out, split, ids, lat, lon, place, backbone, rng,
-                         log)
+        # the archives (zipfile, Python under the GIL) are written while the vectors are made and written
+        # (numpy and pyarrow, outside it): on 2 cores the two stages overlap instead of adding up
+        with ThreadPoolExecutor(1) as pool:
+            archived = pool.submit(archive_images, out, split, ids)
+            write_embeddings(world, layout.embeddings(split), out, split, ids, lat, lon, place, backbone,
+                             rng, log)
+            archived.result()
+        log(f"{split}: {n:,} rows: CSV, image archives and embeddings in {time.perf_counter() - t0:.0f} s")
     return layout.root
 
 

@@ -116,11 +116,15 @@ class ImageFiles:
     """A dataset of image files for `FeatureExtractor.dataset`: row -> (row, tensor, reason). A file
     that cannot be decoded is a zero tensor and the reason (embed.images.ImageFailure)."""
 
-    def __init__(self, paths: list, transform, image_size: int, max_pixels: int | None = None):
+    def __init__(self, paths: list, transform, image_size: int, max_pixels: int | None = None,
+                 reduced: bool = True):
         from embed.images import DEFAULT_MAX_PIXELS
 
         self.paths, self.transform, self.image_size = paths, transform, image_size
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        # reduced: JPEGs decoded at 1/2 .. 1/8 scale where the model's input allows (embed.images.open_rgb);
+        # else at full size, for a model whose vectors must be the plain decode's exactly
+        self.decode_side = image_size if reduced else 1 << 30
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,6 +135,6 @@ class ImageFiles:
         from embed.images import ImageFailure, open_rgb
 
         try:
-            return row, self.transform(open_rgb(self.paths[row], self.image_size, self.max_pixels)), ""
+            return row, self.transform(open_rgb(self.paths[row], self.decode_side, self.max_pixels)), ""
         except ImageFailure as e:
             return row, torch.zeros(3, self.image_size, self.image_size), str(e)

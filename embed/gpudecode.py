@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 JPEG_MAGIC = b"\xff\xd8"
-DECODE_PATHS = ("pil", "torchvision")
+DECODE_PATHS = ("pil", "pil-full", "torchvision")
 
 
 class EncodedImages:

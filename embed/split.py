@@ -56,8 +56,9 @@ class EmbedConfig:
     shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
     pause_s: float = 0.0  # sleep after each batch: leaves a shared machine to others (tests: stop a run)
-    # "pil": workers decode (JPEG draft scaling); "torchvision": workers read bytes, the batch is decoded
-    # on the model's device (nvjpeg on CUDA, embed.gpudecode). Recorded in the plan: a run never mixes them
+    # "pil": workers decode (JPEG draft scaling); "pil-full": the same at full size (the plain decode,
+    # exactly); "torchvision": workers read bytes, the batch is decoded on the model's device (nvjpeg on
+    # CUDA, embed.gpudecode). Recorded in the plan: a run never mixes them
     decode: str = "pil"
 
     def __post_init__(self):
@@ -77,14 +78,15 @@ class EmbedConfig:
 
 
 def image_dataset(paths, extractor: FeatureExtractor, cfg: EmbedConfig):
-    """The images as FeatureExtractor.dataset takes them: decoded in the workers ("pil"), or their bytes,
-    decoded as a batch on the extractor's device ("torchvision")."""
+    """The images as FeatureExtractor.dataset takes them: decoded in the workers ("pil" at reduced size,
+    "pil-full"), or their bytes, decoded as a batch on the extractor's device ("torchvision")."""
     bb = extractor.backbone
     if cfg.decode == "torchvision":
         from embed.gpudecode import EncodedImages
 
         return EncodedImages(paths, bb.image_size, cfg.max_pixels)
-    return ImageFiles(paths, extractor.transform(), bb.image_size, cfg.max_pixels)
+    return ImageFiles(paths, extractor.transform(), bb.image_size, cfg.max_pixels,
+                      reduced=cfg.decode == "pil")
 
 
 def code_version() -> str:

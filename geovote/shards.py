@@ -42,6 +42,9 @@ def shard_schema(dim: int) -> pa.Schema:
                       ("embedding", pa.list_(pa.float16(), dim))])
 
 
+SHARD_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
 def write_shard(path: str | Path, ids, lat_deg, lon_deg, embedding: np.ndarray) -> None:
     """Write one shard atomically (to a temporary name, then renamed)."""
     emb = np.ascontiguousarray(embedding, dtype=np.float16)
@@ -52,7 +55,10 @@ def write_shard(path: str | Path, ids, lat_deg, lon_deg, embedding: np.ndarray) 
          pa.FixedSizeListArray.from_arrays(flat, dim)], schema=shard_schema(dim))
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    pq.write_table(table, tmp)
+    # fp16 embeddings neither compress nor make a dictionary, and no reader filters on statistics:
+    # without the three a 16,384 x 768 shard is written 3.7x and read 4.7x faster, 7% larger
+    # (python -m benchmark.shard_io)
+    pq.write_table(table, tmp, **SHARD_WRITE_OPTIONS)
     tmp.rename(path)
 
 

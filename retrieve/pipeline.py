@@ -35,7 +35,7 @@ class BuildConfig:
     shard_rows: int = 16384
     max_pixels: int = DEFAULT_MAX_PIXELS
     pause_s: float = 0.0
-    decode: str = "pil"  # or "torchvision": batches decoded on the model's device (nvjpeg on a GPU)
+    decode: str = "pil"  # "pil-full": no reduced-size decoding; "torchvision": on the model's device
     # then
     index: bool = True  # build the FAISS index over the train split
     index_factory: str = ""  # "" = chosen from the data (index.build.choose_factory)

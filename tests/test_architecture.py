@@ -18,7 +18,7 @@ COMMANDS = {  # the modules run with `python -m`: parse, call a library, report
     "benchmark.score", "geovote.sample", "geovote.download", "benchmark.embed_bench", "benchmark.index_bench",
     "benchmark.query_bench", "benchmark.serve_load", "benchmark.csv_read", "benchmark.gpu_check",
     "benchmark.vote_bench", "retrieve.publish", "benchmark.album_bench", "benchmark.album_eval",
-    "benchmark.share_bench",
+    "benchmark.share_bench", "benchmark.shard_io",
     "geovote.console",
 }
 HEAVY = ("torch", "faiss", "open_clip", "torchvision")

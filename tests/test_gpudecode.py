@@ -100,5 +100,25 @@ def test_a_run_never_mixes_the_two_decode_paths(sample_root, tmp_path):
         _embed(root, "default", tmp_path / "emb", "torchvision")
     from geovote.config import ConfigError
 
-    with pytest.raises(ConfigError, match="decode must be one of pil, torchvision"):
+    with pytest.raises(ConfigError, match="decode must be one of pil, pil-full, torchvision"):
         EmbedConfig(decode="nvjpeg")
+
+
+def test_the_full_size_pil_path_is_the_plain_decode_exactly(sample_root, tmp_path):
+    """decode = "pil-full": every JPEG decoded at full size, as a plain PIL open + convert would, to the
+    bit; the default's reduced-size decoding differs (the images are 512x384 and the model's input 64)."""
+    import torch
+
+    from embed.features import FeatureExtractor
+
+    root, bad = _street_view_dataset(sample_root, tmp_path / "data", 10)
+    full = _embed(root, "default", tmp_path / "full", "pil-full")
+    reduced = _embed(root, "default", tmp_path / "reduced", "pil")
+    bb = load_backbone("default")
+    fx = FeatureExtractor(bb, device="cpu")
+    split = read_split(root, "test")
+    keep = [i for i, k in enumerate(split.ids.astype(str)) if k not in bad]
+    tf = bb.transform()
+    plain = fx(torch.stack([tf(Image.open(split.image_paths()[i]).convert("RGB")) for i in keep]))
+    np.testing.assert_array_equal(full.embedding, plain.astype(np.float16))
+    assert not np.array_equal(reduced.embedding, full.embedding)
