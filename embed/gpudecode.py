@@ -7,11 +7,12 @@ Workers only read the encoded bytes (`EncodedImages`: a file, or a member of an 
 so the cores are left to feed the GPU; the batch is decoded at full size on the device and its shortest
 side resized there (bicubic with antialiasing, rounded to 8 bits as PIL's resize is), centre-cropped and
 normalised exactly as `embed.models.ShortestSideTransform` does. Images nvjpeg cannot take (PNG, WebP,
-CMYK or otherwise unusual JPEGs) are decoded with PIL in the main process and preprocessed the same way,
-so that a batch never fails as a whole; what PIL cannot read either fails with its reason.
+CMYK or otherwise unusual JPEGs) and JPEGs over DEVICE_MAX_PIXELS are decoded with PIL in the main
+process as the PIL path decodes them, then preprocessed the same way, so that a batch never fails as a
+whole; an image is refused where the PIL path refuses it, with its reason.
 
-The embeddings differ from the PIL path's only by the resize filter's implementation (and PIL's draft
-scaling, which this path does not do): `tests/test_gpudecode.py` checks the cosine on the CPU;
+The embeddings differ from the PIL path's by the resize filter's implementation and by PIL's reduced-
+size (draft) decoding, which nvjpeg does not do: `tests/test_gpudecode.py` checks the cosine on the CPU;
 `benchmark/gpu_check.py` (step `decode`) measures both paths' rates and the cosine on a GPU.
 """
 from __future__ import annotations
@@ -25,12 +26,17 @@ JPEG_MAGIC = b"\xff\xd8"
 DECODE_PATHS = ("pil", "pil-full", "torchvision")
 
 
-class EncodedImages:
-    """A dataset for `FeatureExtractor.dataset`: row -> (row, uint8 tensor of the image's encoded bytes,
-    reason). Nothing is decoded here but the header (for the pixel limit); an image that cannot be read
-    is an empty tensor and the reason."""
+DEVICE_MAX_PIXELS = 50_000_000  # a JPEG larger than this is decoded by PIL at reduced size, not on the device
 
-    encoded = True  # FeatureExtractor.dataset: batches of variable-length byte tensors, decoded on the device
+
+class EncodedImages:
+    """A dataset for `FeatureExtractor.dataset`: row -> (row, the image's encoded bytes, reason, its full
+    size in pixels). Nothing is decoded here but the header: an image is refused exactly where the PIL
+    path refuses it (the pixel limit after reduced-size decoding, embed.images.open_rgb); one that cannot
+    be read is empty bytes and the reason. A batch travels from its worker as one tensor (`collate`):
+    one shared-memory file per batch, not one per image."""
+
+    encoded = True  # FeatureExtractor.dataset: batches of encoded images, decoded on the device
 
     def __init__(self, paths, image_size: int, max_pixels: int | None = None):
         from embed.images import DEFAULT_MAX_PIXELS
@@ -42,8 +48,6 @@ class EncodedImages:
         return len(self.paths)
 
     def __getitem__(self, row: int):
-        import torch
-
         from embed.images import ImageFailure, archive_member, decoded_size, regular_file
 
         try:
@@ -53,22 +57,27 @@ class EncodedImages:
                 regular_file(path)
                 with open(path, "rb") as f:
                     member = io.BytesIO(f.read())
-            data = member.getvalue()
-            w, h = decoded_size(member, 1 << 30)  # the full size: nvjpeg decodes without DCT scaling
+            w, h = decoded_size(member, self.image_size)  # what the PIL path would decode, and refuse
             if w * h > self.max_pixels:
                 raise ImageFailure(f"too large: {w}x{h} pixels (limit {self.max_pixels:,})")
-            return row, torch.frombuffer(bytearray(data), dtype=torch.uint8), ""
+            full_w, full_h = decoded_size(member, 1 << 30)
+            return row, member.getvalue(), "", full_w * full_h
         except ImageFailure as e:
-            return row, torch.zeros(0, dtype=torch.uint8), str(e)
+            return row, b"", str(e), 0
         except OSError as e:
-            return row, torch.zeros(0, dtype=torch.uint8), f"unreadable: {e.strerror or e}"
+            return row, b"", f"unreadable: {e.strerror or e}", 0
 
     @staticmethod
     def collate(items):
+        """(rows, (all the batch's bytes as one uint8 tensor, each image's length, each image's full
+        pixels), reasons)."""
         import torch
 
-        rows, data, reasons = zip(*items)
-        return torch.tensor(rows), list(data), list(reasons)
+        rows, data, reasons, pixels = zip(*items)
+        flat = torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8) if any(data) else \
+            torch.zeros(0, dtype=torch.uint8)
+        return torch.tensor(rows), (flat, torch.tensor([len(d) for d in data]), torch.tensor(pixels)), \
+            list(reasons)
 
 
 class DevicePreprocess:
@@ -85,15 +94,20 @@ class DevicePreprocess:
         self.mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device)[:, None, None]
         self.std = torch.tensor(backbone.std, dtype=torch.float32, device=device)[:, None, None]
 
-    def __call__(self, encoded: list, reasons: list[str]):
+    def __call__(self, batch: tuple, reasons: list[str]):
         import torch
 
+        flat, lengths, pixels = batch
+        ends = torch.cumsum(lengths, 0).tolist()
+        encoded = [flat[e - n:e] for e, n in zip(ends, lengths.tolist())]
         reasons = list(reasons)
         decoded: dict[int, object] = {}
-        jpegs = [i for i, r in enumerate(reasons) if not r and bytes(encoded[i][:2].tolist()) == JPEG_MAGIC]
+        jpegs = [i for i, r in enumerate(reasons) if not r and bytes(encoded[i][:2].tolist()) == JPEG_MAGIC
+                 and int(pixels[i]) <= DEVICE_MAX_PIXELS]
         decoded.update(self._decode_jpegs(encoded, jpegs))
         for i, r in enumerate(reasons):
-            if not r and i not in decoded:  # not a JPEG, or one nvjpeg refused: PIL, as the other path
+            if not r and i not in decoded:  # not a JPEG, a huge one, or one nvjpeg refused: PIL, as the
+                # other path decodes it (at reduced size where the model's input allows)
                 try:
                     decoded[i] = self._decode_pil(encoded[i])
                 except Exception as e:  # noqa: BLE001 (ImageFailure and PIL's own errors)
@@ -128,7 +142,7 @@ class DevicePreprocess:
 
         from embed.images import open_rgb
 
-        img = open_rgb(io.BytesIO(data.numpy().tobytes()), 1 << 30)  # full size, as nvjpeg decodes
+        img = open_rgb(io.BytesIO(data.numpy().tobytes()), self.size)
         arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
         return torch.from_numpy(arr).to(self.device)
 

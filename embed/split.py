@@ -215,7 +215,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     if rank != 0:
         return None
     return finish_split(out_dir, plan, backbone, cfg, n_shards, n_todo, n_failed, elapsed, log,
-                        lambda: write_fingerprints(out_dir, split, fingerprints), images=split.images)
+                        lambda: _before_manifest(out_dir, split, fingerprints), images=split.images)
 
 
 def row_fingerprints(split) -> np.ndarray:
@@ -228,6 +228,35 @@ def row_fingerprints(split) -> np.ndarray:
         digest = hashlib.blake2b(repr(tuple(str(v) for v in row)).encode(), digest_size=8).digest()
         out[i] = int.from_bytes(digest, "little")
     return out
+
+
+def _before_manifest(out_dir: Path, split, fingerprints: np.ndarray) -> None:
+    write_fingerprints(out_dir, split, fingerprints)
+    write_archived_images(out_dir, split)
+
+
+def write_archived_images(out_dir: Path, split) -> None:
+    """archived-images.parquet (geovote.layout): the id and path of every image of the split read from
+    an archive (a zip or a webdataset shard), sorted by id, so that the engine can show it as evidence
+    later; none (an earlier one removed) when every image is a file, which the engine finds by name."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from geovote.archives import ARCHIVE_SEP
+    from geovote.layout import ARCHIVED_IMAGES_FILE
+
+    target = out_dir / ARCHIVED_IMAGES_FILE
+    t = split.table.select(["id", "path"]) if "path" in split.table.column_names else None
+    if t is not None:
+        t = t.filter(pc.match_substring(t.column("path"), ARCHIVE_SEP))
+    if t is None or t.num_rows == 0:
+        target.unlink(missing_ok=True)
+        return
+    t = t.take(pc.sort_indices(t, [("id", "ascending")]))
+    tmp = target.with_name(target.name + ".partial")
+    pq.write_table(pa.table({"id": t.column("id").cast(pa.string()), "path": t.column("path")}), tmp)
+    tmp.replace(target)
 
 
 def write_fingerprints(out_dir: Path, split, fingerprints: np.ndarray) -> None:
@@ -342,7 +371,7 @@ def update_split(split, backbone, out_dir: Path, cfg: EmbedConfig, plan: dict, f
     (stage / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     elapsed = time.perf_counter() - t0
     manifest = finish_split(stage, plan, backbone, cfg, n_shards, len(todo), n_failed, elapsed, log,
-                            lambda: write_fingerprints(stage, split, fingerprints), out_dir,  # complete
+                            lambda: _before_manifest(stage, split, fingerprints), out_dir,  # complete
                             images=split.images)
     out_dir.rename(replaced)
     stage.rename(out_dir)

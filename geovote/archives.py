@@ -3,7 +3,9 @@ uncompressed tar (webdataset shards, as img2dataset writes them). Nothing is eve
 
 An image inside an archive is named `<the archive's path>::<its member's name>` (`ARCHIVE_SEP`). Each
 process opens each archive once and keeps it (`read_member`): DataLoader workers are processes, so every
-worker has its own handles, and no handle is shared across a fork.
+worker has its own handles, and no handle is shared across a fork. A tar's index (its members' names,
+offsets and sizes, as arrays) is kept per file version and is shared: workers forked after the data
+layer listed the shards never read their headers again.
 
 Tar is read with the standard library's `tarfile` rather than the `webdataset` library: the embedding
 stage needs random access by id (resume, failure lists, a rank's share of the rows, updates), while
@@ -14,12 +16,18 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 import zipfile
 import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
 
 ARCHIVE_SEP = "::"
 ARCHIVE_SUFFIXES = (".zip", ".tar")
-_MAX_OPEN = 256  # archives a process keeps open: OSV-5M has ~100 a split, a bound rather than a limit
+_MAX_OPEN = 256  # archive handles a process keeps: OSV-5M has ~100 a split, a bound rather than a limit
+_TAR_INDEX_BUDGET_BYTES = 1 << 30  # tar indexes kept (~50 bytes a member): every shard of a 20M gallery
 
 
 class ArchiveError(Exception):
@@ -41,23 +49,73 @@ def list_members(archive: str | os.PathLike, log=None) -> list[tuple[str, int]]:
                 return [(m.filename, m.file_size) for m in zf.infolist() if not m.is_dir()]
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise ArchiveError(f"not a readable zip archive ({e})") from None
-    return [(name, size) for name, (_, size) in _tar_index(archive, log).items()]
+    index = _tar_index(archive, log)
+    return [(index.names[i].decode("utf-8", "surrogateescape"), int(index.sizes[i])) for i in index.order]
 
 
-def _tar_index(archive: str, log=None) -> dict[str, tuple[int, int]]:
-    """member name -> (offset of its data, bytes), from one pass over the headers."""
-    out: dict[str, tuple[int, int]] = {}
+@dataclass
+class _TarIndex:
+    """A tar's regular members as arrays (no Python object per member: cheap to keep, and shared
+    untouched with forked DataLoader workers, which then never read the headers again)."""
+
+    names: np.ndarray  # (M,) bytes, sorted
+    offsets: np.ndarray  # (M,) int64: where each member's data starts
+    sizes: np.ndarray  # (M,) int64
+    order: np.ndarray  # (M,) the rows above in archive order
+
+    def find(self, member: str) -> int:
+        name = member.encode("utf-8", "surrogateescape")
+        at = int(np.searchsorted(self.names, name))
+        return at if at < len(self.names) and self.names[at] == name else -1
+
+
+_TAR_INDEXES: OrderedDict = OrderedDict()  # (path, bytes, mtime) -> _TarIndex, least recently used first
+_LOCK = threading.RLock()  # the caches and handles: the server reads gallery images from several threads
+
+
+def _tar_index(archive: str, log=None) -> _TarIndex:
+    """The archive's index, from the cache while the file is unchanged, else from one pass over its
+    headers (said through `log` when it ends in damage)."""
+    try:
+        st = os.stat(archive)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive {archive} not found") from None
+    except OSError as e:
+        raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
+    key = (archive, st.st_size, st.st_mtime_ns)
+    with _LOCK:
+        if key in _TAR_INDEXES:
+            _TAR_INDEXES.move_to_end(key)
+            return _TAR_INDEXES[key]
+    index = _read_tar_headers(archive, log)
+    with _LOCK:
+        _TAR_INDEXES[key] = index
+        while len(_TAR_INDEXES) > 1 and sum(i.names.nbytes + 24 * len(i.names) for i in _TAR_INDEXES.values()
+                                            ) > _TAR_INDEX_BUDGET_BYTES:
+            _TAR_INDEXES.popitem(last=False)
+    return index
+
+
+def _read_tar_headers(archive: str, log=None) -> _TarIndex:
+    names: list[bytes] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
     damage = ""
+    links = 0
     try:
         with tarfile.open(archive, "r:") as tf:  # "r:": uncompressed only, so that members can be seeked
             end = 0
             try:
                 for m in tf:
                     if m.isfile():
-                        out[m.name] = (m.offset_data, m.size)
+                        names.append(m.name.encode("utf-8", "surrogateescape"))
+                        offsets.append(m.offset_data)
+                        sizes.append(m.size)
+                    elif m.islnk() or m.issym():
+                        links += 1
                     end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             except (tarfile.TarError, EOFError, OSError) as e:
-                if not out:
+                if not names:
                     raise
                 damage = str(e)
             if not damage:
@@ -74,72 +132,82 @@ def _tar_index(archive: str, log=None) -> dict[str, tuple[int, int]]:
                 raise ArchiveError("a gzip-compressed tar: decompress it (gunzip; shards are read in "
                                    "place, which needs an uncompressed tar)") from None
         raise ArchiveError(f"not a readable tar archive ({e})") from None
-    if damage and log:
-        log(f"{archive}: damaged after {len(out):,} members ({damage}): the rest are missing")
-    return out
+    if log and damage:
+        log(f"{archive}: damaged after {len(names):,} members ({damage}): the rest are missing")
+    if log and links:
+        log(f"{archive}: {links:,} link member(s) skipped: only regular files are read in place")
+    arr = np.array(names, dtype=object).astype(bytes) if names else np.zeros(0, "S1")
+    order = np.argsort(arr, kind="stable")
+    # a name given twice: the later member wins, as extracting the tar would leave it
+    sorted_names = arr[order]
+    keep = np.ones(len(order), bool)
+    keep[:-1] = sorted_names[:-1] != sorted_names[1:]
+    order = order[keep]  # the kept members' positions in the archive, in name order
+    return _TarIndex(arr[order], np.asarray(offsets, np.int64)[order], np.asarray(sizes, np.int64)[order],
+                     np.argsort(order, kind="stable"))
 
 
-_OPEN: dict = {}  # (process id, archive path) -> ZipFile, or (file descriptor, member index) for a tar
+_OPEN: OrderedDict = OrderedDict()  # (process id, archive path) -> ZipFile, or a file descriptor (tar)
 
 
-def _opened(archive: str):
-    key = (os.getpid(), archive)
-    if key not in _OPEN:
-        if len(_OPEN) >= _MAX_OPEN:
-            _close(_OPEN.pop(next(iter(_OPEN))))
-        if archive.endswith(".zip"):
-            try:
-                _OPEN[key] = zipfile.ZipFile(archive)
-            except FileNotFoundError:
-                raise ArchiveError(f"archive {archive} not found") from None
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise ArchiveError(f"damaged archive ({e})") from None
-        else:
-            index = _tar_index(archive)
-            try:
-                fd = os.open(archive, os.O_RDONLY)
-            except OSError as e:
-                raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
-            _OPEN[key] = (fd, index)
+def _handle(archive: str):
+    key = (os.getpid(), archive)  # never a handle opened before a fork: each worker opens its own
+    if key in _OPEN:
+        _OPEN.move_to_end(key)
+        return _OPEN[key]
+    while len(_OPEN) >= _MAX_OPEN:
+        _close(_OPEN.popitem(last=False)[1])
+    try:
+        _OPEN[key] = zipfile.ZipFile(archive) if archive.endswith(".zip") else os.open(archive, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive {archive} not found") from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ArchiveError(f"damaged archive ({e})") from None
+    except OSError as e:
+        raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
     return _OPEN[key]
 
 
 def _close(handle) -> None:
-    if isinstance(handle, tuple):
-        os.close(handle[0])
-    else:
-        handle.close()
+    try:
+        os.close(handle) if isinstance(handle, int) else handle.close()
+    except OSError:
+        pass
 
 
 def read_member(archive: str | os.PathLike, member: str) -> bytes:
     """The bytes of `member` of `archive`, read in place. ArchiveError with the reason when they cannot
     be read: no such member, a bad CRC (zip), data cut off by a truncated archive."""
     archive = os.fspath(archive)
-    handle = _opened(archive)
-    if isinstance(handle, tuple):
-        fd, index = handle
-        if member not in index:
+    with _LOCK:  # a handle is never closed (evicted) while another thread reads through it
+        if archive.endswith(".zip"):
+            zf = _handle(archive)
+            try:
+                return zf.read(member)
+            except KeyError:
+                raise ArchiveError(f"no member {member!r} in {archive}") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise ArchiveError(f"damaged archive member ({e})") from None
+        index = _tar_index(archive)
+        at = index.find(member)
+        if at < 0:
             raise ArchiveError(f"no member {member!r} in {archive}")
-        offset, size = index[member]
+        offset, size = int(index.offsets[at]), int(index.sizes[at])
         try:
-            data = os.pread(fd, size, offset)
+            data = os.pread(_handle(archive), size, offset)
         except OSError as e:
             raise ArchiveError(f"damaged archive member ({e.strerror or e})") from None
-        if len(data) != size:
-            raise ArchiveError(f"damaged archive member (truncated: {len(data):,} of {size:,} bytes)")
-        return data
-    try:
-        return handle.read(member)
-    except KeyError:
-        raise ArchiveError(f"no member {member!r} in {archive}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ArchiveError(f"damaged archive member ({e})") from None
+    if len(data) != size:
+        raise ArchiveError(f"damaged archive member (truncated: {len(data):,} of {size:,} bytes)")
+    return data
 
 
 def split_path(path) -> tuple[str, str] | None:
-    """(archive, member) when `path` names a member of an archive, else None."""
+    """(archive, member) when `path` names a member of an archive (`<a .zip or .tar>::<member>`), else
+    None: a file whose own path holds "::" is a file."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
-    if ARCHIVE_SEP not in text:
-        return None
-    archive, member = text.split(ARCHIVE_SEP, 1)
-    return archive, member
+    archive, sep, member = text.partition(ARCHIVE_SEP)
+    while sep and not is_archive(archive):  # "::" in a folder name before the archive's
+        before, sep, member = member.partition(ARCHIVE_SEP)
+        archive = f"{archive}{ARCHIVE_SEP}{before}"
+    return (archive, member) if sep and member else None

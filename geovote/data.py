@@ -157,7 +157,14 @@ class Split:
         reasons = ", ".join(f"{n:,} {r}" for r, n in rep.rejected.most_common(3))
         message = f"{rep.csv_path}: 0 usable rows of {rep.rows:,}" + (f" ({reasons})" if reasons else
                                                                        ": the file has a header only")
-        if rep.rejected.get("image missing"):
+        if rep.rejected.get("image missing") and self.images == "shards":
+            message += f"; images are expected as <key>.jpg members of the shards in {self.root}"
+        elif rep.rejected.get("image missing"):
+            from geovote.webshards import shard_files
+
+            if shard_files(self.root):
+                message += (f"; {self.root} also holds webdataset shards, read only where there is no "
+                            f"{self.name}.csv")
             base = self.root / "images" / self.name
             message += f"; images are expected at {base}/**/<id>{IMAGE_SUFFIX}"
             if not base.is_dir():
@@ -412,7 +419,7 @@ def read_split(
     data row (-1 for malformed lines, whose text is kept instead).
     """
     root = Path(root)
-    if is_shard_folder(root):
+    if not (root / f"{split}.csv").is_file() and is_shard_folder(root):
         return _read_shards(root, split, columns, rejects_path)
     table, report = read_table(
         split_csv(root, split), columns,
@@ -424,10 +431,18 @@ def read_split(
 
 
 def is_shard_folder(root: str | os.PathLike) -> bool:
-    """A folder of webdataset shards (img2dataset's output) and no train.csv: read as the train split."""
+    """A folder of webdataset shards (img2dataset's output), read as the train split where it has no
+    train.csv. Compressed shards are refused: they cannot be read in place."""
     from geovote import webshards
 
-    return not (Path(root) / f"{webshards.SPLIT}.csv").is_file() and bool(webshards.shard_files(root))
+    root = Path(root)
+    if webshards.shard_files(root):
+        return True
+    packed = sorted(p.name for p in [*root.glob("*.tar.gz"), *root.glob("*.tgz")]) if root.is_dir() else []
+    if packed:
+        raise DataError(f"{root} holds gzip-compressed webdataset shards ({packed[0]}, ...): decompress them "
+                        "(gunzip; shards are read in place, which needs an uncompressed .tar)")
+    return False
 
 
 def _read_shards(root: Path, split: str, columns: Sequence[str], rejects_path) -> Split:

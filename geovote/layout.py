@@ -30,6 +30,9 @@ EMBEDDINGS_DIR = "embeddings"
 PARAMS_FILE = "retrieve.json"
 CALIBRATION_FILE = "calibration.json"
 ALBUM_CALIBRATION_FILE = "calibration-albums.json"
+# embeddings/<split>/: id and path (`<archive>::<member>`) of every image read from an archive, sorted by
+# id: where the gallery finds the evidence behind an answer (retrieve.engine.Engine.gallery_lookup)
+ARCHIVED_IMAGES_FILE = "archived-images.parquet"
 
 
 class EngineMissing(FileNotFoundError):
@@ -76,6 +79,9 @@ class EngineLayout:
 
     def embeddings(self, split: str) -> Path:
         return self.root / EMBEDDINGS_DIR / split
+
+    def archived_images(self, split: str) -> Path:
+        return self.embeddings(split) / ARCHIVED_IMAGES_FILE
 
     def rejects(self, split: str) -> Path:
         return self.root / f"rejects-{split}.csv"

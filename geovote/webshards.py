@@ -52,7 +52,10 @@ def shard_files(root: str | os.PathLike) -> list[Path]:
 
 
 def key_and_extension(member: str) -> tuple[str, str]:
-    """webdataset's rule: `dir/000001.jpg` -> (`dir/000001`, `jpg`); `a/b.seg.png` -> (`a/b`, `seg.png`)."""
+    """webdataset's rule: `dir/000001.jpg` -> (`dir/000001`, `jpg`); `a/b.seg.png` -> (`a/b`, `seg.png`);
+    a leading `./` (a tar made with `tar cf x.tar .`) is not part of the key."""
+    while member.startswith("./"):
+        member = member[2:]
     folder, _, name = member.rpartition("/")
     stem, _, ext = name.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
@@ -89,9 +92,10 @@ def _read_shard(shard: Path, root: Path, columns: list[str], scan: Scan, log):
     json_of: dict[str, str] = {}
     for name, size in members:
         key, ext = key_and_extension(name)
-        if ext in IMAGE_EXTENSIONS and key not in image_of:
+        last = ext.rpartition(".")[2]  # `b.jpg` of a member `a.b.jpg`: still that sample's image
+        if last in IMAGE_EXTENSIONS and key not in image_of:
             image_of[key] = (name, size)
-        elif ext == "json":
+        elif last == "json" and key not in json_of:
             json_of[key] = name
     mtime_ns = shard.stat().st_mtime_ns
     images = pa.table({ID: pa.array(list(image_of), pa.string()),
@@ -104,10 +108,11 @@ def _read_shard(shard: Path, root: Path, columns: list[str], scan: Scan, log):
     meta = _parquet_meta(parquet, columns) if parquet.is_file() else None
     if meta is None:
         meta, described = _json_meta(shard, json_of, columns, scan, row0), set(json_of)
+        scan.records += len(json_of)  # the unreadable ones were rejected, with their row
     else:
         meta = meta.append_column("_row", pa.array(np.arange(row0, row0 + meta.num_rows)))
         described = set(meta.column(ID).to_pylist())
-    scan.records += len(described)
+        scan.records += meta.num_rows  # a key given twice is two rows: the second is a duplicate id
     if "status" in meta.column_names:
         status = meta.column("status").to_pylist()
         failed = np.array([s is not None and s != "success" for s in status], bool)
@@ -134,6 +139,10 @@ def _parquet_meta(path: Path, wanted: list[str]) -> pa.Table | None:
     need = [ID, *wanted]
     if any(c not in names for c in need):
         return None
+    key_type = pq.read_schema(path).field(ID).type
+    if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+        raise WebShardError(f"{path}: its `key` column is {key_type}, not text: img2dataset writes keys as "
+                            "text, as the members' names are (000000001.jpg); it cannot be matched to them")
     t = pq.read_table(path, columns=need + (["status"] if "status" in names else []))
     # as text, as a CSV's cells are: checked_rows parses the coordinates and rejects what is not a number
     return pa.table({c: pc.cast(t.column(c), pa.string()) for c in t.column_names})

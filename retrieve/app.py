@@ -30,6 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from geovote.archives import ARCHIVE_SEP, ArchiveError, read_member
+
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 20.0
 MAX_MEGAPIXELS = 40.0
@@ -284,8 +286,16 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         if path is None:
             return error(404, why)
         cache = {"Cache-Control": "public, max-age=3600"}
-        media = BROWSER_IMAGES.get(path.suffix.lower())
-        if media:
+        media = BROWSER_IMAGES.get(Path(path).suffix.lower())
+        if isinstance(path, str):  # a member of an archive (OSV-5M's zips, webdataset shards): its bytes
+            try:
+                data = await run_in_threadpool(read_member, *path.split(ARCHIVE_SEP, 1))
+            except ArchiveError as e:
+                return error(422, f"gallery image {image_id!r}: {e}")
+            if media:
+                return Response(data, media_type=media, headers=cache)
+            path = io.BytesIO(data)
+        elif media:
             return FileResponse(path, media_type=media, headers=cache)
         try:
             w, h = await run_in_threadpool(decoded_size, path, GALLERY_SIDE_PX)
@@ -328,7 +338,7 @@ BROWSER_IMAGES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jfif": "image/j
 GALLERY_SIDE_PX = 512
 
 
-def _as_jpeg(path: Path, max_pixels: int) -> bytes:
+def _as_jpeg(path, max_pixels: int) -> bytes:
     """A gallery image browsers cannot show (TIFF, HEIC) as a JPEG of at most GALLERY_SIDE_PX a side."""
     from embed.images import open_rgb
 

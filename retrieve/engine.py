@@ -113,6 +113,7 @@ class Engine:
         self.layout = EngineLayout.from_index(index_dir)
         self.index_dir = self.layout.index
         self._lock = threading.Lock()  # index, params and calibration are swapped and read together
+        self._archived = None  # archived-images.parquet's ids and paths, read when a gallery image is asked
         self._device, self._calibrated = device, calibrated
         self.index = GeoIndex(self.index_dir, device=device)
         manifest = self.index.info.get("embedding_manifest") or {}
@@ -220,6 +221,7 @@ class Engine:
         with self._lock:
             self.index, self.params, self.calibration, self.albums = index, params, calibration, albums
             self._disk = disk
+            self._archived = None  # an update may have embedded other archives
             for key in [k for k in self._tables if k[1] != index.digest]:
                 del self._tables[key]
         if log:
@@ -356,6 +358,9 @@ class Engine:
                               f"{base}: not served")
             return (path, "") if path.is_file() else (None, f"gallery image {image_id!r} is no longer in "
                                                              f"{base}")
+        member = self._archived_image(str(image_id), Path(root), split, manifest.get("images"))
+        if member is not None:
+            return member
         base = (Path(root) / "images" / split).resolve()
         name = f"{image_id}.jpg"
         candidates = [base / name]
@@ -366,6 +371,38 @@ class Engine:
             if path.is_file() and base in path.parents and len(path.relative_to(base).parts) <= 2:
                 return path, ""
         return None, f"the file of gallery image {image_id!r} is not in {base}"
+
+    def _archived_image(self, image_id: str, root: Path, split: str, images: str | None) -> tuple | None:
+        """(the `<archive>::<member>` path of a gallery image read from an archive, ""), or (None, why)
+        when its archive is gone or outside the dataset, or None when the image was not archived (then
+        it is looked for as a file). From archived-images.parquet, read once per engine: ids sorted,
+        looked up by bisection."""
+        from geovote.archives import ARCHIVE_SEP
+
+        if self._archived is None:
+            import pyarrow.parquet as pq
+
+            path = self.layout.archived_images(split)
+            if path.is_file():
+                t = pq.read_table(path)
+                ids = np.asarray(t.column("id").to_numpy(zero_copy_only=False), dtype=object).astype(bytes)
+                self._archived = (ids, t.column("path").combine_chunks())
+            else:
+                self._archived = (np.zeros(0, "S1"), None)
+        ids, paths = self._archived
+        wanted = image_id.encode("utf-8")
+        at = int(np.searchsorted(ids, wanted))
+        if at >= len(ids) or ids[at] != wanted:
+            return None
+        archive, inner = paths[at].as_py().split(ARCHIVE_SEP, 1)
+        # OSV-5M's archives lie in <dataset>/images/<split>/, webdataset shards in the dataset's folder
+        base = (root if images == "shards" else root / "images" / split).resolve()
+        where = (root / archive).resolve()
+        if base != where.parent and base not in where.parents:
+            return None, f"gallery image {image_id!r}: its archive is outside {base}: not served"
+        if not where.is_file():
+            return None, f"gallery image {image_id!r}: its archive {where} is gone"
+        return f"{where}{ARCHIVE_SEP}{inner}", ""
 
     def embed_images(self, images: list) -> np.ndarray:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""

@@ -116,3 +116,30 @@ def test_a_missing_member_is_a_reason_not_a_crash(sample_root, tmp_path, member)
         open_rgb(root / "images" / "test" / f"01.zip{ARCHIVE_SEP}{member}", 32)
     with pytest.raises(ImageFailure, match="not found"):
         open_rgb(root / "images" / "test" / f"09.zip{ARCHIVE_SEP}{member}", 32)
+
+
+@pytest.mark.slow
+def test_an_engine_built_from_archives_shows_its_evidence(sample_root, tiny_model, tmp_path):
+    """OSV-5M kept in its zips (geovote.download's default): the engine's evidence images are read from
+    the archives (archived-images.parquet beside the embeddings), byte for byte."""
+    from embed.build import main as embed_main
+    from retrieve.engine import Engine
+
+    split = read_split(sample_root, "train")
+    ids, files = split.ids.astype(str)[:300], list(split.image_paths()[:300])
+    root = tmp_path / "osv"
+    (root / "images" / "train").mkdir(parents=True)
+    lines = (sample_root / "train.csv").read_text().splitlines()[:301]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with zipfile.ZipFile(root / "images" / "train" / "00.zip", "w", zipfile.ZIP_STORED) as zf:
+        for i, f in zip(ids, files):
+            zf.write(f, f"00/{i}.jpg")
+    out = tmp_path / "engine"
+    assert embed_main(["--data", str(root), "--model", str(tiny_model), "--out", str(out), "--workers", "0"]) == 0
+    engine = Engine(out / "index")
+    path, why = engine.gallery_lookup(ids[7])
+    assert why == "" and path == f"{(root / 'images' / 'train' / '00.zip').resolve()}{ARCHIVE_SEP}00/{ids[7]}.jpg"
+    from geovote.archives import read_member
+
+    assert read_member(*path.split(ARCHIVE_SEP)) == files[7].read_bytes()
+    assert engine.gallery_lookup("not-an-id")[0] is None

@@ -65,6 +65,28 @@ def test_device_decode_embeds_what_pil_embeds(sample_root, tmp_path, model, n, m
     assert np.median(other) < cos.min()
 
 
+def test_both_paths_refuse_the_same_images_and_a_batch_is_one_tensor(sample_root, tmp_path):
+    """The pixel limit is the PIL path's (after reduced-size decoding): a 512x384 JPEG with a limit of
+    20,000 pixels is embedded by both (the 64 px model decodes it at 128x96); and a batch's bytes come
+    from its worker as one tensor, not one per image (a file descriptor each, by default)."""
+    from embed.gpudecode import EncodedImages
+
+    root, bad = _street_view_dataset(sample_root, tmp_path / "data", 10)
+    png = str(read_split(root, "test").ids[2])  # no reduced-size decoding for a PNG: 196,608 pixels
+    for decode in ("pil", "torchvision"):
+        cfg = EmbedConfig(model="default", batch_size=8, workers=0, shard_rows=64, decode=decode,
+                          max_pixels=20_000)
+        embed_split(read_split(root, "test"), load_backbone("default"), tmp_path / decode, cfg, root,
+                    log=lambda *a: None)
+        failures = _failures(tmp_path / decode)
+        assert set(failures) == bad | {png} and failures[png].startswith("too large: 512x384")
+    ds = EncodedImages(read_split(root, "test").image_paths(), 64)
+    rows, (flat, lengths, pixels), reasons = EncodedImages.collate([ds[i] for i in range(len(ds))])
+    assert flat.ndim == 1 and int(lengths.sum()) == len(flat) and pixels[0] == 512 * 384
+    # the text file is refused from its header; the truncated JPEG only when it is decoded
+    assert [i for i, r in enumerate(reasons) if r] == [6] and reasons[6] == "not an image PIL can read"
+
+
 def test_the_device_preprocessing_matches_the_pil_transform(sample_root):
     """The same decoded pixels through DevicePreprocess and ShortestSideTransform: only the resize
     filter's implementation differs (a level or two of 255 where edges are), never the crop or scale."""

@@ -174,3 +174,43 @@ def test_embed_build_indexes_a_folder_of_shards(sample_root, tiny_model, tmp_pat
     assert all(float(la) == truth[i] for i, la in zip(ids, np.asarray(engine.index.lat)))
     tuned = json.loads((out / "index" / "retrieve.json").read_text())["validation"]
     assert tuned["split"] == "train (held out of its own search)"
+    # the evidence behind an answer: read from its shard, served byte for byte
+    from fastapi.testclient import TestClient
+
+    from retrieve.app import create_app
+
+    key, image, *_ = written[123]
+    path, why = engine.gallery_lookup(key)
+    assert why == "" and path == f"{(tmp_path / 'wds' / '00001.tar').resolve()}{ARCHIVE_SEP}{key}.jpg"
+    client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # the app serves local hosts only
+    r = client.get(f"/gallery/{key}")
+    assert r.status_code == 200 and r.content == image.read_bytes() and r.headers["content-type"] == "image/jpeg"
+    assert client.get("/gallery/000000019").status_code == 404  # failed to download: not in the gallery
+    (tmp_path / "wds" / "00001.tar").unlink()
+    assert "is gone" in engine.gallery_lookup(key)[1]
+
+
+def test_the_rows_add_up_and_odd_member_names_are_read(train_images, tmp_path):
+    """A key given twice in a parquet is two rows (one a duplicate), `./` before a member's name is not
+    part of its key, a key column that is not text is refused, and a folder with a test.csv beside a
+    stray tar reads its CSV."""
+    import tarfile
+
+    root = tmp_path / "odd"
+    root.mkdir()
+    rows = {"key": ["k1", "k1", "k2"], "status": ["success"] * 3, "latitude": [1.0, 1.0, 2.0],
+            "longitude": [3.0, 3.0, 4.0]}
+    pq.write_table(pa.table(rows), root / "00000.parquet")
+    with tarfile.open(root / "00000.tar", "w") as tf:
+        for key in ("k1", "k2"):
+            tf.add(train_images[0][0], f"./{key}.jpg")
+    split = read_split(root, "train")
+    assert sorted(split.ids) == ["k1", "k2"] and split.report.rows == 3
+    assert split.report.rejected == {"duplicate id": 1}
+    pq.write_table(pa.table({**rows, "key": [1, 1, 2]}), root / "00000.parquet")
+    with pytest.raises(DataError, match="`key` column is int64, not text"):
+        read_split(root, "train")
+    (root / "test.csv").write_text("id,latitude,longitude\nt1,1,2\n")
+    (root / "images" / "test").mkdir(parents=True)
+    (root / "images" / "test" / "t1.jpg").write_bytes(train_images[0][0].read_bytes())
+    assert list(read_split(root, "test").ids) == ["t1"]
