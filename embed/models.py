@@ -336,8 +336,9 @@ def random_backbone(arch_name: str, seed: int = 0) -> Backbone:
 def pixels_backbone(side_px: int, dim: int | None = None) -> Backbone:
     """`pixels:N`: the image itself, N x N x 3, as the embedding (the raw-pixel kNN baseline).
     `pixels:N@D`: those pixels times a fixed random projection to D dimensions (seed 0, Gaussian: inner
-    products kept in expectation), a model of any width for rehearsals at the dims of real towers."""
-    import open_clip
+    products kept in expectation), a model of any width for rehearsals at the dims of real towers.
+    open_clip is not imported (seconds of every stage that loads it): its OpenAI mean and std are
+    _OPENAI_MEAN_STD's, equal to open_clip's (tests/test_embed.py)."""
     import torch
     from torch.nn import functional as F
 
@@ -356,7 +357,7 @@ def pixels_backbone(side_px: int, dim: int | None = None) -> Backbone:
 
     name = f"pixels:{side_px}" if dim is None else f"pixels:{side_px}@{dim}"
     return Backbone(name=name, model=Pixels(), image_size=4 * side_px,
-                    mean=tuple(open_clip.OPENAI_DATASET_MEAN), std=tuple(open_clip.OPENAI_DATASET_STD),
+                    mean=tuple(_OPENAI_MEAN_STD["mean"]), std=tuple(_OPENAI_MEAN_STD["std"]),
                     dim=dim or raw, source={"pixels": side_px, **({"projected_to": dim} if dim else {})})
 
 

@@ -244,3 +244,15 @@ def test_our_preprocessing_equals_open_clip(size):
     ours = ShortestSideTransform(64, mean, std, "bicubic")(img)
     assert ours.shape == ref.shape == (3, 64, 64)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_pixel_backbones_use_open_clips_normalisation_without_importing_it():
+    """pixels:N (the rehearsals' model) normalises as open_clip's OpenAI towers do, from our own copy of
+    the constants: equal to open_clip's, to the last digit."""
+    import open_clip
+
+    from embed.models import _OPENAI_MEAN_STD, load_backbone
+
+    bb = load_backbone("pixels:8")
+    assert bb.mean == tuple(open_clip.OPENAI_DATASET_MEAN) == tuple(_OPENAI_MEAN_STD["mean"])
+    assert bb.std == tuple(open_clip.OPENAI_DATASET_STD) == tuple(_OPENAI_MEAN_STD["std"])
