@@ -95,7 +95,7 @@ class FeatureExtractor:
         if encoded:
             from embed.gpudecode import DevicePreprocess
 
-            prepare = DevicePreprocess(self.backbone, self.device)
+            prepare = DevicePreprocess(self.backbone, self.device, dataset.max_pixels)
             for rows, data, reasons in loader:
                 x, reasons = prepare(data, reasons)
                 emb = self(x) if len(x) else np.zeros((0, self.backbone.dim), np.float32)

@@ -84,13 +84,16 @@ class DevicePreprocess:
     """Encoded images -> the model's input batch on `device`: (B_ok, 3, S, S) float32 and each image's
     reason ("" for the ones in the batch, in order)."""
 
-    def __init__(self, backbone, device: str):
+    def __init__(self, backbone, device: str, max_pixels: int | None = None):
         if backbone.resize_mode != "shortest" or backbone.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"decode 'torchvision' does the shortest-side resize only; this model's "
                              f"preprocessing is {backbone.resize_mode} / {backbone.interpolation}: use 'pil'")
         import torch
 
+        from embed.images import DEFAULT_MAX_PIXELS
+
         self.size, self.mode, self.device = backbone.image_size, backbone.interpolation, device
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS  # the workers' limit (EncodedImages)
         self.mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device)[:, None, None]
         self.std = torch.tensor(backbone.std, dtype=torch.float32, device=device)[:, None, None]
 
@@ -142,7 +145,7 @@ class DevicePreprocess:
 
         from embed.images import open_rgb
 
-        img = open_rgb(io.BytesIO(data.numpy().tobytes()), self.size)
+        img = open_rgb(io.BytesIO(data.numpy().tobytes()), self.size, self.max_pixels)
         arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
         return torch.from_numpy(arr).to(self.device)
 

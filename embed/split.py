@@ -171,6 +171,7 @@ def embed_split(split, backbone, out_dir: Path, cfg: EmbedConfig, root: Path, ra
     if world == 1 and not todo and (out_dir / MANIFEST).exists():  # finished before, and the plan matches
         if not (out_dir / FINGERPRINTS).is_file():  # a run from before fingerprints
             write_fingerprints(out_dir, split, fingerprints)
+        write_archived_images(out_dir, split)  # the images may have been extracted (or archived) since
         return json.loads((out_dir / MANIFEST).read_text())
     if len(todo) < len(mine):
         log(f"{split.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
@@ -243,19 +244,21 @@ def write_archived_images(out_dir: Path, split) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from geovote.archives import ARCHIVE_SEP
+    from geovote.archives import ARCHIVE_SEP, split_path
     from geovote.layout import ARCHIVED_IMAGES_FILE
 
     target = out_dir / ARCHIVED_IMAGES_FILE
     t = split.table.select(["id", "path"]) if "path" in split.table.column_names else None
     if t is not None:
-        t = t.filter(pc.match_substring(t.column("path"), ARCHIVE_SEP))
+        t = t.filter(pc.match_substring(t.column("path"), ARCHIVE_SEP))  # then exactly: "::" in a folder
+        t = t.filter(pa.array([split_path(p) is not None for p in t.column("path").to_pylist()], pa.bool_()))
     if t is None or t.num_rows == 0:
         target.unlink(missing_ok=True)
         return
-    t = t.take(pc.sort_indices(t, [("id", "ascending")]))
+    t = pa.table({"id": t.column("id").cast(pa.string()), "path": t.column("path")})
+    t = t.take(pc.sort_indices(t, [("id", "ascending")]))  # text in UTF-8 byte order: the engine bisects
     tmp = target.with_name(target.name + ".partial")
-    pq.write_table(pa.table({"id": t.column("id").cast(pa.string()), "path": t.column("path")}), tmp)
+    pq.write_table(t, tmp)
     tmp.replace(target)
 
 

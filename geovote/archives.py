@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,13 +77,7 @@ _LOCK = threading.RLock()  # the caches and handles: the server reads gallery im
 def _tar_index(archive: str, log=None) -> _TarIndex:
     """The archive's index, from the cache while the file is unchanged, else from one pass over its
     headers (said through `log` when it ends in damage)."""
-    try:
-        st = os.stat(archive)
-    except FileNotFoundError:
-        raise ArchiveError(f"archive {archive} not found") from None
-    except OSError as e:
-        raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
-    key = (archive, st.st_size, st.st_mtime_ns)
+    key = (archive, *_version(archive))
     with _LOCK:
         if key in _TAR_INDEXES:
             _TAR_INDEXES.move_to_end(key)
@@ -147,25 +142,42 @@ def _read_tar_headers(archive: str, log=None) -> _TarIndex:
                      np.argsort(order, kind="stable"))
 
 
-_OPEN: OrderedDict = OrderedDict()  # (process id, archive path) -> ZipFile, or a file descriptor (tar)
+_OPEN: OrderedDict = OrderedDict()  # (process id, path) -> (version, ZipFile or a tar's descriptor)
 
 
-def _handle(archive: str):
+def _version(archive: str) -> tuple[int, int, int]:
+    """(inode, bytes, mtime) of the archive now: a handle or an index of another version is stale."""
+    try:
+        st = os.stat(archive)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive {archive} not found") from None
+    except OSError as e:
+        raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _handle(archive: str, version: tuple):
+    """This process's handle on this version of the archive (a shard replaced since, by a download or a
+    rewrite, is opened anew: reading the new index through the old file would give wrong bytes)."""
     key = (os.getpid(), archive)  # never a handle opened before a fork: each worker opens its own
     if key in _OPEN:
-        _OPEN.move_to_end(key)
-        return _OPEN[key]
+        have, handle = _OPEN[key]
+        if have == version:
+            _OPEN.move_to_end(key)
+            return handle
+        _close(_OPEN.pop(key)[1])
     while len(_OPEN) >= _MAX_OPEN:
-        _close(_OPEN.popitem(last=False)[1])
+        _close(_OPEN.popitem(last=False)[1][1])
     try:
-        _OPEN[key] = zipfile.ZipFile(archive) if archive.endswith(".zip") else os.open(archive, os.O_RDONLY)
+        handle = zipfile.ZipFile(archive) if archive.endswith(".zip") else os.open(archive, os.O_RDONLY)
     except FileNotFoundError:
         raise ArchiveError(f"archive {archive} not found") from None
     except (zipfile.BadZipFile, EOFError) as e:
         raise ArchiveError(f"damaged archive ({e})") from None
     except OSError as e:
         raise ArchiveError(f"archive {archive}: {e.strerror or e}") from None
-    return _OPEN[key]
+    _OPEN[key] = (version, handle)
+    return handle
 
 
 def _close(handle) -> None:
@@ -179,27 +191,39 @@ def read_member(archive: str | os.PathLike, member: str) -> bytes:
     """The bytes of `member` of `archive`, read in place. ArchiveError with the reason when they cannot
     be read: no such member, a bad CRC (zip), data cut off by a truncated archive."""
     archive = os.fspath(archive)
+    version = _version(archive)
+    index = None if archive.endswith(".zip") else _tar_index(archive)  # a header pass: outside the lock
     with _LOCK:  # a handle is never closed (evicted) while another thread reads through it
-        if archive.endswith(".zip"):
-            zf = _handle(archive)
+        if index is None:
+            zf = _handle(archive, version)
             try:
                 return zf.read(member)
             except KeyError:
                 raise ArchiveError(f"no member {member!r} in {archive}") from None
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
                 raise ArchiveError(f"damaged archive member ({e})") from None
-        index = _tar_index(archive)
         at = index.find(member)
         if at < 0:
             raise ArchiveError(f"no member {member!r} in {archive}")
         offset, size = int(index.offsets[at]), int(index.sizes[at])
         try:
-            data = os.pread(_handle(archive), size, offset)
+            data = os.pread(_handle(archive, version), size, offset)
         except OSError as e:
             raise ArchiveError(f"damaged archive member ({e.strerror or e})") from None
     if len(data) != size:
         raise ArchiveError(f"damaged archive member (truncated: {len(data):,} of {size:,} bytes)")
     return data
+
+
+class Member(NamedTuple):
+    """A member of an archive, where a file's Path would be (the gallery's evidence); printed as
+    `<archive>::<member>`."""
+
+    archive: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.archive}{ARCHIVE_SEP}{self.name}"
 
 
 def split_path(path) -> tuple[str, str] | None:

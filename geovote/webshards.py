@@ -90,13 +90,23 @@ def _read_shard(shard: Path, root: Path, columns: list[str], scan: Scan, log):
     rel = os.path.relpath(shard, root)
     image_of: dict[str, tuple[str, int]] = {}
     json_of: dict[str, str] = {}
+    compound_image: dict[str, tuple[str, int]] = {}
+    compound_json: dict[str, str] = {}
     for name, size in members:
         key, ext = key_and_extension(name)
-        last = ext.rpartition(".")[2]  # `b.jpg` of a member `a.b.jpg`: still that sample's image
-        if last in IMAGE_EXTENSIONS and key not in image_of:
-            image_of[key] = (name, size)
-        elif last == "json" and key not in json_of:
-            json_of[key] = name
+        last = ext.rpartition(".")[2]
+        if ext in IMAGE_EXTENSIONS:
+            image_of.setdefault(key, (name, size))
+        elif ext == "json":
+            json_of.setdefault(key, name)
+        elif last in IMAGE_EXTENSIONS:  # `b.jpg` of `a.b.jpg`; a `seg.png` mask never beats `jpg`
+            compound_image.setdefault(key, (name, size))
+        elif last == "json":
+            compound_json.setdefault(key, name)
+    for key, v in compound_image.items():  # only for a sample with no plain image
+        image_of.setdefault(key, v)
+    for key, v in compound_json.items():
+        json_of.setdefault(key, v)
     mtime_ns = shard.stat().st_mtime_ns
     images = pa.table({ID: pa.array(list(image_of), pa.string()),
                        "path": pa.array([f"{rel}{ARCHIVE_SEP}{n}" for n, _ in image_of.values()],

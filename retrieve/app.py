@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from geovote.archives import ARCHIVE_SEP, ArchiveError, read_member
+from geovote.archives import ArchiveError, Member, read_member
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 20.0
@@ -286,16 +286,16 @@ def create_app(engine, max_upload_bytes: int = int(MAX_UPLOAD_MB * 2**20),
         if path is None:
             return error(404, why)
         cache = {"Cache-Control": "public, max-age=3600"}
-        media = BROWSER_IMAGES.get(Path(path).suffix.lower())
-        if isinstance(path, str):  # a member of an archive (OSV-5M's zips, webdataset shards): its bytes
+        if isinstance(path, Member):  # a member of an archive (OSV-5M's zips, webdataset shards): its bytes
+            media = BROWSER_IMAGES.get(Path(path.name).suffix.lower())
             try:
-                data = await run_in_threadpool(read_member, *path.split(ARCHIVE_SEP, 1))
+                data = await run_in_threadpool(read_member, path.archive, path.name)
             except ArchiveError as e:
                 return error(422, f"gallery image {image_id!r}: {e}")
             if media:
                 return Response(data, media_type=media, headers=cache)
             path = io.BytesIO(data)
-        elif media:
+        elif media := BROWSER_IMAGES.get(path.suffix.lower()):
             return FileResponse(path, media_type=media, headers=cache)
         try:
             w, h = await run_in_threadpool(decoded_size, path, GALLERY_SIDE_PX)

@@ -358,9 +358,9 @@ class Engine:
                               f"{base}: not served")
             return (path, "") if path.is_file() else (None, f"gallery image {image_id!r} is no longer in "
                                                              f"{base}")
-        member = self._archived_image(str(image_id), Path(root), split, manifest.get("images"))
+        member, why = self._archived_image(str(image_id), Path(root), split, manifest.get("images"))
         if member is not None:
-            return member
+            return member, ""
         base = (Path(root) / "images" / split).resolve()
         name = f"{image_id}.jpg"
         candidates = [base / name]
@@ -369,40 +369,42 @@ class Engine:
         for path in candidates:
             path = path.resolve()  # a link out of the gallery resolves outside `base`: refused
             if path.is_file() and base in path.parents and len(path.relative_to(base).parts) <= 2:
-                return path, ""
-        return None, f"the file of gallery image {image_id!r} is not in {base}"
+                return path, ""  # (also an image whose archive was extracted since the build)
+        return None, why or f"the file of gallery image {image_id!r} is not in {base}"
 
-    def _archived_image(self, image_id: str, root: Path, split: str, images: str | None) -> tuple | None:
-        """(the `<archive>::<member>` path of a gallery image read from an archive, ""), or (None, why)
-        when its archive is gone or outside the dataset, or None when the image was not archived (then
-        it is looked for as a file). From archived-images.parquet, read once per engine: ids sorted,
-        looked up by bisection."""
-        from geovote.archives import ARCHIVE_SEP
+    def _archived_image(self, image_id: str, root: Path, split: str, images: str | None) -> tuple:
+        """(the gallery image as a member of its archive (geovote.archives.Member), "") when it was read
+        from one at the build; (None, why) when that archive is gone or outside the dataset; (None, "")
+        when it was not archived. From archived-images.parquet, read once per engine: ids sorted (UTF-8
+        byte order, as pyarrow sorts them), looked up by bisection."""
+        from geovote.archives import Member, split_path
 
-        if self._archived is None:
+        loaded = self._archived
+        if loaded is None:
             import pyarrow.parquet as pq
 
             path = self.layout.archived_images(split)
             if path.is_file():
                 t = pq.read_table(path)
-                ids = np.asarray(t.column("id").to_numpy(zero_copy_only=False), dtype=object).astype(bytes)
-                self._archived = (ids, t.column("path").combine_chunks())
+                ids = np.char.encode(t.column("id").to_numpy(zero_copy_only=False).astype(str), "utf-8")
+                loaded = (ids, t.column("path").combine_chunks())
             else:
-                self._archived = (np.zeros(0, "S1"), None)
-        ids, paths = self._archived
+                loaded = (np.zeros(0, "S1"), None)
+            self._archived = loaded
+        ids, paths = loaded
         wanted = image_id.encode("utf-8")
         at = int(np.searchsorted(ids, wanted))
-        if at >= len(ids) or ids[at] != wanted:
-            return None
-        archive, inner = paths[at].as_py().split(ARCHIVE_SEP, 1)
+        where = split_path(paths[at].as_py()) if at < len(ids) and ids[at] == wanted else None
+        if where is None:
+            return None, ""
         # OSV-5M's archives lie in <dataset>/images/<split>/, webdataset shards in the dataset's folder
         base = (root if images == "shards" else root / "images" / split).resolve()
-        where = (root / archive).resolve()
-        if base != where.parent and base not in where.parents:
+        archive = (root / where[0]).resolve()
+        if base != archive.parent and base not in archive.parents:
             return None, f"gallery image {image_id!r}: its archive is outside {base}: not served"
-        if not where.is_file():
-            return None, f"gallery image {image_id!r}: its archive {where} is gone"
-        return f"{where}{ARCHIVE_SEP}{inner}", ""
+        if not archive.is_file():
+            return None, f"gallery image {image_id!r}: its archive {archive} is gone"
+        return Member(str(archive), where[1]), ""
 
     def embed_images(self, images: list) -> np.ndarray:
         """PIL images -> (N, dim) L2-normalised float32 embeddings."""

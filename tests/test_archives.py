@@ -138,8 +138,71 @@ def test_an_engine_built_from_archives_shows_its_evidence(sample_root, tiny_mode
     assert embed_main(["--data", str(root), "--model", str(tiny_model), "--out", str(out), "--workers", "0"]) == 0
     engine = Engine(out / "index")
     path, why = engine.gallery_lookup(ids[7])
-    assert why == "" and path == f"{(root / 'images' / 'train' / '00.zip').resolve()}{ARCHIVE_SEP}00/{ids[7]}.jpg"
+    assert why == "" and str(path) == f"{(root / 'images' / 'train' / '00.zip').resolve()}{ARCHIVE_SEP}00/{ids[7]}.jpg"
     from geovote.archives import read_member
 
-    assert read_member(*path.split(ARCHIVE_SEP)) == files[7].read_bytes()
+    assert read_member(path.archive, path.name) == files[7].read_bytes()
     assert engine.gallery_lookup("not-an-id")[0] is None
+    # extracted since (and the archive deleted): the file, found by name; and once the split is embedded
+    # again (nothing to do), no archived-images file is left to point at the archive
+    with zipfile.ZipFile(root / "images" / "train" / "00.zip") as zf:
+        zf.extractall(root / "images" / "train")
+    (root / "images" / "train" / "00.zip").unlink()
+    assert engine.gallery_lookup(ids[7]) == ((root / "images" / "train" / "00" / f"{ids[7]}.jpg").resolve(), "")
+    embed_split(read_split(root, "train"), load_backbone(str(tiny_model)), out / "embeddings" / "train",
+                EmbedConfig(model=str(tiny_model)), root, log=lambda *a: None)
+    assert not (out / "embeddings" / "train" / "archived-images.parquet").exists()
+
+
+def test_a_replaced_tar_is_read_anew_not_through_the_old_handle(tmp_path):
+    """A shard rewritten in place (a new download): its new index and its new bytes, never the new
+    index read through the handle of the old file."""
+    import io
+    import os
+    import tarfile
+
+    from geovote.archives import read_member
+
+    def write(path, members):
+        with tarfile.open(path, "w") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    shard = tmp_path / "00000.tar"
+    write(shard, [("a.jpg", b"A" * 3000), ("b.jpg", b"OLD-B")])
+    assert read_member(shard, "b.jpg") == b"OLD-B"
+    write(tmp_path / "new.tar", [("b.jpg", b"NEW-B"), ("c.jpg", b"C")])
+    os.replace(tmp_path / "new.tar", shard)
+    assert read_member(shard, "b.jpg") == b"NEW-B" and read_member(shard, "c.jpg") == b"C"
+
+
+def test_archived_gallery_ids_are_found_whatever_their_characters(tmp_path):
+    """archived-images.parquet sorted as pyarrow sorts text, bisected as UTF-8 bytes: ids with accents
+    and other scripts are found, and a path whose folder holds "::" is not taken for an archive."""
+    import types
+
+    import pyarrow as pa
+
+    from embed.split import write_archived_images
+    from geovote.data import Report, Split
+    from geovote.layout import EngineLayout
+    from retrieve.engine import Engine
+
+    ids = ["b1", "é1", "z9", "日本", "a"]
+    paths = [f"images/train/00.zip::{i}.jpg" for i in ids[:4]] + ["images/train/a::b/a.jpg"]
+    split = Split(tmp_path, "train", pa.table({"id": ids, "path": paths}), Report(tmp_path / "train.csv"))
+    layout = EngineLayout(tmp_path / "engine")
+    layout.embeddings("train").mkdir(parents=True)
+    write_archived_images(layout.embeddings("train"), split)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "images" / "train" / "00.zip").write_bytes(b"")  # there (its members are not read here)
+    fake = types.SimpleNamespace(layout=layout, _archived=None)
+    for i in ids[:4]:
+        member, why = Engine._archived_image(fake, i, tmp_path, "train", "dataset")
+        assert why == "" and member.name == f"{i}.jpg" and member.archive.endswith("00.zip"), i
+    assert Engine._archived_image(fake, "a", tmp_path, "train", "dataset") == (None, "")  # a file
+    assert Engine._archived_image(fake, "nope", tmp_path, "train", "dataset") == (None, "")
+    (tmp_path / "images" / "train" / "00.zip").unlink()
+    assert "is gone" in Engine._archived_image(fake, "é1", tmp_path, "train", "dataset")[1]

@@ -181,7 +181,7 @@ def test_embed_build_indexes_a_folder_of_shards(sample_root, tiny_model, tmp_pat
 
     key, image, *_ = written[123]
     path, why = engine.gallery_lookup(key)
-    assert why == "" and path == f"{(tmp_path / 'wds' / '00001.tar').resolve()}{ARCHIVE_SEP}{key}.jpg"
+    assert why == "" and str(path) == f"{(tmp_path / 'wds' / '00001.tar').resolve()}{ARCHIVE_SEP}{key}.jpg"
     client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # the app serves local hosts only
     r = client.get(f"/gallery/{key}")
     assert r.status_code == 200 and r.content == image.read_bytes() and r.headers["content-type"] == "image/jpeg"
@@ -210,6 +210,20 @@ def test_the_rows_add_up_and_odd_member_names_are_read(train_images, tmp_path):
     pq.write_table(pa.table({**rows, "key": [1, 1, 2]}), root / "00000.parquet")
     with pytest.raises(DataError, match="`key` column is int64, not text"):
         read_split(root, "train")
+    # a sample's mask before its photo: the photo is the image; a.b.jpg alone is its sample's image
+    with tarfile.open(root / "00000.tar", "w") as tf:
+        tf.add(train_images[1][0], "k1.seg.png")
+        tf.add(train_images[0][0], "k1.jpg")
+        tf.add(train_images[0][0], "k2.b.jpg")
+    pq.write_table(pa.table(rows), root / "00000.parquet")
+    paths = dict(zip(*(read_split(root, "train").table.column(c).to_pylist() for c in ("id", "path"))))
+    assert paths == {"k1": "00000.tar::k1.jpg", "k2": "00000.tar::k2.b.jpg"}
+    # compressed shards cannot be read in place: said so
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "00000.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match="gzip-compressed webdataset shards"):
+        read_split(gz, "train")
     (root / "test.csv").write_text("id,latitude,longitude\nt1,1,2\n")
     (root / "images" / "test").mkdir(parents=True)
     (root / "images" / "test" / "t1.jpg").write_bytes(train_images[0][0].read_bytes())
