@@ -80,7 +80,7 @@ class World:
 
     def embed(self, lat_deg, lon_deg, place, rng: np.random.Generator) -> np.ndarray:
         """(n, dim) float16 L2-normalised vectors of images at these locations of these places."""
-        # in float32: its cos and sin run 15x faster than float64's, and a phase error of ~1e-4 rad is
+        # in float32: its cos and sin run many times faster than float64's, and a phase error of ~1e-4 rad is
         # nothing to a fabricated feature
         u = (latlon_to_unit(lat_deg, lon_deg) @ self.freq + self.phase).astype(np.float32)
         geo = np.concatenate([np.cos(u), np.sin(u)], axis=1)

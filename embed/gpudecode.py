@@ -150,20 +150,21 @@ class DevicePreprocess:
         return torch.from_numpy(arr).to(self.device)
 
     def _prepare(self, img):
-        """(3, H, W) uint8 on the device -> (3, S, S) normalised float32: the shortest side resized with
-        ShortestSideTransform's rounding, the centre crop, then (x / 255 - mean) / std."""
+        """(3, H, W) uint8 on the device -> (3, S, S) normalised float32: ShortestSideTransform's steps
+        (its sizes and crop, embed.models), then (x / 255 - mean) / std."""
         from torch.nn import functional as F
+
+        from embed.models import centre_crop_origin, shortest_side_size
 
         s = self.size
         _, h, w = img.shape
         x = img.float()
         if (w, h) != (s, s):
-            new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # (width, height)
-            if new != (w, h):
-                x = F.interpolate(x[None], size=(new[1], new[0]), mode=self.mode, antialias=True,
+            new_w, new_h = shortest_side_size(w, h, s)
+            if (new_w, new_h) != (w, h):
+                x = F.interpolate(x[None], size=(new_h, new_w), mode=self.mode, antialias=True,
                                   align_corners=False)[0]
                 x = x.round().clamp_(0, 255)  # 8 bits, as PIL's resize gives
-            h, w = x.shape[1:]
-            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+            left, top = centre_crop_origin(x.shape[2], x.shape[1], s)
             x = x[:, top:top + s, left:left + s]
         return ((x / 255.0 - self.mean) / self.std).contiguous()

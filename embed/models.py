@@ -53,6 +53,16 @@ class BackboneError(Exception):
 PIL_FILTERS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
 
 
+def shortest_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) of a w x h image with its shortest side resized to `size`, torchvision's rounding."""
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
+def centre_crop_origin(w: int, h: int, size: int) -> tuple[int, int]:
+    """(left, top) of the centred `size` x `size` crop of a w x h image, torchvision's rounding."""
+    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
 class ShortestSideTransform:
     """Resize the shortest side to `size` (torchvision's rounding), centre-crop `size` x `size`, scale to
     [0, 1], normalise: open_clip's evaluation transform for resize_mode 'shortest'."""
@@ -68,9 +78,8 @@ class ShortestSideTransform:
         """The resize step alone: `img` with its shortest side at `size`. The transform of the result is
         the transform of `img` to the bit, so a server can drop a large decoded image's pixels early."""
         w, h = img.size
-        s = self.size
-        if (w, h) != (s, s):
-            new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        if (w, h) != (self.size, self.size):
+            new = shortest_side_size(w, h, self.size)
             if new != (w, h):
                 img = img.resize(new, self.filter)
         return img
@@ -82,8 +91,7 @@ class ShortestSideTransform:
         s = self.size
         if img.size != (s, s):
             img = self.shrink(img)
-            w, h = img.size
-            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+            left, top = centre_crop_origin(*img.size, s)
             img = img.crop((left, top, left + s, top + s))
         x = np.asarray(img.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
         return torch.from_numpy((x - self.mean) / self.std)

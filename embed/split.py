@@ -244,14 +244,13 @@ def write_archived_images(out_dir: Path, split) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from geovote.archives import ARCHIVE_SEP, split_path
+    from geovote.archives import MEMBER_PATTERN
     from geovote.layout import ARCHIVED_IMAGES_FILE
 
     target = out_dir / ARCHIVED_IMAGES_FILE
     t = split.table.select(["id", "path"]) if "path" in split.table.column_names else None
     if t is not None:
-        t = t.filter(pc.match_substring(t.column("path"), ARCHIVE_SEP))  # then exactly: "::" in a folder
-        t = t.filter(pa.array([split_path(p) is not None for p in t.column("path").to_pylist()], pa.bool_()))
+        t = t.filter(pc.match_substring_regex(t.column("path"), MEMBER_PATTERN))
     if t is None or t.num_rows == 0:
         target.unlink(missing_ok=True)
         return

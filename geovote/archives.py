@@ -27,6 +27,8 @@ import numpy as np
 
 ARCHIVE_SEP = "::"
 ARCHIVE_SUFFIXES = (".zip", ".tar")
+# what split_path takes for a member, as a pattern for columns of paths: an archive's name, then a member
+MEMBER_PATTERN = r"\.(zip|tar)::."
 _MAX_OPEN = 256  # archive handles a process keeps: OSV-5M has ~100 a split, a bound rather than a limit
 _TAR_INDEX_BUDGET_BYTES = 1 << 30  # tar indexes kept (~50 bytes a member): every shard of a 20M gallery
 
@@ -74,10 +76,10 @@ _TAR_INDEXES: OrderedDict = OrderedDict()  # (path, bytes, mtime) -> _TarIndex, 
 _LOCK = threading.RLock()  # the caches and handles: the server reads gallery images from several threads
 
 
-def _tar_index(archive: str, log=None) -> _TarIndex:
-    """The archive's index, from the cache while the file is unchanged, else from one pass over its
-    headers (said through `log` when it ends in damage)."""
-    key = (archive, *_version(archive))
+def _tar_index(archive: str, log=None, version: tuple | None = None) -> _TarIndex:
+    """The archive's index, from the cache while the file is unchanged (`version`: _version's, when the
+    caller has it), else from one pass over its headers (said through `log` when it ends in damage)."""
+    key = (archive, *(version or _version(archive)))
     with _LOCK:
         if key in _TAR_INDEXES:
             _TAR_INDEXES.move_to_end(key)
@@ -192,7 +194,7 @@ def read_member(archive: str | os.PathLike, member: str) -> bytes:
     be read: no such member, a bad CRC (zip), data cut off by a truncated archive."""
     archive = os.fspath(archive)
     version = _version(archive)
-    index = None if archive.endswith(".zip") else _tar_index(archive)  # a header pass: outside the lock
+    index = None if archive.endswith(".zip") else _tar_index(archive, version=version)  # outside the lock
     with _LOCK:  # a handle is never closed (evicted) while another thread reads through it
         if index is None:
             zf = _handle(archive, version)

@@ -459,8 +459,7 @@ def _read_shards(root: Path, split: str, columns: Sequence[str], rejects_path) -
         scan = webshards.scan_shards(root, wanted[1:], log=lambda m: print(f"warning: {m}", file=sys.stderr))
     except webshards.WebShardError as e:
         raise DataError(str(e)) from None
-    n_shards = len(webshards.shard_files(root))
-    report = Report(root / f"({n_shards} webdataset shard{'s' * (n_shards != 1)})")
+    report = Report(root / f"({scan.shards} webdataset shard{'s' * (scan.shards != 1)})")
     rejects = Rejects(Path(rejects_path) if rejects_path else None, report)
     try:
         for reason in dict.fromkeys(r[0] for r in scan.rejected):
@@ -469,11 +468,7 @@ def _read_shards(root: Path, split: str, columns: Sequence[str], rejects_path) -
         meta = scan.meta.rename_columns([ID if c == webshards.ID else c for c in scan.meta.column_names])
         table = checked_rows(meta, wanted, meta.column("_row").to_numpy(), rejects)
         table = drop_duplicate_ids(table, rejects)
-        images = scan.images.rename_columns([ID, "path", "size", "mtime_ns"])
-        table = attach_images(table, images.select([ID, "path"]), rejects)
-        at = pc.index_in(table.column(ID), value_set=images.column(ID))
-        table = (table.append_column("size", images.column("size").take(at))
-                 .append_column("mtime_ns", images.column("mtime_ns").take(at)))
+        table = attach_images(table, scan.images.rename_columns([ID, "path", "size", "mtime_ns"]), rejects)
     finally:
         rejects.close()
     report.rows, report.valid = scan.records, table.num_rows
@@ -575,7 +570,8 @@ def drop_duplicate_ids(table: pa.Table, rejects: Rejects) -> pa.Table:
 
 
 def attach_images(table: pa.Table, images: pa.Table, rejects: Rejects) -> pa.Table:
-    """Add each row's image path; reject rows whose image is not on disk."""
+    """Add each row's image path (and whatever else `images` has beside `id`: a shard's member size and
+    time); reject rows whose image is not on disk."""
     # index_in gives null where an id has no image file
     pos = pc.fill_null(pc.index_in(table.column(ID), value_set=images.column(ID)), -1).to_numpy()
     found = pos >= 0
@@ -584,4 +580,8 @@ def attach_images(table: pa.Table, images: pa.Table, rejects: Rejects) -> pa.Tab
         rejects.add("image missing", gone.column(ID).to_pylist(), gone.column("_row").to_pylist())
         table = table.filter(pa.array(found))
         pos = pos[found]
-    return table.append_column("path", images.column("path").take(pa.array(pos, pa.int64())))
+    at = pa.array(pos, pa.int64())
+    for name in images.column_names:
+        if name != ID:
+            table = table.append_column(name, images.column(name).take(at))
+    return table

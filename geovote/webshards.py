@@ -44,6 +44,7 @@ class Scan:
     images: pa.Table  # `key`, `path` (<shard>::<member>), `size` (bytes), `mtime_ns` (the shard's)
     rejected: list = field(default_factory=list)  # (reason, key, row, text) of samples dropped already
     records: int = 0  # samples named by the metadata or holding an image
+    shards: int = 0
 
 
 def shard_files(root: str | os.PathLike) -> list[Path]:
@@ -69,7 +70,7 @@ def scan_shards(root: str | os.PathLike, columns: Sequence[str], log=None) -> Sc
     shards = shard_files(root)
     if not shards:
         raise WebShardError(f"{root}: no webdataset shard (*{SHARD_SUFFIX}) there")
-    scan = Scan(meta=None, images=None)
+    scan = Scan(meta=None, images=None, shards=len(shards))
     metas, images = [], []
     for shard in shards:
         meta, imgs = _read_shard(shard, root, list(columns), scan, log)
@@ -126,9 +127,9 @@ def _read_shard(shard: Path, root: Path, columns: list[str], scan: Scan, log):
     if "status" in meta.column_names:
         status = meta.column("status").to_pylist()
         failed = np.array([s is not None and s != "success" for s in status], bool)
-        for key, row, s in zip(meta.column(ID).to_pylist(), meta.column("_row").to_pylist(), status):
-            if s is not None and s != "success":
-                scan.rejected.append(("not downloaded (img2dataset status)", key, row, s))
+        for i in np.flatnonzero(failed):
+            scan.rejected.append(("not downloaded (img2dataset status)", meta.column(ID)[i].as_py(),
+                                  meta.column("_row")[i].as_py(), status[i]))
         meta = meta.filter(pa.array(~failed)).drop_columns(["status"])
     for key in sorted(set(image_of) - described):  # an image nothing gives the coordinates of
         scan.rejected.append(("no metadata (.json or parquet row)", key, scan.records,
@@ -143,13 +144,14 @@ def _parquet_meta(path: Path, wanted: list[str]) -> pa.Table | None:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise WebShardError(f"{path}: unreadable parquet ({e})") from None
+    names = schema.names
     need = [ID, *wanted]
     if any(c not in names for c in need):
         return None
-    key_type = pq.read_schema(path).field(ID).type
+    key_type = schema.field(ID).type
     if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
         raise WebShardError(f"{path}: its `key` column is {key_type}, not text: img2dataset writes keys as "
                             "text, as the members' names are (000000001.jpg); it cannot be matched to them")
